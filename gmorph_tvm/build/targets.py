@@ -1,0 +1,123 @@
+"""Target presets and normalisation.
+
+TVM 0.27 only accepts targets as dicts (the old ``"llvm -mcpu=..."`` strings are rejected). Users
+may pass a dict, a ``tvm.target.Target``, or one of the preset names below. Presets for CPUs fill
+in the host CPU (``mcpu``): without it LLVM emits generic x86-64 code, several times slower.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping, Union
+
+import tvm
+
+from ..errors import TargetError
+
+TargetLike = Union[str, Mapping[str, Any], "tvm.target.Target"]
+
+# aarch64 host of the Jetson boards: CPU core per generation.
+_JETSON = {
+    "jetson-orin": ("sm_87", "cortex-a78ae"),
+    "jetson-xavier": ("sm_72", "carmel"),
+    "jetson-nano": ("sm_53", "cortex-a57"),
+}
+
+
+def host_cpu() -> str:
+    """The LLVM name of this machine's CPU (e.g. ``znver5``)."""
+    get_cpu = tvm.get_global_func("target.llvm_get_system_cpu", allow_missing=True)
+    return str(get_cpu()) if get_cpu is not None else "generic"
+
+
+def host_num_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+
+def _llvm_host() -> dict[str, Any]:
+    return {"kind": "llvm", "mcpu": host_cpu(), "num-cores": host_num_cores()}
+
+
+def preset_names() -> list[str]:
+    return ["llvm", "cuda", *sorted(_JETSON), "aarch64"]
+
+
+def _preset(name: str) -> dict[str, Any]:
+    if name in ("llvm", "cpu"):
+        return _llvm_host()
+    if name == "cuda":
+        return {"kind": "cuda", "arch": "sm_90", "host": _llvm_host()}
+    if name.startswith("cuda:"):  # e.g. "cuda:sm_87" -> CUDA for that arch, this host
+        return {"kind": "cuda", "arch": name.split(":", 1)[1], "host": _llvm_host()}
+    if name in _JETSON:
+        arch, cpu = _JETSON[name]
+        host = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": cpu}
+        return {"kind": "cuda", "arch": arch, "host": host}
+    if name == "aarch64":
+        return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78ae"}
+    raise TargetError(
+        f"unknown target preset {name!r}; use one of {', '.join(preset_names())}, 'cuda:sm_XX', "
+        "or a TVM target dict such as {'kind': 'llvm', 'mcpu': 'znver5'}"
+    )
+
+
+def target_dict(target: TargetLike) -> dict[str, Any]:
+    """Normalise a preset name, dict or Target into a plain target dict."""
+    if isinstance(target, tvm.target.Target):
+        return dict(_to_plain(target.export()))
+    if isinstance(target, str):
+        stripped = target.strip()
+        if stripped.startswith("{"):
+            import json
+
+            try:
+                return json.loads(stripped)
+            except json.JSONDecodeError as err:
+                raise TargetError(f"target {target!r} is not valid JSON: {err}") from None
+        return _preset(stripped)
+    if isinstance(target, Mapping):
+        return copy.deepcopy(dict(target))
+    raise TargetError(f"target must be a preset name, a dict or a tvm.target.Target, not {type(target).__name__}")
+
+
+def _to_plain(obj: Any) -> Any:
+    """Turn TVM containers (Map/Array/String/IntImm) into JSON-able Python values."""
+    if isinstance(obj, Mapping) or hasattr(obj, "items"):
+        return {str(k): _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) or (hasattr(obj, "__len__") and hasattr(obj, "__getitem__") and not isinstance(obj, str)):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, (bool, int, float, str)) or obj is None:
+        return obj
+    if hasattr(obj, "value"):
+        return obj.value
+    return str(obj)
+
+
+def resolve_target(target: TargetLike) -> tvm.target.Target:
+    """A ``tvm.target.Target`` for a preset name, dict or Target, with a clear error if invalid."""
+    if isinstance(target, tvm.target.Target):
+        return target
+    spec = target_dict(target)
+    try:
+        return tvm.target.Target(spec)
+    except Exception as err:  # TVM raises its own error types with long C++ traces
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise TargetError(f"invalid target {spec}: {first}") from None
+
+
+def is_cuda(target: tvm.target.Target) -> bool:
+    return target.kind.name == "cuda"
+
+
+def host_is_native(target: tvm.target.Target) -> bool:
+    """True when code for this target's host CPU can run on this machine."""
+    host = target.host if is_cuda(target) else target
+    if host is None:
+        return True
+    triple = str(host.attrs.get("mtriple", "")) if hasattr(host, "attrs") else ""
+    import platform
+
+    machine = platform.machine()
+    return not triple or triple.split("-")[0] in (machine, "x86_64" if machine == "AMD64" else machine)

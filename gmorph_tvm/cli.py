@@ -1,0 +1,269 @@
+"""The ``gmorph-tvm`` command line.
+
+    gmorph-tvm build a.onnx b.pt2 [--names age,gender] [--target llvm] [--fuse] -o out.so
+    gmorph-tvm run out.so --input x=x.npy [--save-outputs DIR]
+    gmorph-tvm info out.so
+    gmorph-tvm bench out.so [--rpc HOST:PORT | --tracker HOST:PORT --key KEY] [--compare b.so ...]
+    gmorph-tvm search --budget 8 --max-drop 1.0 -o fused.so
+    gmorph-tvm demo
+
+Exit codes: 0 success, 1 a gmorph-tvm error (bad model, input, target...; one line on stderr),
+2 bad command line (argparse), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import GmorphError, InputSpecError
+
+
+def _parse_shape(text: str) -> tuple[str, list[int]]:
+    """``x=1,3,32,32`` -> ("x", [1, 3, 32, 32])."""
+    name, sep, dims = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=D1,D2,..., got {text!r}")
+    try:
+        return name, [int(d) for d in dims.replace("x", ",").split(",") if d]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad shape in {text!r}: dimensions must be integers") from None
+
+
+def _parse_input(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE.npy, got {text!r}")
+    return name, path
+
+
+def _parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def _task_names(models: Sequence[str], names: str | None) -> list[str]:
+    if names:
+        out = [n.strip() for n in names.split(",")]
+        if len(out) != len(models):
+            raise InputSpecError(f"--names gives {len(out)} name(s) for {len(models)} model(s)")
+        return out
+    out = []
+    for path in models:
+        stem = Path(path).stem.replace(".", "_")
+        name, k = stem, 1
+        while name in out:
+            k += 1
+            name = f"{stem}_{k}"
+        out.append(name)
+    return out
+
+
+def _load_npy(name: str, path: str):
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputSpecError(f"input {name!r}: file {path!r} does not exist") from None
+    except Exception as err:
+        raise InputSpecError(f"input {name!r}: {path!r} is not a readable .npy file ({err})") from None
+
+
+def _progress(msg: str) -> None:
+    print(f"[gmorph-tvm] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- commands ---------------------------------------------------------------------------------
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from .build import build
+    from .frontend import import_models
+    from .pipeline import fuse_lossless
+
+    names = _task_names(args.models, args.names)
+    shapes = dict(args.input_shape or [])
+    _progress(f"importing {len(names)} model(s): {', '.join(names)}")
+    mm = import_models(dict(zip(names, args.models)), input_shapes=shapes or None)
+    if args.fuse:
+        _progress("fusing (canonicalise, stitch shared weights, merge compatible ops)")
+        mm = fuse_lossless(mm, merge=args.merge)
+    tuning_db = args.tuning_db
+    if args.tune_trials:
+        from .tuning import tune
+
+        tuning_db = tuning_db or str(Path(args.output).with_suffix("")) + ".tuning"
+        _progress(f"tuning with {args.tune_trials} trials, database {tuning_db}")
+        tune(mm.bound_module(), args.target, trials=args.tune_trials, work_dir=tuning_db)
+    _progress(f"building for target {args.target}")
+    artifact = build(mm, args.target, tuning_db=tuning_db)
+    path = artifact.export(args.output)
+    _progress(f"wrote {path} and its manifest")
+    print(path)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .runtime import load
+
+    runner = load(args.artifact, device=args.device)
+    inputs = {name: _load_npy(name, path) for name, path in args.input or []}
+    if not inputs:
+        raise InputSpecError(
+            "no inputs given; pass --input NAME=FILE.npy for "
+            + ", ".join(f"{s['name']} {s['dtype']}{s['shape']}" for s in runner.manifest["inputs"])
+        )
+    outputs = runner(inputs)
+    if args.save_outputs:
+        Path(args.save_outputs).mkdir(parents=True, exist_ok=True)
+    for task, value in outputs.items():
+        arrays = value if isinstance(value, list) else [value]
+        for i, arr in enumerate(arrays):
+            label = task if len(arrays) == 1 else f"{task}:{i}"
+            flat = np.asarray(arr).ravel()
+            head = ", ".join(f"{v:.5g}" for v in flat[:6])
+            print(f"{label}: {arr.dtype}{list(arr.shape)} [{head}{', ...' if flat.size > 6 else ''}] sum={flat.sum():.6g}")
+            if args.save_outputs:
+                np.save(Path(args.save_outputs) / f"{label.replace(':', '_')}.npy", arr)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .runtime import read_manifest
+
+    manifest = read_manifest(args.artifact)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    print(f"artifact: {args.artifact}")
+    print(f"target:   {json.dumps(manifest.get('target'))}")
+    print(f"device:   {manifest.get('device')}   gmorph-tvm {manifest.get('package_version')}")
+    for spec in manifest["inputs"]:
+        print(f"input     {spec['name']}: {spec['dtype']}{spec['shape']}")
+    for task in manifest["tasks"]:
+        outs = ", ".join(f"{o['name']}: {o['dtype']}{o['shape']}" for o in task["outputs"])
+        print(f"task      {task['name']} ({task['source']}, sha256 {task['source_sha256'][:12]}): {outs}")
+    weights = manifest.get("weights", {})
+    if weights:
+        print(f"weights:  {weights.get('count')} tensors, {weights.get('bytes', 0) / 1e6:.3f} MB")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .runtime.rpc import format_table, remote_benchmark
+
+    if args.tracker and not args.key:
+        raise InputSpecError("--tracker needs --key (the device key the boards registered with)")
+    rows = remote_benchmark(
+        args.artifact,
+        rpc=args.rpc,
+        tracker=args.tracker,
+        key=args.key,
+        number=args.number,
+        repeat=args.repeat,
+        compare=args.compare or [],
+    )
+    print(format_table(rows))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(out_dir=args.out_dir, tune_trials=args.tune_trials, batch=args.batch)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .search.cli import run_search_cli
+
+    return run_search_cli(args)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gmorph-tvm",
+        description="Fuse several DNNs that read the same input into one fast multi-task TVM program.",
+    )
+    parser.add_argument("--version", action="version", version=f"gmorph-tvm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("build", help="import models (ONNX .onnx, torch.export .pt2) and build one artifact")
+    p.add_argument("models", nargs="+", help="model files: .onnx or .pt2 (torch.export.save)")
+    p.add_argument("--names", help="comma-separated task names, one per model (default: file stems)")
+    p.add_argument("--input-shape", action="append", type=_parse_shape, metavar="NAME=D1,D2,...",
+                   help="static shape for an ONNX input with symbolic dims (repeatable)")
+    p.add_argument("--target", default="llvm", help="preset (llvm, cuda, cuda:sm_XX, jetson-orin, jetson-xavier, "
+                   "jetson-nano, aarch64) or a JSON target dict (default: llvm for this host)")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the lossless fusion pipeline (default: on)")
+    p.add_argument("--merge", choices=["auto", "always", "never"], default="auto",
+                   help="horizontal merging of compatible ops (default: auto, by the cost rule)")
+    p.add_argument("--tune-trials", type=int, default=0, metavar="N", help="MetaSchedule trials (0: no tuning)")
+    p.add_argument("--tuning-db", metavar="DIR", help="tuning database to reuse and extend")
+    p.add_argument("-o", "--output", required=True, help="output library (.so, or .tar to link on the device)")
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("run", help="run an artifact on .npy inputs and print each task's outputs")
+    p.add_argument("artifact")
+    p.add_argument("--input", action="append", type=_parse_input, metavar="NAME=FILE.npy")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--save-outputs", metavar="DIR", help="also save every output as DIR/<task>.npy")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("info", help="print an artifact's manifest")
+    p.add_argument("artifact")
+    p.add_argument("--json", action="store_true", help="print the raw manifest JSON")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("bench", help="time an artifact, locally or on a remote board over TVM RPC")
+    p.add_argument("artifact")
+    p.add_argument("--rpc", type=_parse_hostport, metavar="HOST:PORT", help="a TVM RPC server")
+    p.add_argument("--tracker", type=_parse_hostport, metavar="HOST:PORT", help="a TVM RPC tracker")
+    p.add_argument("--key", help="device key registered with the tracker")
+    p.add_argument("--compare", nargs="+", metavar="ARTIFACT", help="other artifacts to time alongside")
+    p.add_argument("--number", type=int, default=20)
+    p.add_argument("--repeat", type=int, default=5)
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("demo", help="the bundled end-to-end demo: import, fuse, tune, build, run, compare")
+    p.add_argument("--out-dir", default="out/demo")
+    p.add_argument("--tune-trials", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1)
+    p.set_defaults(func=_cmd_demo)
+
+    try:
+        from .search.cli import add_search_arguments
+    except ImportError:  # the search stage is optional at import time
+        add_search_arguments = None
+    if add_search_arguments is not None:
+        p = sub.add_parser("search", help="accuracy-aware fusion search (GMorph) on the Fashion-MNIST tasks")
+        add_search_arguments(p)
+        p.set_defaults(func=_cmd_search)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except GmorphError as err:
+        print(f"gmorph-tvm {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("gmorph-tvm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

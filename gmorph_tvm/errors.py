@@ -1,0 +1,44 @@
+"""Exception types of gmorph-tvm.
+
+Every error a user can cause (bad model, bad input, bad target) is raised as one of these, with a
+message that names the model, node, input or file involved. ``GmorphError`` is the common base, so
+callers (and the CLI) can catch everything of ours in one place.
+"""
+
+from __future__ import annotations
+
+
+class GmorphError(Exception):
+    """Base class of all gmorph-tvm errors."""
+
+
+class ModelImportError(GmorphError):
+    """A model could not be imported (export failure, unsupported operator, corrupt file)."""
+
+
+class InputSpecError(GmorphError):
+    """Model inputs disagree with each other or with what the user supplied."""
+
+
+class BuildError(GmorphError):
+    """Compiling or exporting an artifact failed."""
+
+
+class TargetError(BuildError):
+    """An unknown or malformed target."""
+
+
+class ArtifactError(GmorphError):
+    """An artifact or its manifest is missing, corrupt or incompatible."""
+
+
+class RuntimeInputError(InputSpecError):
+    """Inputs given at run time do not match the artifact's manifest."""
+
+
+class TuningError(GmorphError):
+    """Auto-tuning failed in a way that cannot fall back to default schedules."""
+
+
+class SearchError(GmorphError):
+    """The accuracy-aware fusion search was given bad data or options."""

@@ -1,0 +1,198 @@
+"""`MultiModel`: several task models held in one Relax IRModule.
+
+The module's ``main`` takes the distinct model inputs first, then every weight as a function
+parameter (attrs ``num_input`` = number of real inputs, ``params`` = the weight values in parameter
+order, as TVM's own frontends do with ``keep_params_as_input``). Keeping weights as parameters —
+rather than anonymous constants — is what lets passes see which model a weight came from and
+compare weights by content; ``bound_module()`` turns them into constants for compilation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..errors import RuntimeInputError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, static shape and dtype of one input or output tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @staticmethod
+    def from_json(obj: Mapping) -> "TensorSpec":
+        return TensorSpec(str(obj["name"]), tuple(int(d) for d in obj["shape"]), str(obj["dtype"]))
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.dtype}[{', '.join(map(str, self.shape))}]"
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """One task (one original model) of a MultiModel."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    source: str  # "torch" or "onnx"
+    source_hash: str  # sha256 of the model's weights (torch) or serialized file (onnx)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "inputs": [s.to_json() for s in self.inputs],
+            "outputs": [s.to_json() for s in self.outputs],
+            "source": self.source,
+            "source_sha256": self.source_hash,
+        }
+
+    @staticmethod
+    def from_json(obj: Mapping) -> "TaskInfo":
+        return TaskInfo(
+            name=str(obj["name"]),
+            inputs=tuple(TensorSpec.from_json(s) for s in obj["inputs"]),
+            outputs=tuple(TensorSpec.from_json(s) for s in obj["outputs"]),
+            source=str(obj["source"]),
+            source_hash=str(obj["source_sha256"]),
+        )
+
+
+Provenance = dict[str, list[tuple[str, str]]]
+
+
+@dataclass
+class MultiModel:
+    """Every task's model in one IRModule, with its weights, inputs and per-task metadata."""
+
+    mod: tvm.IRModule
+    params: dict[str, tvm.runtime.Tensor]
+    inputs: list[TensorSpec]
+    tasks: list[TaskInfo]
+    provenance: Provenance = field(default_factory=dict)
+
+    # ---- queries -------------------------------------------------------------------------
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def task(self, name: str) -> TaskInfo:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(f"no task named {name!r}; tasks are {', '.join(self.task_names)}")
+
+    def output_index(self, task: str) -> list[int]:
+        """Positions of ``task``'s outputs in the flat output tuple of ``main``."""
+        start = 0
+        for t in self.tasks:
+            if t.name == task:
+                return list(range(start, start + len(t.outputs)))
+            start += len(t.outputs)
+        raise KeyError(f"no task named {task!r}; tasks are {', '.join(self.task_names)}")
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(int(np.prod(t.shape)) * np.dtype(str(t.dtype)).itemsize for t in self.params.values())
+
+    def weight_tasks(self, weight: str) -> list[str]:
+        """Tasks that use weight ``weight`` (several after stitching)."""
+        return sorted({task for task, _ in self.provenance.get(weight, [])})
+
+    # ---- transformations -------------------------------------------------------------------
+    def with_module(
+        self,
+        mod: tvm.IRModule,
+        params: Mapping[str, tvm.runtime.Tensor] | None = None,
+        provenance: Provenance | None = None,
+    ) -> "MultiModel":
+        """A copy holding ``mod``; params/provenance default to those of ``mod``'s ``main``."""
+        if params is None:
+            params = params_of(mod)
+        if provenance is None:
+            provenance = {name: list(self.provenance.get(name, [])) for name in params}
+        return MultiModel(mod, dict(params), list(self.inputs), list(self.tasks), dict(provenance))
+
+    def bound_module(self) -> tvm.IRModule:
+        """The module to compile: weights bound as constants, ``main(*inputs)`` only."""
+        return bind_weights(self.mod)
+
+    def input_arrays(self, values: Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
+        """Check inputs against the specs (name, shape, dtype) and return them in ``main`` order."""
+        return check_inputs(self.inputs, values)
+
+
+def params_of(mod: tvm.IRModule, func_name: str = "main") -> dict[str, tvm.runtime.Tensor]:
+    """Weight name -> value for the weight parameters of ``func_name`` (attrs ``params``)."""
+    func = mod[func_name]
+    attrs = func.attrs or {}
+    if "num_input" not in attrs or "params" not in attrs:
+        return {}
+    num_input = int(attrs["num_input"])
+    return {p.name: v for p, v in zip(list(func.params)[num_input:], attrs["params"])}
+
+
+def bind_weights(mod: tvm.IRModule, func_name: str = "main") -> tvm.IRModule:
+    """Bind the weight parameters of ``func_name`` as constants (drops attrs ``params``)."""
+    func = mod[func_name]
+    attrs = func.attrs or {}
+    if "params" not in attrs:
+        return mod
+    num_input = int(attrs["num_input"])
+    binding = {p: relax.const(v) for p, v in zip(list(func.params)[num_input:], attrs["params"])}
+    bound = func.bind_params(binding).without_attr("params")
+    out = mod.clone()
+    out[func_name] = bound
+    return relax.transform.FoldConstant()(out)
+
+
+def with_weight_params(
+    func: relax.Function, num_input: int, weights: Iterable[tvm.runtime.Tensor]
+) -> relax.Function:
+    """Re-attach ``num_input``/``params`` attrs to a function whose tail params are weights."""
+    return func.with_attr("num_input", num_input).with_attr("params", list(weights))
+
+
+def check_inputs(
+    specs: Sequence[TensorSpec], values: Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray
+) -> list[np.ndarray]:
+    """Validate run-time inputs against ``specs``; error messages name the input and the mismatch."""
+    if isinstance(values, np.ndarray) or hasattr(values, "__array__") and not isinstance(values, (list, tuple, Mapping)):
+        values = [values]
+    if isinstance(values, Mapping):
+        unknown = sorted(set(values) - {s.name for s in specs})
+        if unknown:
+            raise RuntimeInputError(
+                f"unknown input {unknown[0]!r}; expected {', '.join(s.describe() for s in specs)}"
+            )
+        missing = [s.name for s in specs if s.name not in values]
+        if missing:
+            raise RuntimeInputError(f"missing input {missing[0]!r}; expected {', '.join(s.describe() for s in specs)}")
+        ordered = [values[s.name] for s in specs]
+    else:
+        ordered = list(values)
+        if len(ordered) != len(specs):
+            raise RuntimeInputError(
+                f"expected {len(specs)} input(s) ({', '.join(s.describe() for s in specs)}), got {len(ordered)}"
+            )
+    arrays = []
+    for spec, value in zip(specs, ordered):
+        arr = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+        if tuple(arr.shape) != spec.shape:
+            raise RuntimeInputError(
+                f"input {spec.name!r}: expected shape {list(spec.shape)}, given {list(arr.shape)}"
+            )
+        if str(arr.dtype) != spec.dtype:
+            raise RuntimeInputError(f"input {spec.name!r}: expected dtype {spec.dtype}, given {arr.dtype}")
+        arrays.append(np.ascontiguousarray(arr))
+    return arrays
