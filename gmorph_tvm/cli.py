@@ -84,10 +84,11 @@ def _progress(msg: str) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from .build import build
+    from .build import build, resolve_target
     from .frontend import import_models
     from .pipeline import fuse_lossless
 
+    target = resolve_target(args.target)  # a bad target fails before any slow work
     names = _task_names(args.models, args.names)
     shapes = dict(args.input_shape or [])
     _progress(f"importing {len(names)} model(s): {', '.join(names)}")
@@ -101,9 +102,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
         tuning_db = tuning_db or str(Path(args.output).with_suffix("")) + ".tuning"
         _progress(f"tuning with {args.tune_trials} trials, database {tuning_db}")
-        tune(mm.bound_module(), args.target, trials=args.tune_trials, work_dir=tuning_db)
+        tune(mm.bound_module(), target, trials=args.tune_trials, work_dir=tuning_db)
     _progress(f"building for target {args.target}")
-    artifact = build(mm, args.target, tuning_db=tuning_db)
+    artifact = build(mm, target, tuning_db=tuning_db)
     path = artifact.export(args.output)
     _progress(f"wrote {path} and its manifest")
     print(path)
@@ -138,7 +139,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .runtime import read_manifest
+    from .build import read_manifest
 
     manifest = read_manifest(args.artifact)
     if args.json:

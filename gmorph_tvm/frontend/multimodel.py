@@ -120,7 +120,7 @@ class MultiModel:
         if params is None:
             params = params_of(mod)
         if provenance is None:
-            provenance = {name: list(self.provenance.get(name, [])) for name in params}
+            provenance = _provenance_attr(mod) or {name: list(self.provenance.get(name, [])) for name in params}
         return MultiModel(mod, dict(params), list(self.inputs), list(self.tasks), dict(provenance))
 
     def bound_module(self) -> tvm.IRModule:
@@ -130,6 +130,24 @@ class MultiModel:
     def input_arrays(self, values: Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
         """Check inputs against the specs (name, shape, dtype) and return them in ``main`` order."""
         return check_inputs(self.inputs, values)
+
+
+PROVENANCE_ATTR = "gmorph.provenance"
+
+
+def _provenance_attr(mod: tvm.IRModule, func_name: str = "main") -> Provenance:
+    """Provenance recorded by the passes in attrs ``gmorph.provenance`` ("task/orig" strings)."""
+    attrs = mod[func_name].attrs or {}
+    if PROVENANCE_ATTR not in attrs:
+        return {}
+    return {
+        str(name): [tuple(str(e).split("/", 1)) for e in entries]  # type: ignore[misc]
+        for name, entries in attrs[PROVENANCE_ATTR].items()
+    }
+
+
+def encode_provenance_attr(prov: Provenance) -> dict[str, list[str]]:
+    return {name: [f"{task}/{orig}" for task, orig in entries] for name, entries in prov.items()}
 
 
 def params_of(mod: tvm.IRModule, func_name: str = "main") -> dict[str, tvm.runtime.Tensor]:
@@ -151,6 +169,8 @@ def bind_weights(mod: tvm.IRModule, func_name: str = "main") -> tvm.IRModule:
     num_input = int(attrs["num_input"])
     binding = {p: relax.const(v) for p, v in zip(list(func.params)[num_input:], attrs["params"])}
     bound = func.bind_params(binding).without_attr("params")
+    if PROVENANCE_ATTR in attrs:
+        bound = bound.without_attr(PROVENANCE_ATTR)
     out = mod.clone()
     out[func_name] = bound
     return relax.transform.FoldConstant()(out)

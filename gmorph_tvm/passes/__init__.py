@@ -1,0 +1,15 @@
+"""Relax passes of gmorph-tvm: each a ``tvm.transform.Pass`` usable in any ``tvm.transform.Sequential``."""
+
+from .canonicalize_ops import CanonicalizeOps
+from .stitch_shared_weights import StitchSharedWeights, stitch
+
+__all__ = ["CanonicalizeOps", "StitchSharedWeights", "stitch"]
+
+from .cost_model import MergeCost, MergeCostModel, MergeOptionError  # noqa: E402
+from .horizontal_merge import HorizontalMerge, RegionReport, horizontal_merge  # noqa: E402
+from .group_models import GroupingError, TaskCost, group_tasks, split_into_groups, task_costs  # noqa: E402
+
+__all__ += [
+    "MergeCost", "MergeCostModel", "MergeOptionError", "HorizontalMerge", "RegionReport", "horizontal_merge",
+    "GroupingError", "TaskCost", "group_tasks", "split_into_groups", "task_costs",
+]
