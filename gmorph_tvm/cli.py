@@ -160,19 +160,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .runtime.rpc import format_table, remote_benchmark
+    from .runtime.rpc import format_table, local_benchmark, remote_benchmark
 
     if args.tracker and not args.key:
         raise InputSpecError("--tracker needs --key (the device key the boards registered with)")
-    rows = remote_benchmark(
-        args.artifact,
-        rpc=args.rpc,
-        tracker=args.tracker,
-        key=args.key,
-        number=args.number,
-        repeat=args.repeat,
-        compare=args.compare or [],
-    )
+    if args.rpc and args.tracker:
+        raise InputSpecError("give either --rpc or --tracker, not both")
+    if args.rpc or args.tracker:
+        rows = remote_benchmark(args.artifact, rpc=args.rpc, tracker=args.tracker, key=args.key,
+                                number=args.number, repeat=args.repeat, compare=args.compare or [])
+    else:
+        rows = local_benchmark(args.artifact, number=args.number, repeat=args.repeat, compare=args.compare or [])
     print(format_table(rows))
     return 0
 
@@ -226,7 +224,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw manifest JSON")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("bench", help="time an artifact, locally or on a remote board over TVM RPC")
+    p = sub.add_parser("bench", help="time an artifact here, or on a remote board over TVM RPC (--rpc / --tracker)")
     p.add_argument("artifact")
     p.add_argument("--rpc", type=_parse_hostport, metavar="HOST:PORT", help="a TVM RPC server")
     p.add_argument("--tracker", type=_parse_hostport, metavar="HOST:PORT", help="a TVM RPC tracker")

@@ -1,0 +1,368 @@
+"""CUDA device code: compile TVM's generated CUDA C to a fatbin with nvcc, and inspect fatbins.
+
+Why this exists: on a machine without libcuda (a CI box, a build server), TVM 0.27's CUDA runtime
+library (libtvm_runtime_cuda.so, which needs libcuda.so.1) does not load, so the real CUDA module
+factory ``ffi.Module.create.cuda`` is missing and codegen returns a *fallback* module that stores
+the kernels as CUDA C **source** (format ``"cuda"``). Exported as is, the ``.so`` only works where
+the TVM Python package plus NVRTC/nvcc can compile that source just in time when the library is
+loaded -- not on a bare Jetson with a C++ runtime. nvcc needs no GPU, so we compile the source
+to a fatbin (SASS for ``sm_XX`` plus PTX for ``compute_XX``) at build time and splice it into
+the library blob at export time (see :func:`patch_library_blob`).
+
+Layout notes (TVM 0.27, ``tvm_ffi`` library_module.cc / ``cuda_module.cc``), all little endian:
+
+* library blob: ``<nbytes:u64> <indptr:vec<u64>> <children:vec<u64>> (<kind:str> [<bytes:str>])*``
+  where ``str`` / ``vec`` are a u64 length followed by the payload, and the module of kind
+  ``"_lib"`` (the host code itself) has no bytes.
+* a ``"cuda"`` module's bytes: ``<fmt:str> <fmap> <code:str>``. The loader hands ``code`` to
+  ``cuModuleLoadData`` for any fmt other than ``"cuda"``, so ``fmt="fatbin"`` + fatbin bytes
+  load with no compiler on the device.
+* fatbin file: header ``<magic 0xBA55ED50:u32> <version:u16> <header size:u16> <size:u64>``,
+  then entries ``<kind:u16 (1 PTX, 2 ELF)> <ver:u16> <header size:u32> <payload size:u64>``
+  with the SM number as a u32 at entry offset 28. (0x466243B1 is the magic of the *wrapper*
+  struct nvcc puts in host objects; the raw fatbin we embed starts with 0xBA55ED50.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from ..errors import BuildError
+
+FATBIN_MAGIC = 0xBA55ED50
+ELF_MAGIC = b"\x7fELF"
+EM_CUDA = 190
+EM_AARCH64 = 183
+EM_X86_64 = 62
+
+# The CUDA toolkit that last supported each architecture nvcc 13 dropped (for error messages).
+_LAST_TOOLKIT = {
+    50: "12.x", 52: "12.x", 53: "12.x", 60: "12.x", 61: "12.x", 62: "12.x", 70: "12.x", 72: "12.x",
+}
+_BOARDS = {53: "Jetson Nano, JetPack 4 / CUDA 10.2", 62: "Jetson TX2, JetPack 4 / CUDA 10.2",
+           72: "Jetson Xavier, JetPack 5 / CUDA 11.4", 87: "Jetson Orin, JetPack 5-6"}
+
+# Flags TVM's own nvcc path uses (tvm.support.nvcc._compile_cuda_nvcc), so kernels behave the
+# same whether TVM JIT-compiles them on a GPU box or we compile them here.
+_NVCC_FLAGS = [
+    "-O3",
+    "-U__CUDA_NO_HALF_OPERATORS__",
+    "-U__CUDA_NO_HALF_CONVERSIONS__",
+    "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+    "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-U__CUDA_NO_BFLOAT162_OPERATORS__",
+    "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
+    "--expt-relaxed-constexpr",
+    "--expt-extended-lambda",
+    "--use_fast_math",
+]
+
+
+# ---- nvcc ----------------------------------------------------------------------------------
+
+
+def find_nvcc() -> str | None:
+    """The nvcc to use: ``$GMORPH_TVM_NVCC``, else ``nvcc`` on PATH, else ``$CUDA_HOME/bin/nvcc``."""
+    explicit = os.environ.get("GMORPH_TVM_NVCC")
+    if explicit:
+        return explicit if Path(explicit).is_file() else None
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    return None
+
+
+@lru_cache(maxsize=8)
+def _nvcc_info(nvcc: str) -> tuple[str, frozenset[int]]:
+    """(release, supported SM numbers) of an nvcc binary."""
+    try:
+        version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+        codes = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise BuildError(f"cannot run {nvcc}: {err}") from None
+    match = re.search(r"release (\d+\.\d+)", version)
+    release = match.group(1) if match else "unknown"
+    sms = frozenset(int(m) for m in re.findall(r"sm_(\d+)", codes))
+    return release, sms
+
+
+def sm_number(arch: str) -> int:
+    """``"sm_87"`` -> 87; a BuildError for anything else."""
+    match = re.fullmatch(r"sm_(\d+)[af]?", str(arch).strip())
+    if not match:
+        raise BuildError(f"CUDA arch {arch!r} is not of the form sm_XX (e.g. sm_87)")
+    return int(match.group(1))
+
+
+def check_arch_supported(arch: str) -> str:
+    """Fail early, with the fix, when nvcc is missing or cannot compile for ``arch``.
+
+    Returns the nvcc path. Shipping CUDA source instead would only move the failure to the
+    device, where it needs a JIT compiler that a deployed C++ runtime does not have.
+    """
+    sm = sm_number(arch)
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise BuildError(
+            f"building for CUDA {arch} needs nvcc to compile the kernels to a fatbin (no GPU needed); "
+            "install the CUDA toolkit or point GMORPH_TVM_NVCC at an nvcc binary"
+        )
+    release, supported = _nvcc_info(nvcc)
+    if supported and sm not in supported:
+        board = f" ({_BOARDS[sm]})" if sm in _BOARDS else ""
+        last = _LAST_TOOLKIT.get(sm)
+        hint = f"the last CUDA release that does is {last}" if last else "use a CUDA release that supports it"
+        raise BuildError(
+            f"nvcc {release} ({nvcc}) does not support {arch}{board}; {hint}. Set GMORPH_TVM_NVCC to "
+            "such an nvcc (e.g. the board's JetPack nvcc) and build again"
+        )
+    return nvcc
+
+
+def compile_fatbin(source: str, arch: str) -> bytes:
+    """Compile CUDA C ``source`` to a fatbin holding SASS for ``arch`` and PTX for its compute_XX."""
+    nvcc = check_arch_supported(arch)
+    sm = str(arch).strip()[3:]  # "87", or "90a" for arch-specific features
+    with tempfile.TemporaryDirectory(prefix="gmorph_nvcc_") as tmp:
+        src = Path(tmp) / "kernels.cu"
+        out = Path(tmp) / "kernels.fatbin"
+        src.write_text(source)
+        cmd = [nvcc, "--fatbin", *_NVCC_FLAGS, "-gencode", f"arch=compute_{sm},code=[sm_{sm},compute_{sm}]",
+               "-o", str(out), str(src)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.is_file():
+            errors = [line for line in (proc.stderr + proc.stdout).splitlines() if "error" in line.lower()]
+            detail = errors[0].strip() if errors else (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            kernel = _kernel_at_error(source, detail)
+            raise BuildError(f"nvcc failed to compile the CUDA kernels for {arch}{kernel}: {detail}")
+        data = out.read_bytes()
+    if not data or struct.unpack_from("<I", data, 0)[0] != FATBIN_MAGIC:
+        raise BuildError(f"nvcc produced no fatbin for {arch}")
+    return data
+
+
+def _kernel_at_error(source: str, detail: str) -> str:
+    """`` in kernel 'name'`` for an nvcc error of the form ``kernels.cu(LINE): error ...``."""
+    match = re.search(r"\((\d+)\)", detail)
+    if not match:
+        return ""
+    line_no = int(match.group(1))
+    name = None
+    for i, line in enumerate(source.splitlines(), start=1):
+        if i > line_no:
+            break
+        found = re.search(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(", line)
+        if found:
+            name = found.group(1)
+    return f" in kernel {name!r}" if name else ""
+
+
+def source_key(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+# ---- the exported library's module blob ----------------------------------------------------
+
+
+class _Reader:
+    def __init__(self, data: bytes, offset: int = 0):
+        self.data, self.pos = data, offset
+
+    def u64(self) -> int:
+        if self.pos + 8 > len(self.data):
+            raise ValueError("truncated blob")
+        (value,) = struct.unpack_from("<Q", self.data, self.pos)
+        self.pos += 8
+        return value
+
+    def raw(self) -> bytes:
+        size = self.u64()
+        if self.pos + size > len(self.data):
+            raise ValueError("truncated blob")
+        out = self.data[self.pos:self.pos + size]
+        self.pos += size
+        return out
+
+    def vec_u64(self) -> list[int]:
+        count = self.u64()
+        values = list(struct.unpack_from(f"<{count}Q", self.data, self.pos))
+        self.pos += 8 * count
+        return values
+
+
+def _pack_str(payload: bytes) -> bytes:
+    return struct.pack("<Q", len(payload)) + payload
+
+
+@dataclass
+class BlobModule:
+    kind: str
+    payload: bytes | None  # None for the "_lib" placeholder
+
+
+def parse_library_blob(blob: bytes) -> tuple[list[int], list[int], list[BlobModule]]:
+    """Split a packed-imports blob (with its u64 size header) into import tree + modules."""
+    reader = _Reader(blob)
+    nbytes = reader.u64()
+    if nbytes != len(blob) - 8:
+        raise ValueError(f"blob size header says {nbytes} bytes, blob has {len(blob) - 8}")
+    indptr = reader.vec_u64()
+    children = reader.vec_u64()
+    modules = []
+    for _ in range(len(indptr) - 1):
+        kind = reader.raw().decode()
+        modules.append(BlobModule(kind, None if kind == "_lib" else reader.raw()))
+    return indptr, children, modules
+
+
+def serialize_library_blob(indptr: list[int], children: list[int], modules: list[BlobModule]) -> bytes:
+    body = struct.pack(f"<Q{len(indptr)}Q", len(indptr), *indptr)
+    body += struct.pack(f"<Q{len(children)}Q", len(children), *children)
+    for module in modules:
+        body += _pack_str(module.kind.encode())
+        if module.payload is not None:
+            body += _pack_str(module.payload)
+    return struct.pack("<Q", len(body)) + body
+
+
+def split_cuda_module(payload: bytes) -> tuple[str, bytes, bytes]:
+    """``(fmt, fmap bytes, code)`` of a serialized CUDA module.
+
+    ``code`` is the last field, so the fmap is everything between fmt and code; we read code's
+    length from the end-anchored position and check it, rather than re-implementing the fmap
+    format.
+    """
+    reader = _Reader(payload)
+    fmt = reader.raw().decode()
+    fmap_start = reader.pos
+    # Walk candidate positions: the code length prefix is the u64 such that prefix + 8 + len == end.
+    for pos in range(fmap_start, len(payload) - 7):
+        (size,) = struct.unpack_from("<Q", payload, pos)
+        if pos + 8 + size == len(payload):
+            return fmt, payload[fmap_start:pos], payload[pos + 8:]
+    raise ValueError("cannot locate the code field of a CUDA module")
+
+
+def join_cuda_module(fmt: str, fmap: bytes, code: bytes) -> bytes:
+    return _pack_str(fmt.encode()) + fmap + _pack_str(code)
+
+
+def patch_library_blob(blob: bytes, fatbins: dict[str, bytes]) -> tuple[bytes, int]:
+    """Replace every CUDA-source module in ``blob`` by its fatbin (looked up by source hash).
+
+    Returns the new blob and how many CUDA modules it holds. A CUDA module whose source has no
+    fatbin is an error: exporting it would silently ship JIT-only code.
+    """
+    indptr, children, modules = parse_library_blob(blob)
+    cuda_modules = 0
+    for module in modules:
+        if module.kind != "cuda":
+            continue
+        cuda_modules += 1
+        fmt, fmap, code = split_cuda_module(module.payload)
+        if fmt == "cuda":
+            key = source_key(code.decode())
+            if key not in fatbins:
+                raise BuildError("a CUDA module in this artifact has no compiled fatbin; rebuild it")
+            module.payload = join_cuda_module("fatbin", fmap, fatbins[key])
+        elif not (code[:4] == ELF_MAGIC or _u32(code, 0) == FATBIN_MAGIC):
+            raise BuildError(f"a CUDA module in this artifact holds {fmt!r} code, not a cubin/fatbin")
+    return serialize_library_blob(indptr, children, modules), cuda_modules
+
+
+def _u32(data: bytes, offset: int) -> int:
+    return struct.unpack_from("<I", data, offset)[0] if len(data) >= offset + 4 else -1
+
+
+# ---- inspecting device code ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceImage:
+    kind: str  # "elf" (SASS cubin) or "ptx"
+    sm: int
+
+
+def cubin_sm(elf: bytes) -> int | None:
+    """SM number of a CUDA ELF (e_machine EM_CUDA), or None if ``elf`` is not one."""
+    if elf[:4] != ELF_MAGIC or len(elf) < 52 or struct.unpack_from("<H", elf, 18)[0] != EM_CUDA:
+        return None
+    flags = struct.unpack_from("<I", elf, 48)[0]
+    # CUDA ELF ABI version >= 8 (CUDA 12.8+) moved the SM number from bits 0-7 to bits 8-15.
+    return (flags >> 8) & 0xFF if elf[8] >= 8 else flags & 0xFF
+
+
+def fatbin_images(data: bytes, offset: int = 0) -> list[DeviceImage]:
+    """The images (SASS ELF / PTX, with SM) of the fatbin starting at ``offset`` in ``data``."""
+    if _u32(data, offset) != FATBIN_MAGIC:
+        raise ValueError("not a fatbin")
+    header_size = struct.unpack_from("<H", data, offset + 6)[0]
+    (fat_size,) = struct.unpack_from("<Q", data, offset + 8)
+    pos, end = offset + header_size, offset + header_size + fat_size
+    images = []
+    while pos + 32 <= min(end, len(data)):
+        kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, pos)
+        sm = struct.unpack_from("<I", data, pos + 28)[0]
+        if entry_header == 0:
+            break
+        images.append(DeviceImage({1: "ptx", 2: "elf"}.get(kind, str(kind)), sm))
+        pos += entry_header + payload
+    return images
+
+
+def device_images_in_file(path: str | os.PathLike) -> list[DeviceImage]:
+    """Every fatbin image and bare CUDA cubin inside ``path``: a .so, an object, or a (gzipped)
+    tar of objects as ``export_library`` writes for ``.tar``."""
+    if tarfile.is_tarfile(path):
+        images: list[DeviceImage] = []
+        with tarfile.open(path) as archive:
+            for member in archive.getmembers():
+                if member.isfile():
+                    images.extend(device_images_in_bytes(archive.extractfile(member).read()))
+        return images
+    return device_images_in_bytes(Path(path).read_bytes())
+
+
+def device_images_in_bytes(data: bytes) -> list[DeviceImage]:
+    images: list[DeviceImage] = []
+    magic = struct.pack("<I", FATBIN_MAGIC)
+    start = data.find(magic)
+    fatbin_spans = []
+    while start != -1:
+        try:
+            found = fatbin_images(data, start)
+            images.extend(found)
+            fatbin_spans.append((start, start + 16 + struct.unpack_from("<Q", data, start + 8)[0]))
+        except (ValueError, struct.error):
+            pass
+        start = data.find(magic, start + 4)
+    start = data.find(ELF_MAGIC, 1)
+    while start != -1:
+        if not any(a <= start < b for a, b in fatbin_spans):
+            sm = cubin_sm(data[start:start + 64])
+            if sm is not None:
+                images.append(DeviceImage("elf", sm))
+        start = data.find(ELF_MAGIC, start + 4)
+    return images
+
+
+def elf_machine(path: str | os.PathLike) -> int | None:
+    """e_machine of an ELF file, or None for something else (e.g. a .tar)."""
+    with open(path, "rb") as f:
+        head = f.read(20)
+    if head[:4] != ELF_MAGIC or len(head) < 20:
+        return None
+    return struct.unpack_from("<H", head, 18)[0]

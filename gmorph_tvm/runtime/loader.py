@@ -1,0 +1,188 @@
+"""Load an exported artifact and run it: :func:`load` -> :class:`Runner`.
+
+Only the TVM runtime is needed (no model code): the manifest says which inputs to pass and how
+the flat output tuple of ``main`` splits into tasks.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..build import cuda as cuda_code
+from ..build._stderr import quiet_tvm_warnings
+from ..build.manifest import input_specs, library_path_for, manifest_path_for, read_manifest, task_infos
+from ..errors import ArtifactError
+from ..frontend import check_inputs
+
+InputsLike = Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray
+
+_MACHINE_ELF = {"x86_64": cuda_code.EM_X86_64, "AMD64": cuda_code.EM_X86_64,
+                "aarch64": cuda_code.EM_AARCH64, "arm64": cuda_code.EM_AARCH64}
+_ELF_NAME = {cuda_code.EM_X86_64: "x86_64", cuda_code.EM_AARCH64: "aarch64", 40: "arm", 243: "riscv"}
+
+
+class Runner:
+    """A loaded artifact: ``runner(inputs) -> {task: output}``."""
+
+    def __init__(self, library: Path, manifest: dict[str, Any], vm: relax.VirtualMachine, device: tvm.runtime.Device):
+        self.library = library
+        self._manifest = manifest
+        self.vm = vm
+        self.device = device
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        import copy
+
+        return copy.deepcopy(self._manifest)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s["name"] for s in self._manifest["inputs"]]
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t["name"] for t in self._manifest["tasks"]]
+
+    def __call__(self, inputs: InputsLike) -> dict[str, np.ndarray | list[np.ndarray]]:
+        """Run ``main``; one array per task (a list of arrays for a task with several outputs).
+
+        ``inputs``: a dict name -> array, a list in manifest order, or a single array.
+        """
+        return execute(self.vm, self._manifest, inputs, what=str(self.library), device=self.device)
+
+    def benchmark(self, inputs: InputsLike | None = None, number: int = 10, repeat: int = 5,
+                  min_repeat_ms: int = 0) -> dict[str, float | int]:
+        """Latency of one call of ``main`` with ``vm.time_evaluator`` (inputs already on the device).
+
+        Returns ``median_ms``, ``mean_ms``, ``std_ms``, ``min_ms`` over ``repeat`` measurements, each
+        the mean of ``number`` calls. Random inputs from the manifest when ``inputs`` is None.
+        """
+        arrays = check_inputs(input_specs(self._manifest), inputs) if inputs is not None else random_inputs(self._manifest)
+        args = [tvm.runtime.tensor(a, self.device) for a in arrays]
+        return time_main(self.vm, self.device, args, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
+
+
+def load(path: str | Path, device: str = "cpu") -> Runner:
+    """Load ``path`` (the ``.so``/``.tar`` library, or its ``.manifest.json``) on ``device``.
+
+    ``device`` is ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. Raises ArtifactError (naming the file)
+    when the manifest is missing or corrupt, the library is missing, it was built for another
+    device kind or CPU architecture, or TVM cannot load it.
+    """
+    path = Path(path)
+    library = library_path_for(path)
+    manifest_file = manifest_path_for(library)
+    manifest = read_manifest(manifest_file)
+    if manifest["library"] != library.name:
+        raise ArtifactError(f"manifest {manifest_file} describes {manifest['library']!r}, not {library.name!r}")
+    if not library.is_file():
+        raise ArtifactError(f"library {library} not found (its manifest is {manifest_file})")
+    dev = device_for(manifest, device, str(library))
+    _check_host_arch(library, manifest)
+    try:
+        with quiet_tvm_warnings():
+            module = tvm.runtime.load_module(str(library))
+        vm = relax.VirtualMachine(module, dev)
+    except Exception as err:  # noqa: BLE001 - TVM raises its own error types
+        from ..build.builder import first_line
+
+        raise ArtifactError(f"cannot load {library}: {first_line(err)}") from None
+    return Runner(library, manifest, vm, dev)
+
+
+def device_for(manifest: Mapping[str, Any], device: str, what: str) -> tvm.runtime.Device:
+    """The TVM device to run ``manifest``'s artifact on, checking it matches how it was built."""
+    kind, _, index_text = str(device).partition(":")
+    kind = {"gpu": "cuda", "llvm": "cpu"}.get(kind, kind)
+    if kind not in ("cpu", "cuda"):
+        raise ArtifactError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
+    if kind != manifest["device"]:
+        raise ArtifactError(
+            f"{what} was built for {manifest['device']} (target {manifest['target'].get('kind')}), "
+            f"so it cannot run on device {device!r}; load it with device={manifest['device']!r} or rebuild"
+        )
+    index = int(index_text) if index_text.isdigit() else 0
+    dev = tvm.cpu(index) if kind == "cpu" else tvm.cuda(index)
+    if kind == "cuda" and not dev.exist:
+        raise ArtifactError(f"{what} needs a CUDA GPU, but no CUDA device {index} is available here")
+    return dev
+
+
+def _check_host_arch(library: Path, manifest: Mapping[str, Any]) -> None:
+    machine = platform.machine()
+    expected = _MACHINE_ELF.get(machine)
+    found = cuda_code.elf_machine(library)
+    built_for = str(manifest.get("host_triple", "")).split("-")[0]
+    if found in _ELF_NAME and expected is not None and found != expected:  # unknown: let the loader say
+        name = _ELF_NAME[found]
+        raise ArtifactError(
+            f"{library} was built for {name} but this machine is {machine}; run it on the device it was "
+            "built for (e.g. gmorph-tvm bench --rpc HOST:PORT)"
+        )
+    if found is None and built_for and machine in _MACHINE_ELF and _MACHINE_ELF.get(built_for) not in (None, expected):
+        raise ArtifactError(
+            f"{library} was built for a {built_for} host but this machine is {machine}; run it on that device"
+        )
+
+
+def execute(vm: relax.VirtualMachine, manifest: Mapping[str, Any], inputs: InputsLike, *, what: str,
+            device: tvm.runtime.Device | None = None) -> dict[str, np.ndarray | list[np.ndarray]]:
+    """Check ``inputs`` against the manifest, run ``main`` and split its outputs by task."""
+    arrays = check_inputs(input_specs(manifest), inputs)
+    dev = device if device is not None else (tvm.cpu() if manifest["device"] == "cpu" else tvm.cuda())
+    result = vm["main"](*[tvm.runtime.tensor(a, dev) for a in arrays])
+    return split_outputs(manifest, result, what)
+
+
+def split_outputs(manifest: Mapping[str, Any], result: Any, what: str = "artifact") -> dict[str, np.ndarray | list[np.ndarray]]:
+    flat = [result] if hasattr(result, "numpy") else list(result)
+    tasks = task_infos(manifest)
+    expected = sum(len(t.outputs) for t in tasks)
+    if len(flat) != expected:
+        raise ArtifactError(f"{what} returned {len(flat)} outputs but its manifest lists {expected}")
+    out: dict[str, np.ndarray | list[np.ndarray]] = {}
+    index = 0
+    for task in tasks:
+        arrays = [flat[index + i].numpy() for i in range(len(task.outputs))]
+        index += len(task.outputs)
+        out[task.name] = arrays[0] if len(arrays) == 1 else arrays
+    return out
+
+
+def random_inputs(manifest: Mapping[str, Any], seed: int = 0) -> list[np.ndarray]:
+    """Deterministic inputs matching the manifest (normal floats, small non-negative ints)."""
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for spec in input_specs(manifest):
+        dtype = np.dtype(spec.dtype)
+        if dtype.kind == "f":
+            arrays.append(rng.standard_normal(spec.shape).astype(dtype))
+        elif dtype.kind == "b":
+            arrays.append(rng.integers(0, 2, spec.shape).astype(dtype))
+        else:  # token ids, indices: keep them small and valid
+            arrays.append(rng.integers(0, 2, spec.shape).astype(dtype))
+    return arrays
+
+
+def time_main(vm: relax.VirtualMachine, dev: tvm.runtime.Device, args: list, *, number: int, repeat: int,
+              min_repeat_ms: int = 0) -> dict[str, float | int]:
+    if number < 1 or repeat < 1:
+        raise ValueError("number and repeat must be >= 1")
+    timer = vm.time_evaluator("main", dev, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
+    result = timer(*args)
+    results_ms = np.array(result.results, dtype=np.float64) * 1e3
+    return {
+        "median_ms": float(np.median(results_ms)),
+        "mean_ms": float(np.mean(results_ms)),
+        "std_ms": float(np.std(results_ms)),
+        "min_ms": float(np.min(results_ms)),
+        "repeat": int(repeat),
+        "number": int(number),
+    }

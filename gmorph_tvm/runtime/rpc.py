@@ -1,0 +1,259 @@
+"""Benchmark artifacts on a remote device (e.g. a Jetson) over TVM RPC.
+
+Remote benchmarking
+-------------------
+On the device (needs only the TVM runtime Python package)::
+
+    python -m tvm.exec.rpc_server --host 0.0.0.0 --port 9091
+
+then, on the build machine::
+
+    gmorph-tvm bench fused.so --rpc jetson.local:9091 --compare separate.so
+
+With several boards, run a tracker once and register every board under a key::
+
+    python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190            # any machine
+    python -m tvm.exec.rpc_server --tracker TRACKER_HOST:9190 --key orin  # on each board
+    python -m tvm.exec.query_rpc_tracker --host TRACKER_HOST --port 9190  # check who is there
+    gmorph-tvm bench fused.so --tracker TRACKER_HOST:9190 --key orin
+
+The library is uploaded, loaded on the device, and ``main`` is timed there with
+``time_evaluator`` (inputs generated from the manifest, already on the device, so transfers are
+not timed). A ``.so`` must have been linked for the device's CPU (``jetson-*`` presets use
+``aarch64-linux-gnu-g++``); a ``.tar`` is linked by the device's own compiler when it is loaded.
+From Python: ``remote_benchmark("fused.so", tracker=("tracker", 9190), key="orin",
+compare=["separate.so"])`` returns one row per artifact; ``format_table(rows)`` renders them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..build.manifest import input_specs, library_path_for, manifest_path_for, read_manifest
+from ..errors import ArtifactError, GmorphError
+from ..frontend import check_inputs
+from .loader import InputsLike, random_inputs, split_outputs, time_main
+
+Address = tuple[str, int]
+
+
+def parse_address(text: str) -> Address:
+    """``"host:port"`` -> ``("host", port)``."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise GmorphError(f"address {text!r} is not of the form HOST:PORT")
+    return host, int(port)
+
+
+@contextlib.contextmanager
+def connect(*, rpc: Address | None = None, tracker: Address | None = None, key: str | None = None,
+            session_timeout: int = 600) -> Iterator[Any]:
+    """An RPC session to a server (``rpc``) or to a device the ``tracker`` assigns for ``key``.
+
+    ``key`` is also passed to a direct server, which checks it when it was started with ``--key``.
+    """
+    from tvm import rpc as tvm_rpc
+
+    if (rpc is None) == (tracker is None):
+        raise GmorphError("give exactly one of rpc=(host, port) or tracker=(host, port)")
+    if tracker is not None and not key:
+        raise GmorphError("a tracker needs the device key the RPC servers registered with (--key)")
+    try:
+        if rpc is not None:
+            # A server started with --key only accepts clients that present the same key.
+            session = tvm_rpc.connect(rpc[0], int(rpc[1]), key=key or "", session_timeout=session_timeout)
+        else:
+            client = tvm_rpc.connect_tracker(tracker[0], int(tracker[1]))
+            session = client.request(key, priority=1, session_timeout=session_timeout)
+    except Exception as err:  # noqa: BLE001 - socket and TVM errors
+        where = f"RPC server {rpc[0]}:{rpc[1]}" if rpc is not None else f"tracker {tracker[0]}:{tracker[1]} (key {key!r})"
+        raise GmorphError(f"cannot connect to {where}: {_short(err)}") from None
+    try:
+        yield session
+    finally:
+        # The server serves one session at a time and ends it when the last reference to the
+        # session (and to remote modules/tensors) goes away; collect now, not whenever the GC
+        # gets to it, so the next connect does not wait on this one.
+        del session
+        gc.collect()
+
+
+def remote_benchmark(
+    artifact_path: str | Path,
+    *,
+    rpc: Address | None = None,
+    tracker: Address | None = None,
+    key: str | None = None,
+    number: int = 10,
+    repeat: int = 5,
+    compare: Sequence[str | Path] = (),
+    min_repeat_ms: int = 0,
+    session_timeout: int = 600,
+) -> list[dict[str, Any]]:
+    """Time ``artifact_path`` (and every ``compare`` artifact) on the remote device.
+
+    Connect to an RPC server with ``rpc=(host, port)`` (and ``key`` if the server was started
+    with one), or through a tracker with ``tracker=(host, port), key=...``.
+
+    Returns one row per artifact: ``artifact``, ``target``, ``device``, ``remote``, ``median_ms``,
+    ``mean_ms``, ``std_ms``, ``min_ms``, ``repeat``, ``number``, ``speedup`` (first artifact's median
+    over this one's) and ``max_abs_diff`` (largest output difference from the first artifact, when
+    both have the same tasks and output shapes; None otherwise).
+    """
+    paths = [Path(artifact_path), *map(Path, compare)]
+    where = f"{rpc[0]}:{rpc[1]}" if rpc is not None else f"{tracker[0]}:{tracker[1]}/{key}" if tracker else "?"
+    rows = _Rows()
+    with connect(rpc=rpc, tracker=tracker, key=key, session_timeout=session_timeout) as session:
+        for index, path in enumerate(paths):
+            library, manifest = _artifact(path)
+            vm, dev = _remote_vm(session, library, manifest, index)
+            arrays = random_inputs(manifest)
+            args = [tvm.runtime.tensor(a, dev) for a in arrays]
+            try:
+                timing = time_main(vm, dev, args, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
+                outputs = _run_remote(vm, manifest, args, str(library))
+            except GmorphError:
+                raise
+            except Exception as err:  # noqa: BLE001
+                raise ArtifactError(f"running {library.name} on {where} failed: {_short(err)}") from None
+            rows.add(library, manifest, where, timing, outputs)
+    return list(rows)
+
+
+def local_benchmark(
+    artifact_path: str | Path,
+    *,
+    number: int = 10,
+    repeat: int = 5,
+    compare: Sequence[str | Path] = (),
+    min_repeat_ms: int = 0,
+) -> list[dict[str, Any]]:
+    """Like :func:`remote_benchmark`, on this machine (each artifact on the device it was built for)."""
+    from .loader import load
+
+    rows = _Rows()
+    for path in [Path(artifact_path), *map(Path, compare)]:
+        library = library_path_for(path)
+        manifest = read_manifest(manifest_path_for(library))
+        runner = load(library, device=manifest["device"])
+        arrays = random_inputs(manifest)
+        timing = runner.benchmark(arrays, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
+        rows.add(library, manifest, "local", timing, runner(arrays))
+    return list(rows)
+
+
+class _Rows(list):
+    """Result rows; speedup and output difference are relative to the first artifact."""
+
+    def add(self, library: Path, manifest: dict[str, Any], where: str, timing: dict[str, Any],
+            outputs: dict[str, Any]) -> None:
+        if not self:
+            self._first = (timing["median_ms"], outputs)
+        first_median, first_outputs = self._first
+        self.append({
+            "artifact": library.name, "target": _target_label(manifest), "device": manifest["device"],
+            "remote": where, **timing,
+            "speedup": first_median / timing["median_ms"] if timing["median_ms"] > 0 else None,
+            "max_abs_diff": _max_abs_diff(first_outputs, outputs),
+        })
+
+
+def remote_run(artifact_path: str | Path, inputs: InputsLike, *, rpc: Address | None = None,
+               tracker: Address | None = None, key: str | None = None,
+               session_timeout: int = 600) -> dict[str, np.ndarray | list[np.ndarray]]:
+    """Run an artifact once on the remote device and return its outputs by task."""
+    library, manifest = _artifact(Path(artifact_path))
+    arrays = check_inputs(input_specs(manifest), inputs)
+    with connect(rpc=rpc, tracker=tracker, key=key, session_timeout=session_timeout) as session:
+        vm, dev = _remote_vm(session, library, manifest)
+        try:
+            return _run_remote(vm, manifest, [tvm.runtime.tensor(a, dev) for a in arrays], str(library))
+        except GmorphError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise ArtifactError(f"running {library.name} remotely failed: {_short(err)}") from None
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of :func:`remote_benchmark` rows."""
+    header = "| artifact | target | device | median ms | mean ms | std ms | repeat | speedup | max abs diff |"
+    lines = [header, "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        speedup = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
+        diff = f"{row['max_abs_diff']:.2e}" if row.get("max_abs_diff") is not None else "-"
+        lines.append(
+            f"| {row['artifact']} | {row['target']} | {row['device']}@{row['remote']} | {row['median_ms']:.4f} | "
+            f"{row['mean_ms']:.4f} | {row['std_ms']:.4f} | {row['repeat']}x{row['number']} | {speedup} | {diff} |"
+        )
+    return "\n".join(lines)
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def _artifact(path: Path) -> tuple[Path, dict[str, Any]]:
+    library = library_path_for(path)
+    manifest = read_manifest(manifest_path_for(library))
+    if not library.is_file():
+        raise ArtifactError(f"library {library} not found")
+    return library, manifest
+
+
+def _remote_vm(session: Any, library: Path, manifest: dict[str, Any], index: int = 0) -> tuple[relax.VirtualMachine, Any]:
+    # A distinct remote name per artifact: re-uploading over a library the server has already
+    # dlopen'ed (e.g. comparing a file with itself) rewrites mapped pages and crashes it.
+    remote_name = f"gmorph{index}_{library.name}"
+    try:
+        session.upload(str(library), target=remote_name)
+        module = session.load_module(remote_name)
+        dev = session.cuda(0) if manifest["device"] == "cuda" else session.cpu(0)
+        if manifest["device"] == "cuda" and not dev.exist:
+            raise ArtifactError(f"{library.name} needs a CUDA GPU, but the remote device has none")
+        return relax.VirtualMachine(module, dev), dev
+    except GmorphError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise ArtifactError(f"cannot load {library.name} on the remote device: {_short(err)}") from None
+
+
+def _run_remote(vm: relax.VirtualMachine, manifest: dict[str, Any], args: list, what: str) -> dict[str, Any]:
+    """Call ``main`` remotely. A tuple result stays on the server as an opaque object, so use the
+    VM's stateful interface, which returns the outputs field by field."""
+    vm.set_input("main", *args)
+    vm.invoke_stateful("main")
+    return split_outputs(manifest, vm.get_outputs("main"), what)
+
+
+def _target_label(manifest: dict[str, Any]) -> str:
+    target = manifest["target"]
+    if target.get("kind") == "cuda":
+        return f"cuda {target.get('arch', '')}".strip()
+    return f"llvm {target.get('mcpu', '')}".strip()
+
+
+def _max_abs_diff(reference: dict[str, Any], outputs: dict[str, Any]) -> float | None:
+    if list(reference) != list(outputs):
+        return None
+    worst = 0.0
+    for task, ref in reference.items():
+        refs = ref if isinstance(ref, list) else [ref]
+        outs = outputs[task] if isinstance(outputs[task], list) else [outputs[task]]
+        if len(refs) != len(outs) or any(a.shape != b.shape for a, b in zip(refs, outs)):
+            return None
+        for a, b in zip(refs, outs):
+            if a.size:
+                worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))))
+    return worst
+
+
+def _short(err: BaseException) -> str:
+    from ..build.builder import first_line
+
+    return first_line(err)

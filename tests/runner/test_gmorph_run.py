@@ -1,0 +1,159 @@
+"""The native runner (runner/ + CMakeLists.txt): configure, build, run, compare with Python."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gmorph_tvm
+from gmorph_tvm.build import build
+from gmorph_tvm.runtime import load
+
+REPO = Path(__file__).resolve().parents[2]
+CXX = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+pytestmark = pytest.mark.skipif(shutil.which("cmake") is None or CXX is None, reason="needs cmake and a C++ compiler")
+
+
+class Net(nn.Module):
+    def __init__(self, out: int, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, out)
+
+    def forward(self, x):
+        return self.fc(torch.sigmoid(self.conv(x)).mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def gmorph_run(tmp_path_factory) -> Path:
+    build_dir = tmp_path_factory.mktemp("cmake-build")
+    configure = subprocess.run(
+        ["cmake", "-S", str(REPO), "-B", str(build_dir), f"-DPython3_EXECUTABLE={sys.executable}",
+         f"-DCMAKE_CXX_COMPILER={CXX}", "-DCMAKE_BUILD_TYPE=Release"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
+    compile_ = subprocess.run(["cmake", "--build", str(build_dir), "-j2"], capture_output=True, text=True, timeout=600)
+    assert compile_.returncode == 0, compile_.stdout[-3000:] + compile_.stderr[-3000:]
+    binary = build_dir / "gmorph-run"
+    assert binary.is_file()
+    return binary
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    x = torch.from_numpy(np.random.default_rng(5).standard_normal((1, 3, 12, 12)).astype("float32"))
+    mm = gmorph_tvm.import_models({"cls": Net(5, 0).eval(), "aux": Net(2, 1).eval()}, example_inputs=x)
+    directory = tmp_path_factory.mktemp("art")
+    path = build(mm, "llvm").export(directory / "nets.so")
+    np.save(directory / "x.npy", x.numpy())
+    return path, directory / "x.npy"
+
+
+def _run(binary: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_native_runner_matches_python(gmorph_run, artifact, tmp_path):
+    library, x_file = artifact
+    proc = _run(gmorph_run, str(library), "--input", f"x={x_file}", "--repeat", "5", "--save-outputs", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "Scope Loaded" not in proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("cls: float32[1, 5] first [") and lines[1].startswith("aux: float32[1, 2] first [")
+    assert lines[2].startswith("latency: median ") and "over 5 runs on cpu:0" in lines[2]
+
+    expected = load(library)(np.load(x_file))
+    for task in ("cls", "aux"):
+        native = np.load(tmp_path / f"{task}.npy")
+        assert native.dtype == expected[task].dtype and native.shape == expected[task].shape
+        np.testing.assert_allclose(native, expected[task], rtol=1e-5, atol=1e-5)
+        printed = re.search(rf"^{task}: .* sum (\S+)$", proc.stdout, re.M).group(1)
+        assert float(printed) == pytest.approx(float(expected[task].sum()), rel=1e-4, abs=1e-5)
+
+
+def test_native_runner_positional_input(gmorph_run, artifact):
+    library, x_file = artifact
+    proc = _run(gmorph_run, str(library), "--input", str(x_file), "--repeat", "1")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_native_runner_rejects_bad_inputs(gmorph_run, artifact, tmp_path):
+    library, x_file = artifact
+    np.save(tmp_path / "small.npy", np.zeros((1, 3, 8, 8), "float32"))
+    np.save(tmp_path / "f64.npy", np.zeros((1, 3, 12, 12), "float64"))
+    proc = _run(gmorph_run, str(library), "--input", f"x={tmp_path / 'small.npy'}")
+    assert proc.returncode == 2 and "input 'x': expected shape [1, 3, 12, 12], given [1, 3, 8, 8]" in proc.stderr
+    proc = _run(gmorph_run, str(library), "--input", f"x={tmp_path / 'f64.npy'}")
+    assert proc.returncode == 2 and "input 'x': expected dtype float32, given float64" in proc.stderr
+    proc = _run(gmorph_run, str(library), "--input", f"y={x_file}")
+    assert proc.returncode == 2 and "unknown input 'y'" in proc.stderr
+    proc = _run(gmorph_run, str(library))
+    assert proc.returncode == 2 and "missing input 'x'" in proc.stderr
+    proc = _run(gmorph_run, str(library), "--input", f"x={x_file}", "--device", "cuda")
+    assert proc.returncode == 1 and "was built for cpu" in proc.stderr
+
+
+def test_native_runner_reports_manifest_problems(gmorph_run, artifact, tmp_path):
+    library, x_file = artifact
+    copy = tmp_path / "nets.so"
+    shutil.copy(library, copy)
+    proc = _run(gmorph_run, str(copy), "--input", f"x={x_file}")
+    assert proc.returncode == 1 and "nets.manifest.json" in proc.stderr
+    (tmp_path / "nets.manifest.json").write_text('{"format": "gmorph-tvm-artifact", ')
+    proc = _run(gmorph_run, str(copy), "--input", f"x={x_file}")
+    assert proc.returncode == 1 and "invalid JSON" in proc.stderr
+
+
+def test_native_runner_loads_cuda_fatbin_without_jit(gmorph_run, artifact, tmp_path):
+    """With a stand-in CUDA driver, the pure C++ runtime loads our CUDA library (the kernels are
+    a fatbin) and only fails where a GPU is needed; TVM's plain export needs a JIT compiler."""
+    from gmorph_tvm.build import cuda as cuda_code
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cuda_code.find_nvcc() is None or cc is None:
+        pytest.skip("needs nvcc and a C compiler")
+    import tvm
+
+    if not (Path(tvm.libinfo.find_libtvm_runtime()).parent / "libtvm_runtime_cuda.so").is_file():
+        pytest.skip("this TVM wheel has no CUDA runtime library")
+    if tvm.cuda().exist:
+        pytest.skip("a real GPU is present; test_cuda.py runs the artifact instead")
+    stub = tmp_path / "fake_cuda.c"
+    stub.write_text(
+        "#define STUB(n) int n() { return 100; }\n"
+        "STUB(cuDeviceGetName) STUB(cuFuncSetAttribute) STUB(cuLaunchKernelEx) STUB(cuModuleGetFunction)\n"
+        "STUB(cuModuleLoadData) STUB(cuModuleUnload) STUB(cuTensorMapEncodeTiled)\n"
+        "int cuGetErrorName(int e, const char** s) { *s = \"CUDA_ERROR_NO_DEVICE\"; return 0; }\n"
+        "int cuGetErrorString(int e, const char** s) { *s = \"no device\"; return 0; }\n"
+    )
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(tmp_path / "libcuda.so.1"), str(stub), "-Wl,-soname,libcuda.so.1"],
+                   check=True)
+    x = torch.from_numpy(np.load(artifact[1]))
+    art = build(gmorph_tvm.import_models({"cls": Net(5, 0).eval()}, example_inputs=x), "cuda")
+    ours = art.export(tmp_path / "gpu.so")
+    plain = tmp_path / "plain.so"
+    art.executable.export_library(str(plain))
+    shutil.copy(tmp_path / "gpu.manifest.json", tmp_path / "plain.manifest.json")
+    env = {**os.environ, "LD_LIBRARY_PATH": str(tmp_path)}
+    run = lambda lib: subprocess.run(  # noqa: E731
+        [str(gmorph_run), str(lib), "--device", "cuda", "--input", f"x={artifact[1]}"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    proc = run(ours)
+    # Loaded; fails only when it allocates memory on the (absent) GPU.
+    assert proc.returncode == 1 and "tvm_callback_cuda_compile" not in proc.stderr
+    assert "CUDA" in proc.stderr and ("driver" in proc.stderr or "device" in proc.stderr)
+    proc = run(plain)
+    assert proc.returncode == 1 and "tvm_callback_cuda_compile" in proc.stderr
