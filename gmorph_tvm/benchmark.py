@@ -83,12 +83,20 @@ def torch_weight_bytes(models: Mapping[str, "torch.nn.Module"]) -> int:  # noqa:
 
 
 def format_table(rows: Sequence[Row], *, baseline: str | None = None, title: str | None = None) -> str:
-    """A markdown table: system, median latency, speedup vs ``baseline``, weights, peak memory."""
+    """A markdown table: system, median latency, speedup vs ``baseline``, weights (and peak memory,
+    notes when any row has them)."""
     base = next((r.median_ms for r in rows if r.system == baseline), rows[0].median_ms if rows else 1.0)
-    header = "| system | median ms | speedup | weights MB | peak MB | note |"
-    lines = ([f"**{title}**", ""] if title else []) + [header, "|---|---:|---:|---:|---:|---|"]
+    with_peak = any(r.peak_mb is not None for r in rows)
+    with_note = any(r.note for r in rows)
+    header = "| system | median ms | speedup | weights MB |" + (" peak MB |" if with_peak else "") + (" note |" if with_note else "")
+    rule = "|---|---:|---:|---:|" + ("---:|" if with_peak else "") + ("---|" if with_note else "")
+    lines = ([f"**{title}**", ""] if title else []) + [header, rule]
     for r in rows:
         weights = f"{r.weight_bytes / 1e6:.2f}" if r.weight_bytes is not None else "-"
-        peak = f"{r.peak_mb:.1f}" if r.peak_mb is not None else "-"
-        lines.append(f"| {r.system} | {r.median_ms:.3f} | {base / r.median_ms:.2f}x | {weights} | {peak} | {r.note} |")
+        line = f"| {r.system} | {r.median_ms:.3f} | {base / r.median_ms:.2f}x | {weights} |"
+        if with_peak:
+            line += f" {r.peak_mb:.1f} |" if r.peak_mb is not None else " - |"
+        if with_note:
+            line += f" {r.note} |"
+        lines.append(line)
     return "\n".join(lines)
