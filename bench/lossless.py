@@ -232,15 +232,12 @@ def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, mem
 
 
 def _grouped(mm):
-    """Tasks split into groups by GroupModels' rule, each fused on its own (empty if one group)."""
-    try:
-        from gmorph_tvm.passes.group_models import group_tasks, split_into_groups
-    except ImportError:
-        return []
-    groups = group_tasks(mm)
-    if len(groups) <= 1:
-        return []
-    return [fuse_lossless(part) for part in split_into_groups(mm, groups)]
+    """The tasks in groups of half the set (GroupModels keeps weight-sharing tasks together),
+    each group fused on its own; empty when that gives a single group."""
+    from gmorph_tvm.pipeline import fuse_grouped
+
+    parts = fuse_grouped(mm, max_group_size=max(1, len(mm.tasks) // 2))
+    return parts if len(parts) > 1 else []
 
 
 def render(set_name: str, batch: int, rows: list[Row], info: dict) -> str:

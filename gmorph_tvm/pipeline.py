@@ -6,6 +6,10 @@ Lossless fusion of a :class:`~gmorph_tvm.frontend.MultiModel`:
 2. ``StitchSharedWeights``  identical weights stored once, identical ops on them computed once;
 3. ``HorizontalMerge``      compatible ops with different weights run as one wide / grouped op.
 
+With many models, :func:`fuse_grouped` first partitions the tasks (``group_tasks``: tasks that
+share weights stay together, groups bounded in size / FLOPs / weight bytes, or chosen by
+measurement) and fuses each group on its own, one module per group.
+
 Every step keeps the outputs equal to the separate models' (float32 rounding). Lowering to a
 target (legalisation, tuning database, weight pre-packing, codegen) happens in
 :mod:`gmorph_tvm.tuning` and :mod:`gmorph_tvm.build`, after this.
@@ -19,6 +23,7 @@ import tvm
 
 from .frontend.multimodel import MultiModel
 from .passes import CanonicalizeOps, HorizontalMerge, StitchSharedWeights
+from .passes.group_models import group_tasks, split_into_groups
 from .passes._util import PROVENANCE_ATTR, encode_provenance, provenance_of, weight_params
 
 MergeMode = Literal["auto", "always", "never"]
@@ -50,3 +55,20 @@ def fuse_lossless(mm: MultiModel, *, stitch: bool = True, merge: MergeMode = "au
         )
     fused = lossless_passes(stitch=stitch, merge=merge, target=target)(mod)
     return mm.with_module(fused, provenance=provenance_of(fused))
+
+
+def fuse_grouped(
+    mm: MultiModel,
+    *,
+    max_group_size: int | None = None,
+    groups: list[list[str]] | None = None,
+    measure: bool = False,
+    merge: MergeMode = "auto",
+    target=None,
+) -> list[MultiModel]:
+    """Partition ``mm``'s tasks into groups and fuse each group losslessly on its own.
+
+    ``groups`` overrides the rule; ``measure=True`` times candidate group sizes on ``target``.
+    """
+    chosen = group_tasks(mm, max_group_size, groups=groups, measure=measure, target=target)
+    return [fuse_lossless(part, merge=merge, target=target) for part in split_into_groups(mm, chosen)]
