@@ -24,7 +24,6 @@ import tvm
 from .frontend.multimodel import MultiModel
 from .passes import CanonicalizeOps, HorizontalMerge, StitchSharedWeights
 from .passes.group_models import group_tasks, split_into_groups
-from .passes._util import PROVENANCE_ATTR, encode_provenance, provenance_of, weight_params
 
 MergeMode = Literal["auto", "always", "never"]
 
@@ -40,21 +39,9 @@ def lossless_passes(*, stitch: bool = True, merge: MergeMode = "auto", target=No
 
 
 def fuse_lossless(mm: MultiModel, *, stitch: bool = True, merge: MergeMode = "auto", target=None) -> MultiModel:
-    """``mm`` fused by :func:`lossless_passes`, with weight provenance carried through.
-
-    The MultiModel's provenance travels through the passes as attrs ``gmorph.provenance`` on
-    ``main`` and is read back, so every surviving (shared or merged) weight still lists the
-    original (task, parameter) pairs it stands for.
-    """
-    mod = mm.mod.clone()
-    main = mod["main"]
-    if mm.provenance:
-        names = {var.name for var, _ in weight_params(main)}
-        mod["main"] = main.with_attr(
-            PROVENANCE_ATTR, encode_provenance({n: e for n, e in mm.provenance.items() if n in names})
-        )
-    fused = lossless_passes(stitch=stitch, merge=merge, target=target)(mod)
-    return mm.with_module(fused, provenance=provenance_of(fused))
+    """``mm`` fused by :func:`lossless_passes`; every surviving (shared or merged) weight still
+    lists the original (task, parameter) pairs it stands for."""
+    return mm.apply(lossless_passes(stitch=stitch, merge=merge, target=target))
 
 
 def fuse_grouped(

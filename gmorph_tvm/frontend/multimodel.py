@@ -123,6 +123,20 @@ class MultiModel:
             provenance = _provenance_attr(mod) or {name: list(self.provenance.get(name, [])) for name in params}
         return MultiModel(mod, dict(params), list(self.inputs), list(self.tasks), dict(provenance))
 
+    def apply(self, transform: "tvm.transform.Pass") -> "MultiModel":
+        """``transform`` run on the module, with weight provenance carried through the passes.
+
+        Provenance travels as attrs ``gmorph.provenance`` on ``main`` (passes that share, fold or
+        merge weights keep it current) and is read back into the result's ``provenance``.
+        """
+        mod = self.mod.clone()
+        main = mod["main"]
+        names = set(params_of(mod))
+        prov = {n: e for n, e in self.provenance.items() if n in names}
+        if prov:
+            mod["main"] = main.with_attr(PROVENANCE_ATTR, encode_provenance_attr(prov))
+        return self.with_module(transform(mod))
+
     def bound_module(self) -> tvm.IRModule:
         """The module to compile: weights bound as constants, ``main(*inputs)`` only."""
         return bind_weights(self.mod)

@@ -26,7 +26,9 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from ..frontend.multimodel import PROVENANCE_ATTR  # noqa: E402  (one name for the attr, shared with import)
+# One attr name and encoding, shared with the importer and MultiModel.apply.
+from ..frontend.multimodel import PROVENANCE_ATTR
+from ..frontend.multimodel import encode_provenance_attr as encode_provenance
 
 Provenance = dict[str, list[tuple[str, str]]]
 
@@ -156,11 +158,6 @@ def provenance_of(mod: tvm.IRModule | relax.Function, func_name: str = "main") -
 def _split_entry(entry: str) -> tuple[str, str]:
     task, _, orig = entry.partition("/")
     return task, orig
-
-
-def encode_provenance(prov: Mapping[str, Sequence[tuple[str, str]]]) -> dict[str, list[str]]:
-    """Inverse of :func:`provenance_of`'s parsing: ``(task, orig)`` pairs -> ``"task/orig"``."""
-    return {name: [f"{task}/{orig}" for task, orig in entries] for name, entries in prov.items()}
 
 
 def with_provenance(mod: tvm.IRModule, prov: Mapping[str, Sequence[tuple[str, str]]], func_name: str = "main") -> tvm.IRModule:

@@ -56,7 +56,7 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from ._util import PROVENANCE_ATTR, merge_entries, raw_provenance, rebuild_function, weight_params
+from ._util import merge_entries, raw_provenance, rebuild_function, weight_params
 from .cost_model import MergeCost, MergeCostModel, MergeOptionError
 
 MergeMode = Literal["auto", "always", "never"]
@@ -159,21 +159,9 @@ class RegionReport:
 
 
 def horizontal_merge(mm, mode: MergeMode = "auto", cost_model: MergeCostModel | None = None, target=None):
-    """``mm`` (a :class:`~gmorph_tvm.MultiModel`) with :class:`HorizontalMerge` applied to its module.
-
-    Provenance is handed to the pass through attrs ``gmorph.provenance`` and read back, so each
-    merged weight lists every original weight (task, name) it holds.
-    """
-    from ._util import encode_provenance, provenance_of
-
-    main = mm.mod["main"]
-    mod = mm.mod.clone()
-    if mm.provenance:
-        names = {var.name for var, _ in weight_params(main)}
-        prov = {name: entries for name, entries in mm.provenance.items() if name in names}
-        mod["main"] = main.with_attr(PROVENANCE_ATTR, encode_provenance(prov))
-    mod = HorizontalMerge(mode=mode, cost_model=cost_model, target=target)(mod)
-    return mm.with_module(mod, provenance=provenance_of(mod))
+    """``mm`` (a :class:`~gmorph_tvm.MultiModel`) with :class:`HorizontalMerge` applied to its module;
+    each merged weight's provenance lists every original weight (task, name) it holds."""
+    return mm.apply(HorizontalMerge(mode=mode, cost_model=cost_model, target=target))
 
 
 # ---- helpers on types ---------------------------------------------------------------------------

@@ -32,11 +32,8 @@ from tvm import relax
 
 from ..frontend.multimodel import MultiModel
 from ._util import (
-    PROVENANCE_ATTR,
     ContentTable,
-    encode_provenance,
     merge_entries,
-    provenance_of,
     raw_provenance,
     rebuild_function,
     weight_params,
@@ -109,19 +106,11 @@ def _dedup_constants(func: relax.Function) -> relax.Function:
 def stitch(mm: MultiModel, canonicalize: bool = True) -> MultiModel:
     """``mm`` with shared weights stitched: ``CanonicalizeOps`` (optional) then ``StitchSharedWeights``.
 
-    The MultiModel's provenance is handed to the passes through attrs ``gmorph.provenance`` and read
-    back, so the result's ``provenance`` lists, for each surviving weight, every original weight
-    (task, name) it stands for.
+    The result's ``provenance`` lists, for each surviving weight, every original weight
+    (task, name) it stands for (see :meth:`MultiModel.apply`).
     """
-    main = mm.mod["main"]
-    mod = mm.mod.clone()
-    if mm.provenance:
-        names = {var.name for var, _ in weight_params(main)}
-        prov = {name: entries for name, entries in mm.provenance.items() if name in names}
-        mod["main"] = main.with_attr(PROVENANCE_ATTR, encode_provenance(prov))
     passes = ([CanonicalizeOps()] if canonicalize else []) + [StitchSharedWeights()]
-    mod = tvm.transform.Sequential(passes)(mod)
-    return mm.with_module(mod, provenance=provenance_of(mod))
+    return mm.apply(tvm.transform.Sequential(passes))
 
 
 __all__ = ["StitchSharedWeights", "stitch"]
