@@ -1,0 +1,28 @@
+"""Auto-tuning with MetaSchedule, and the lowering that applies its results.
+
+``tune(mod, target, trials=..., work_dir=...)`` searches schedules for the distinct kernels of a
+(fused) Relax module and stores them in a JSON database in ``work_dir``; ``lower(mod, target,
+database_dir=...)`` prepares the module for ``tvm.compile`` with those schedules applied (and, on
+CPUs, weights pre-packed into the tuned layouts at build time).
+"""
+
+from .ffi_guard import PINNED_TVM_FFI_VERSION, ensure_ir_json_works
+from .pipeline import has_database, lower, prepare
+from .report import TaskReport, TuningReport, TuningWarning
+from .tasks import TaskPlan, allocate, extract
+from .tuner import tune
+
+__all__ = [
+    "PINNED_TVM_FFI_VERSION",
+    "TaskPlan",
+    "TaskReport",
+    "TuningReport",
+    "TuningWarning",
+    "allocate",
+    "ensure_ir_json_works",
+    "extract",
+    "has_database",
+    "lower",
+    "prepare",
+    "tune",
+]

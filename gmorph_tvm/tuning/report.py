@@ -1,0 +1,76 @@
+"""What a tuning run did, per task: returned by :func:`gmorph_tvm.tuning.tune`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Outcomes of a task that was meant to be tuned (skips use the statuses in tasks.py).
+TUNED = "tuned"
+REUSED = "reused"  # the database already held the planned number of trials
+CRASHED = "crashed"  # the tuning process died (signal / exit) inside this task
+FAILED = "failed"  # MetaSchedule raised; nothing usable recorded
+TIMED_OUT = "timed out"
+FALLBACK_STATUSES = (CRASHED, FAILED, TIMED_OUT)
+
+
+class TuningWarning(UserWarning):
+    """A workload could not be tuned and keeps its default schedule."""
+
+
+@dataclass
+class TaskReport:
+    name: str
+    calls: int
+    flops: float  # per call
+    share: float  # of the module's FLOPs (all calls)
+    status: str
+    trials_planned: int = 0
+    trials_run: int = 0
+    records_reused: int = 0
+    best_us: float | None = None  # best measured latency of one call, this run
+    seconds: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class TuningReport:
+    target: dict[str, Any]
+    work_dir: str
+    trials: int
+    seconds: float = 0.0
+    tasks: list[TaskReport] = field(default_factory=list)
+
+    @property
+    def tuned(self) -> list[str]:
+        return [t.name for t in self.tasks if t.status in (TUNED, REUSED)]
+
+    @property
+    def fallbacks(self) -> list[str]:
+        """Tasks meant to be tuned that keep default schedules (crash, error, timeout)."""
+        return [t.name for t in self.tasks if t.status in FALLBACK_STATUSES]
+
+    @property
+    def trials_run(self) -> int:
+        return sum(t.trials_run for t in self.tasks)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        """Markdown table of the tasks, largest FLOPs share first."""
+        lines = [
+            "| task | calls | MFLOP/call | share | trials (run/planned) | best us | status |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for t in sorted(self.tasks, key=lambda t: -t.share):
+            best = f"{t.best_us:.1f}" if t.best_us is not None else "-"
+            lines.append(
+                f"| {t.name} | {t.calls} | {t.flops / 1e6:.2f} | {t.share:.1%} | "
+                f"{t.trials_run}/{t.trials_planned} | {best} | {t.status} |"
+            )
+        lines.append(
+            f"\n{len(self.tuned)} of {len(self.tasks)} tasks tuned, {self.trials_run} trials in "
+            f"{self.seconds:.0f} s; database: {self.work_dir}"
+        )
+        return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""lower(): default schedules without a database, CUDA codegen, and clear errors for bad databases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from gmorph_tvm.errors import TuningError
+from gmorph_tvm.tuning import lower, prepare
+
+LLVM = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+
+
+def _cnn() -> tvm.IRModule:
+    """conv-relu -> conv(stride 2)-relu -> global mean -> dense, weights as constants."""
+    rng = np.random.default_rng(0)
+
+    def const(*shape):
+        return relax.const(rng.standard_normal(shape).astype("float32") * 0.2)
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 3, 16, 16), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            h = bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, const(8, 3, 3, 3), padding=1)))
+            h = bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(h, const(16, 8, 3, 3), strides=2, padding=1)))
+            h = bb.emit(relax.op.mean(h, axis=[2, 3]))
+            out = bb.emit_output(relax.op.add(relax.op.matmul(h, const(16, 4)), const(4)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _run(mod: tvm.IRModule, x: np.ndarray) -> np.ndarray:
+    vm = relax.VirtualMachine(tvm.compile(mod, target=LLVM), tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def test_lower_without_database_keeps_signature_and_results(relax_runner):
+    mod = _cnn()
+    x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype("float32")
+    lowered = lower(mod, LLVM)
+    assert [p.name for p in lowered["main"].params] == ["x"]
+    np.testing.assert_allclose(_run(lowered, x), relax_runner(mod, [x])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_marks_weights_layout_free_on_cpu_only():
+    cpu = prepare(_cnn(), LLVM)
+    convs = [f for gv, f in cpu.functions_items() if "conv2d" in gv.name_hint]
+    assert len(convs) == 2
+    # conv kernels read (activation, weight constant): only the weight may change layout.
+    assert all(list(f.attrs["layout_free_buffers"]) == [1] for f in convs)
+    gpu = prepare(_cnn(), tvm.target.Target({"kind": "cuda", "arch": "sm_87"}))
+    assert not any(
+        f.attrs is not None and "layout_free_buffers" in f.attrs
+        for _, f in gpu.functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc)
+    )
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        {"kind": "cuda", "arch": "sm_87", "host": {"kind": "llvm"}},
+        {"kind": "cuda", "arch": "sm_87", "host": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78ae"}},
+    ],
+)
+def test_lower_for_cuda_compiles_with_default_gpu_schedules(target):
+    target = tvm.target.Target(target)
+    lowered = lower(_cnn(), target)
+    kernels = [f for _, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert kernels and all(f.attrs is not None and f.attrs.get("tirx.is_scheduled") for f in kernels)
+    executable = tvm.compile(lowered, target=target)
+    assert executable is not None
+
+
+def test_missing_database_is_a_tuning_error(tmp_path):
+    with pytest.raises(TuningError, match="no tuning database in"):
+        lower(_cnn(), LLVM, database_dir=tmp_path / "nowhere")
+
+
+def test_corrupt_database_is_a_tuning_error(tmp_path):
+    (tmp_path / "database_workload.json").write_text('["not a workload"\n')
+    (tmp_path / "database_tuning_record.json").write_text("{garbage\n")
+    with pytest.raises(TuningError, match="unreadable"):
+        lower(_cnn(), LLVM, database_dir=tmp_path)

@@ -1,0 +1,105 @@
+"""Task extraction (dedup of identical kernels, FLOPs shares) and trial-budget allocation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from gmorph_tvm.tuning import allocate, extract, prepare
+from gmorph_tvm.tuning.tasks import SKIPPED_BUDGET, SKIPPED_FILTER, SKIPPED_SHARE, TaskPlan
+
+TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+
+
+def _const(rng: np.random.Generator, *shape: int) -> relax.Expr:
+    return relax.const(rng.standard_normal(shape).astype("float32"))
+
+
+def _conv_relu(bb: relax.BlockBuilder, x: relax.Expr, rng, cin: int, cout: int) -> relax.Expr:
+    y = bb.emit(relax.op.nn.conv2d(x, _const(rng, cout, cin, 3, 3), padding=1))
+    return bb.emit(relax.op.nn.relu(bb.emit(relax.op.add(y, _const(rng, 1, cout, 1, 1)))))
+
+
+def _models_module(num_models: int, size: int = 16) -> tvm.IRModule:
+    """``num_models`` copies of conv(3->8)-relu-conv(8->8)-relu on one input, different weights.
+
+    The copies' kernels are structurally identical (weights are arguments of the kernels, not
+    part of them), as when several models of the same architecture are fused.
+    """
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 3, size, size), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            outs = []
+            for seed in range(num_models):
+                rng = np.random.default_rng(seed)
+                h = _conv_relu(bb, x, rng, 3, 8)
+                outs.append(_conv_relu(bb, h, rng, 8, 8))
+            out = bb.emit_output(relax.Tuple(outs) if num_models > 1 else outs[0])
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_identical_kernels_of_two_models_are_one_task_each():
+    one = extract(prepare(_models_module(1), TARGET), TARGET)
+    two = extract(prepare(_models_module(2), TARGET), TARGET)
+    assert len(one) == 2 and all(p.calls == 1 for p in one)
+    # Same distinct kernels, each now called twice (once per model).
+    assert len(two) == len(one)
+    assert sorted(p.calls for p in two) == [2, 2]
+    assert sorted(p.flops for p in two) == sorted(p.flops for p in one)
+
+
+def test_flops_shares_follow_hand_count():
+    plans = extract(prepare(_models_module(1, size=16), TARGET), TARGET)
+    # conv3x3 multiply-adds (2 FLOPs) + bias add + relu per output element.
+    conv1 = 16 * 16 * 8 * (2 * 3 * 9 + 2)
+    conv2 = 16 * 16 * 8 * (2 * 8 * 9 + 2)
+    assert sorted(p.flops for p in plans) == pytest.approx(sorted([conv1, conv2]), rel=0.05)
+    assert sum(p.share for p in plans) == pytest.approx(1.0)
+    big = max(plans, key=lambda p: p.flops)
+    assert big.share == pytest.approx(conv2 / (conv1 + conv2), rel=0.05)
+
+
+def _plan(name: str, share: float) -> TaskPlan:
+    return TaskPlan(name, workload=None, calls=1, flops=share * 1e6, share=share)  # type: ignore[arg-type]
+
+
+def test_budget_split_by_share_with_floor_and_exact_total():
+    plans = [_plan("conv_a", 0.6), _plan("conv_b", 0.3), _plan("matmul", 0.09), _plan("mean", 0.01)]
+    tuned = allocate(plans, 200, min_flops_share=0.02, min_trials_per_task=16)
+    assert [p.name for p in tuned] == ["conv_a", "conv_b", "matmul"]
+    assert sum(p.trials for p in tuned) == 200
+    assert all(p.trials >= 16 for p in tuned)
+    assert tuned[0].trials > tuned[1].trials > tuned[2].trials
+    assert plans[3].status == SKIPPED_SHARE and plans[3].trials == 0
+
+
+def test_short_budget_shrinks_the_floor_before_dropping_tasks():
+    plans = [_plan("a", 0.5), _plan("b", 0.3), _plan("c", 0.2)]
+    tuned = allocate(plans, 40, min_trials_per_task=16)
+    assert [(p.name, p.trials) for p in tuned] == [("a", 14), ("b", 13), ("c", 13)]
+
+
+def test_budget_too_small_for_every_task_drops_the_smallest():
+    plans = [_plan("a", 0.5), _plan("b", 0.3), _plan("c", 0.2)]
+    tuned = allocate(plans, 20, min_trials_per_task=16)
+    # Floor 8 (MIN_USEFUL_TRIALS) does not fit 3 tasks: c goes; the 4 spare trials split 5:3.
+    assert [(p.name, p.trials) for p in tuned] == [("a", 11), ("b", 9)]
+    assert plans[2].status == SKIPPED_BUDGET and plans[2].trials == 0
+
+
+def test_tiny_budget_goes_to_the_largest_task():
+    plans = [_plan("a", 0.3), _plan("b", 0.7)]
+    tuned = allocate(plans, 8, min_trials_per_task=16)
+    assert [(p.name, p.trials) for p in tuned] == [("b", 8)]
+
+
+def test_op_names_filter_and_zero_budget():
+    plans = [_plan("fused_conv2d_add", 0.5), _plan("fused_matmul_add", 0.5)]
+    tuned = allocate(plans, 32, op_names=["matmul"])
+    assert [p.name for p in tuned] == ["fused_matmul_add"] and tuned[0].trials == 32
+    assert plans[0].status == SKIPPED_FILTER
+    assert allocate(plans, 0) == []

@@ -1,0 +1,188 @@
+"""End-to-end tuning with a tiny budget: crash fallback, database reuse, fresh-process re-apply.
+
+One tuning session (shared by the tests below, ~1-2 min on 2 busy cores) tunes a two-conv module
+with the worker made to crash (SIGSEGV) on the larger conv: that kernel must fall back to its
+default schedule with a warning naming it, while the other is tuned with 8 trials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from gmorph_tvm.errors import TuningError
+from gmorph_tvm.tuning import TuningWarning, extract, lower, prepare, tune
+from gmorph_tvm.tuning._worker import CRASH_TASK_ENV
+from gmorph_tvm.tuning.report import CRASHED, REUSED, TUNED
+
+TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+TRIALS_PER_TASK = 8
+
+
+def _two_conv_module() -> tvm.IRModule:
+    rng = np.random.default_rng(0)
+
+    def const(*shape):
+        return relax.const(rng.standard_normal(shape).astype("float32") * 0.2)
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 12, 12), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            h = relax.op.nn.conv2d(x, const(8, 4, 3, 3), padding=1)
+            h = bb.emit(relax.op.nn.relu(relax.op.add(h, const(1, 8, 1, 1))))
+            h = relax.op.nn.conv2d(h, const(16, 8, 3, 3), padding=1)
+            out = bb.emit_output(relax.op.nn.relu(relax.op.add(h, const(1, 16, 1, 1))))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _input() -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((1, 4, 12, 12)).astype("float32")
+
+
+def _run(mod: tvm.IRModule) -> np.ndarray:
+    vm = relax.VirtualMachine(tvm.compile(mod, target=TARGET), tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(_input())).numpy()
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    """Tune with the worker crashing on the biggest conv; returns (report, warnings, names, dir)."""
+    mod = _two_conv_module()
+    plans = sorted(extract(prepare(mod, TARGET), TARGET), key=lambda p: -p.share)
+    crashing, tuned = plans[0].name, plans[1].name
+    work_dir = tmp_path_factory.mktemp("tuning_db")
+    os.environ[CRASH_TASK_ENV] = crashing
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = tune(
+                mod, TARGET, trials=2 * TRIALS_PER_TASK, work_dir=work_dir, op_names=["conv2d"],
+                min_trials_per_task=TRIALS_PER_TASK, progress=False,
+            )
+    finally:
+        del os.environ[CRASH_TASK_ENV]
+    return report, [w for w in caught if issubclass(w.category, TuningWarning)], crashing, tuned, work_dir
+
+
+@pytest.mark.slow  # shares the ~1.5 min tuning session
+def test_crash_in_one_workload_falls_back_with_a_warning_naming_it(session):
+    report, caught, crashing, tuned, _ = session
+    status = {t.name: t for t in report.tasks}
+    assert status[crashing].status == CRASHED and "SIGSEGV" in status[crashing].message
+    assert report.fallbacks == [crashing]
+    assert len(caught) == 1 and crashing in str(caught[0].message)
+    assert "default schedule" in str(caught[0].message)
+    # The other task still ran in a fresh worker, with its whole budget.
+    assert status[tuned].status == TUNED
+    assert status[tuned].trials_run == TRIALS_PER_TASK and status[tuned].best_us > 0
+    assert crashing in report.table() and "crashed" in report.table()
+
+
+@pytest.mark.slow  # shares the ~1.5 min tuning session
+def test_tuned_module_keeps_signature_and_results(session):
+    _, _, crashing, tuned, work_dir = session
+    mod = _two_conv_module()
+    lowered = lower(mod, TARGET, database_dir=work_dir)
+    assert [p.name for p in lowered["main"].params] == ["x"]
+    scheduled = {
+        gv.name_hint: bool(f.attrs is not None and f.attrs.get("tirx.is_scheduled"))
+        for gv, f in lowered.functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc)
+    }
+    assert any(v for k, v in scheduled.items() if k.startswith(tuned)), scheduled
+    assert not any(v for k, v in scheduled.items() if k.startswith(crashing)), scheduled
+    # Weight re-layout kernels were evaluated at build time, not left for every call.
+    assert not any(k.endswith("_weight_prepack") for k in scheduled), scheduled
+    np.testing.assert_allclose(_run(lowered), _run(lower(mod, TARGET)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # shares the ~1.5 min tuning session
+def test_database_is_reapplied_in_a_fresh_process(session, tmp_path):
+    _, _, _, tuned, work_dir = session
+    mod = _two_conv_module()
+    (tmp_path / "mod.json").write_text(tvm.ir.save_json(mod))
+    np.save(tmp_path / "x.npy", _input())
+    np.save(tmp_path / "expected.npy", _run(lower(mod, TARGET)))
+    script = textwrap.dedent(
+        f"""
+        import json, numpy as np, tvm
+        from tvm import relax
+        from gmorph_tvm.tuning import lower
+        target = tvm.target.Target({json.dumps({"kind": "llvm", "num-cores": 2})})
+        mod = tvm.ir.load_json(open({str(tmp_path / "mod.json")!r}).read())
+        lowered = lower(mod, target, database_dir={str(work_dir)!r})
+        scheduled = [gv.name_hint for gv, f in lowered.functions_items()
+                     if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None
+                     and f.attrs.get("tirx.is_scheduled")]
+        vm = relax.VirtualMachine(tvm.compile(lowered, target=target), tvm.cpu())
+        out = vm["main"](tvm.runtime.tensor(np.load({str(tmp_path / "x.npy")!r}))).numpy()
+        err = float(np.abs(out - np.load({str(tmp_path / "expected.npy")!r})).max())
+        print(json.dumps({{"scheduled": scheduled, "err": err}}))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert any(name.startswith(tuned) for name in result["scheduled"])
+    assert result["err"] < 1e-4
+
+
+@pytest.mark.slow  # shares the ~1.5 min tuning session
+def test_rerun_with_the_same_budget_reuses_the_database(session):
+    _, _, _, tuned, work_dir = session
+    report = tune(
+        _two_conv_module(), TARGET, trials=TRIALS_PER_TASK, work_dir=work_dir, op_names=[tuned],
+        min_trials_per_task=TRIALS_PER_TASK, progress=False,
+    )
+    task = next(t for t in report.tasks if t.name == tuned)
+    assert task.status == REUSED and task.records_reused == TRIALS_PER_TASK
+    assert report.trials_run == 0
+
+
+def test_bad_arguments_are_tuning_errors(tmp_path):
+    with pytest.raises(TuningError, match="trials must be >= 0"):
+        tune(_two_conv_module(), TARGET, trials=-1, work_dir=tmp_path, progress=False)
+    with pytest.raises(TuningError, match="min_flops_share"):
+        tune(_two_conv_module(), TARGET, trials=8, work_dir=tmp_path, min_flops_share=2.0, progress=False)
+
+
+@pytest.mark.parametrize(
+    "target, match",
+    [
+        ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78ae"}, "RPCRunner"),
+        ({"kind": "cuda", "arch": "sm_87", "host": {"kind": "llvm"}}, "no CUDA GPU"),
+    ],
+)
+def test_targets_this_machine_cannot_run_need_a_runner(tmp_path, target, match):
+    if "cuda" in str(target) and tvm.cuda(0).exist:
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(TuningError, match=match):
+        tune(_two_conv_module(), target, trials=8, work_dir=tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())  # failed before creating anything
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not tvm.cuda(0).exist, reason="needs a CUDA GPU")
+def test_cuda_tuning_end_to_end(tmp_path):
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_" + tvm.cuda(0).compute_version.replace(".", ""),
+                                "host": {"kind": "llvm"}})
+    mod = _two_conv_module()
+    report = tune(mod, target, trials=TRIALS_PER_TASK, work_dir=tmp_path, op_names=["conv2d"],
+                  min_trials_per_task=TRIALS_PER_TASK, progress=False)
+    assert report.tuned and not report.fallbacks
+    lowered = lower(mod, target, database_dir=tmp_path)
+    vm = relax.VirtualMachine(tvm.compile(lowered, target=target), tvm.cuda(0))
+    out = vm["main"](tvm.runtime.tensor(_input(), tvm.cuda(0))).numpy()
+    np.testing.assert_allclose(out, _run(lower(mod, TARGET)), rtol=1e-4, atol=1e-4)
