@@ -218,6 +218,7 @@ def search(
     calibration_size: int = 128,
     probe_size: int = 500,
     filter_min_samples: int = 4,
+    drop_min_samples: int = 6,
     drop_margin: float = 0.5,
     tune_trials: int = 0,
     progress: bool = True,
@@ -263,7 +264,8 @@ def search(
         "seed": seed, "sampler": sampler, "predictor": predictor, "distill": distill_config.to_json(),
         "target": json.loads(json.dumps(target_dict(target), default=str)),
         "data": {s: int(data.x(s).shape[0]) for s in ("train", "val", "test")},
-        "filter": {"min_samples": filter_min_samples, "drop_margin": drop_margin},
+        "filter": {"min_samples": filter_min_samples, "drop_min_samples": drop_min_samples, "drop_margin": drop_margin}
+        if predictor else None,
     }  # fmt: skip
     store = _Checkpoint(Path(work_dir) if work_dir is not None else None, meta, resume)
     if store.records:
@@ -273,7 +275,8 @@ def search(
     filt = None
     if predictor:
         filt = PredictiveFilter(predictor, filter_min_samples, drop_margin, seed=seed,
-                                latency_linear_on=features.names().index("mac_fraction"))
+                                latency_linear_on=features.names().index("mac_fraction"),
+                                drop_min_samples=drop_min_samples)
     proposer = make_sampler(sampler, graphs, seed, similarity=features.transfer_r2)
 
     # The unfused models: the latency to beat, and the answer when no plan meets the target.
@@ -298,6 +301,7 @@ def search(
     best_latency = baseline.latency_ms
     seen = {identity.key()}
     queue = [p for p in plans]
+    pass_line = max_accuracy_drop - distill_config.target_margin  # a candidate passes at or below it
 
     bar = _progress(budget, progress)
     try:
@@ -318,10 +322,10 @@ def search(
             seen.add(plan.key())
             cand = store.get(plan.key())
             if cand is None:
-                failed = [c.plan for c in candidates if c.fine_tuned and not c.passed]
+                failed = [c for c in candidates if c.fine_tuned and not c.passed]
                 cand = _evaluate(index, plan, graphs, calibration, features, filt, measure, teacher, data,
                                  max_accuracy_drop, distill_config, best_latency, baseline.latency_ms, seed, store,
-                                 example, failed)
+                                 example, failed, pass_line)
                 store.add(cand)
             candidates.append(cand)
             if filt is not None and cand.features:
@@ -330,9 +334,7 @@ def search(
                     filt.add_latency(vec, cand.latency_ms / baseline.latency_ms)
                 if cand.fine_tuned:
                     filt.add_drop(vec, cand.max_drop)
-            pass_line = max_accuracy_drop - distill_config.target_margin
-            failing = [t for t, d in (cand.distill or {}).get("val_drops", {}).items() if d > pass_line]
-            proposer.observe(plan, cand.passed, cand.latency_ms, failing)
+            proposer.observe(plan, cand.passed, cand.latency_ms, _failing_tasks(cand, pass_line))
             if cand.passed and cand.latency_ms < best_latency:
                 best_latency = cand.latency_ms
             bar.update(1)
@@ -362,16 +364,24 @@ def search(
 # ---- one candidate ---------------------------------------------------------------------------------------
 
 
+def _failing_tasks(cand: Candidate, pass_line: float) -> list[str]:
+    """Tasks that sank a candidate: measured ones, or those of the failed plan a rule skip cited."""
+    if cand.distill is not None:
+        return [t for t, d in cand.distill["val_drops"].items() if d > pass_line]
+    return list((cand.prediction or {}).get("failing_tasks", []))
+
+
 def _evaluate(index, plan, graphs, calibration, features, filt, measure, teacher, data, max_drop, config,
-              best_latency, base_latency, seed, store, example, failed) -> Candidate:
+              best_latency, base_latency, seed, store, example, failed, pass_line) -> Candidate:
     t0 = time.perf_counter()
     cand = Candidate(index, plan, "error")
     try:
         if filt is not None:
-            worse_than = next((f for f in failed if plan.at_least_as_aggressive(f)), None)
+            worse_than = next((f for f in failed if plan.at_least_as_aggressive(f.plan)), None)
             if worse_than is not None:
                 cand.status = "skipped_rule"
-                cand.prediction = {"skip": True, "reason": "rule", "failed_plan": worse_than.key()}
+                cand.prediction = {"skip": True, "reason": "rule", "failed_plan": worse_than.key,
+                                   "failing_tasks": _failing_tasks(worse_than, pass_line)}
                 return cand
         fused = build_fused(graphs, plan, calibration)
         cand.features = features(plan, fused)

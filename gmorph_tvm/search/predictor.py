@@ -6,8 +6,10 @@ Two regressors learn from the candidates evaluated so far, on the plan features 
 * the worst per-task accuracy drop after fine-tuning (validation split), from fine-tuned candidates;
 * the latency of the compiled fused graph relative to the unfused models, from every compiled one.
 
-Once each has ``min_samples`` examples (for the drop model: including at least one candidate that met
-the target and one that did not), a candidate is not fine-tuned (nor compiled) when its
+Once the latency model has ``min_samples`` examples and the drop model ``drop_min_samples`` (more:
+accuracy after fine-tuning is much harder to predict than latency, which is close to linear in the
+compute left), including at least one candidate that met the target and one that did not, a
+candidate is not fine-tuned (nor compiled) when its
 predicted drop exceeds the target by more than ``drop_margin`` points, or its predicted latency is
 above the best latency found so far (of a candidate meeting the target) by more than ``latency_margin``.
 GMorph's code carries an XGBoost pass/fail classifier on sharing features but never uses it; here
@@ -96,7 +98,8 @@ class PredictiveFilter:
     """Online accuracy-drop and latency predictors plus the skip rule."""
 
     def __init__(self, kind: str = "xgboost", min_samples: int = 4, drop_margin: float = 0.5,
-                 latency_margin: float = 0.02, seed: int = 0, latency_linear_on: int | None = None) -> None:
+                 latency_margin: float = 0.02, seed: int = 0, latency_linear_on: int | None = None,
+                 drop_min_samples: int = 6) -> None:
         if kind not in ("xgboost", "linear"):
             raise SearchError(f"unknown predictor {kind!r}; use 'xgboost', 'linear' or None")
         needs = {"xgboost": ("xgboost", "xgboost-cpu"), "linear": ("sklearn", "scikit-learn")}[kind]
@@ -106,6 +109,7 @@ class PredictiveFilter:
             raise SearchError(f"predictor={kind!r} needs the {needs[1]} package (pip install {needs[1]})") from None
         self.kind = kind
         self.min_samples = min_samples
+        self.drop_min_samples = drop_min_samples
         self.drop_margin = drop_margin
         self.latency_margin = latency_margin
         self.drop_model = _Regressor(seed, kind)
@@ -121,11 +125,11 @@ class PredictiveFilter:
         # Until it has seen a candidate meet the target AND one miss it, the regressor can only echo
         # the mean of what it saw (after a few aggressive failures it would skip everything).
         ys = self.drop_model.y
-        return len(ys) >= self.min_samples and min(ys) <= max_accuracy_drop < max(ys)
+        return len(ys) >= self.drop_min_samples and min(ys) <= max_accuracy_drop < max(ys)
 
     @property
     def ready(self) -> bool:
-        return len(self.drop_model) >= self.min_samples or len(self.latency_model) >= self.min_samples
+        return len(self.drop_model) >= self.drop_min_samples or len(self.latency_model) >= self.min_samples
 
     def decide(self, features: np.ndarray, max_accuracy_drop: float, best_relative_latency: float | None) -> FilterDecision:
         """Whether to skip a candidate (predictions are None until a model has enough examples)."""

@@ -22,7 +22,7 @@ def _synthetic(n, seed=0):
 
 
 def test_predictions_appear_after_min_samples_and_learn_the_trend():
-    filt = PredictiveFilter("xgboost", min_samples=4, drop_margin=0.5, seed=0)
+    filt = PredictiveFilter("xgboost", min_samples=4, drop_min_samples=4, drop_margin=0.5, seed=0)
     x, drop, lat = _synthetic(30)
     assert filt.decide(x[0], 1.0, 0.9).predicted_drop is None
     for i in range(3):
@@ -52,7 +52,7 @@ def test_predicted_slower_than_best_is_skipped():
 
 
 def test_linear_predictor_and_bad_names():
-    filt = PredictiveFilter("linear", min_samples=2)
+    filt = PredictiveFilter("linear", min_samples=2, drop_min_samples=2)
     for v in (0.0, 1.0, 2.0):
         filt.add_drop(np.array([v]), 2 * v)
     assert filt.decide(np.array([3.0]), 1.0, None).predicted_drop == pytest.approx(5.0, abs=0.6)
@@ -91,7 +91,7 @@ def test_plan_features(tiny_graphs, tiny_models, tiny_data):
 
 
 def test_no_drop_predictions_before_a_pass_and_a_miss():
-    filt = PredictiveFilter("xgboost", min_samples=3, seed=0)
+    filt = PredictiveFilter("xgboost", min_samples=3, drop_min_samples=3, seed=0)
     for v in (0.1, 0.5, 0.9, 0.7):
         filt.add_drop(np.array([v, 0.0]), 5.0 + v)  # every candidate so far missed a 1-point target
     assert filt.decide(np.array([0.2, 0.0]), 1.0, None).predicted_drop is None
