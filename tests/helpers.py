@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
+from torch import nn
 
 
 def run_relax(mod, inputs, target=None):
@@ -22,3 +24,16 @@ def run_relax(mod, inputs, target=None):
     if hasattr(out, "numpy"):
         return [out.numpy()]
     return [o.numpy() for o in out]
+
+
+class TinyCNN(nn.Module):
+    """Conv + global mean + linear: the smallest model that exercises a real build."""
+
+    def __init__(self, classes: int, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))

@@ -16,19 +16,9 @@ import torch
 from torch import nn
 
 import gmorph_tvm
+from helpers import TinyCNN
 from gmorph_tvm.build import Artifact, build, manifest_path_for
 from gmorph_tvm.errors import BuildError, TargetError
-
-
-class TinyCNN(nn.Module):
-    def __init__(self, classes: int, seed: int):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = nn.Linear(8, classes)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
 
 
 @pytest.fixture(scope="module")
