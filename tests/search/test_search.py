@@ -128,3 +128,17 @@ def test_bad_arguments(tiny_models, tiny_data):
         search({"class10": tiny_models["class10"]}, tiny_data)
     with pytest.raises(SearchError, match="unknown predictor"):
         search(tiny_models, tiny_data, budget=0, predictor="forest", latency_fn=_mac_latency, log=None)
+
+
+@pytest.mark.slow
+def test_final_pick_can_be_tuned(tiny_models, tiny_data, tmp_path):
+    result = search(tiny_models, tiny_data, max_accuracy_drop=5.0, budget=0, predictor=None, work_dir=tmp_path,
+                    timing=CPU_TIMING, tune_trials=16, progress=False, log=None)
+    final = result.report["final"]
+    assert final["tuned_latency_ms"] > 0 and final["tuning_trials"] == 16
+    assert result.latency_ms == final["tuned_latency_ms"]
+    x = tiny_data.val_x[:1]
+    outs = result.artifact.run(x.numpy())
+    with torch.no_grad():
+        for task, ref in zip(result.fused_model.task_names, result.fused_model(x)):
+            np.testing.assert_allclose(outs[task], ref.numpy(), atol=1e-4, rtol=1e-4)
