@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Installs gmorph-tvm and what it needs on a fresh Debian machine.
-#   bash scripts/setup.sh          the package (+ benchmark extras)
+#   bash scripts/setup.sh          the package (+ benchmark and Jetson extras)
 #   bash scripts/setup.sh --test   the package + test extras
 # Distro packages: Fashion-MNIST (real data), the aarch64 cross compiler (Jetson artifacts),
-# cmake (the native runner). Python: torch 2.13.0 CPU first, so no CUDA wheels are pulled in.
+# cmake (the native runner); the ptxas of CUDA 11.8 from pip for Jetson Nano/Xavier cubins. Python: torch 2.13.0 CPU first, so no CUDA wheels are pulled in.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="bench"
-[ "${1:-}" = "--test" ] && extras="test,bench"
+extras="bench,jetson"
+[ "${1:-}" = "--test" ] && extras="test,bench,jetson"
 
 need=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)

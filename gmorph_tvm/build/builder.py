@@ -44,7 +44,7 @@ class Artifact:
     executable: relax.VMExecutable
     target: tvm.target.Target
     _manifest: dict[str, Any]
-    _fatbins: dict[str, bytes] = field(default_factory=dict)  # CUDA source sha256 -> fatbin
+    _fatbins: dict[str, bytes] = field(default_factory=dict)  # CUDA source sha256 -> fatbin or cubin
     _vm: Any = field(default=None, repr=False)
 
     @property
@@ -159,7 +159,7 @@ def build(
         "created": None,
     }
     if device == "cuda":
-        manifest["cuda"] = {"arch": arch, "device_code": "fatbin"}
+        manifest["cuda"] = {"arch": arch, "device_code": cuda_code.device_code_format(arch)}
     return Artifact(executable, tgt, manifest, fatbins)
 
 
@@ -207,7 +207,7 @@ def _cuda_compile_callback(arch: str | None) -> Iterator[None]:
 
     name = "tvm_callback_cuda_compile"
     original = tvm.get_global_func(name, allow_missing=True)
-    tvm_ffi.register_global_func(name, lambda code, *_: cuda_code.compile_fatbin(str(code), arch), override=True)
+    tvm_ffi.register_global_func(name, lambda code, *_: cuda_code.compile_kernels(str(code), arch), override=True)
     try:
         yield
     finally:
@@ -228,7 +228,7 @@ def _compile_device_code(executable: relax.VMExecutable, arch: str) -> dict[str,
         source = str(module.inspect_source("cuda"))
         if not source:
             raise BuildError("TVM produced a CUDA module without source; cannot compile its kernels")
-        fatbins[cuda_code.source_key(source)] = cuda_code.compile_fatbin(source, arch)
+        fatbins[cuda_code.source_key(source)] = cuda_code.compile_kernels(source, arch)
     if not found:
         raise BuildError("the CUDA build produced no CUDA kernels (nothing was offloaded to the GPU)")
     return fatbins

@@ -9,6 +9,13 @@ loaded -- not on a bare Jetson with a C++ runtime. nvcc needs no GPU, so we comp
 to a fatbin (SASS for ``sm_XX`` plus PTX for ``compute_XX``) at build time and splice it into
 the library blob at export time (see :func:`patch_library_blob`).
 
+Architectures the installed nvcc dropped (CUDA 13 has nothing below sm_75: Jetson Xavier sm_72,
+Nano sm_53) take a second route, :func:`compile_cubin_via_ptx`: nvcc emits PTX for its lowest
+virtual architecture, the PTX is re-targeted to ``sm_XX`` and assembled by an older ``ptxas``
+(``$GMORPH_TVM_PTXAS``, or the one in the pip wheel ``nvidia-cuda-nvcc-cu11``) into a cubin. ptxas
+checks every instruction against the target and refuses what ``sm_XX`` lacks, so a cubin that
+assembles is valid SASS for it; the PTX ISA version is lowered to what that ptxas knows.
+
 Layout notes (TVM 0.27, ``tvm_ffi`` library_module.cc / ``cuda_module.cc``), all little endian:
 
 * library blob: ``<nbytes:u64> <indptr:vec<u64>> <children:vec<u64>> (<kind:str> [<bytes:str>])*``
@@ -71,6 +78,27 @@ _NVCC_FLAGS = [
 # ---- nvcc ----------------------------------------------------------------------------------
 
 
+def find_legacy_ptxas() -> str | None:
+    """A ptxas for architectures nvcc dropped: ``$GMORPH_TVM_PTXAS``, else the one shipped in the
+    ``nvidia-cuda-nvcc-cu11`` / ``-cu12`` wheels (``nvidia/cuda_nvcc/bin/ptxas``)."""
+    explicit = os.environ.get("GMORPH_TVM_PTXAS")
+    if explicit:
+        return explicit if Path(explicit).is_file() else None
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("nvidia.cuda_nvcc")
+    except (ImportError, ValueError):
+        return None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        ptxas = Path(location) / "bin" / "ptxas"
+        if ptxas.is_file():
+            if not os.access(ptxas, os.X_OK):
+                ptxas.chmod(ptxas.stat().st_mode | 0o111)  # some installers drop the exec bit
+            return str(ptxas)
+    return None
+
+
 def find_nvcc() -> str | None:
     """The nvcc to use: ``$GMORPH_TVM_NVCC``, else ``nvcc`` on PATH, else ``$CUDA_HOME/bin/nvcc``."""
     explicit = os.environ.get("GMORPH_TVM_NVCC")
@@ -108,11 +136,16 @@ def sm_number(arch: str) -> int:
 
 
 def check_arch_supported(arch: str) -> str:
-    """Fail early, with the fix, when nvcc is missing or cannot compile for ``arch``.
+    """Fail early, with the fix, when nvcc is missing or nothing here can compile for ``arch``.
 
     Returns the nvcc path. Shipping CUDA source instead would only move the failure to the
     device, where it needs a JIT compiler that a deployed C++ runtime does not have.
     """
+    return _device_toolchain(arch)[0]
+
+
+def _device_toolchain(arch: str) -> tuple[str, str | None]:
+    """(nvcc, None) when nvcc compiles ``arch`` itself; (nvcc, legacy ptxas) when it cannot."""
     sm = sm_number(arch)
     nvcc = find_nvcc()
     if nvcc is None:
@@ -121,15 +154,33 @@ def check_arch_supported(arch: str) -> str:
             "install the CUDA toolkit or point GMORPH_TVM_NVCC at an nvcc binary"
         )
     release, supported = _nvcc_info(nvcc)
-    if supported and sm not in supported:
-        board = f" ({_BOARDS[sm]})" if sm in _BOARDS else ""
-        last = _LAST_TOOLKIT.get(sm)
-        hint = f"the last CUDA release that does is {last}" if last else "use a CUDA release that supports it"
-        raise BuildError(
-            f"nvcc {release} ({nvcc}) does not support {arch}{board}; {hint}. Set GMORPH_TVM_NVCC to "
-            "such an nvcc (e.g. the board's JetPack nvcc) and build again"
-        )
-    return nvcc
+    if not supported or sm in supported:
+        return nvcc, None
+    ptxas = find_legacy_ptxas() if sm < min(supported) else None
+    if ptxas is not None:
+        return nvcc, ptxas
+    board = f" ({_BOARDS[sm]})" if sm in _BOARDS else ""
+    last = _LAST_TOOLKIT.get(sm)
+    hint = f"the last CUDA release that does is {last}" if last else "use a CUDA release that supports it"
+    legacy = (" or install the ptxas of CUDA 11.8 (pip install nvidia-cuda-nvcc-cu11) / set GMORPH_TVM_PTXAS"
+              if sm < min(supported) else "")
+    raise BuildError(
+        f"nvcc {release} ({nvcc}) does not support {arch}{board}; {hint}. Set GMORPH_TVM_NVCC to "
+        f"such an nvcc (e.g. the board's JetPack nvcc){legacy} and build again"
+    )
+
+
+def device_code_format(arch: str) -> str:
+    """What a build for ``arch`` embeds here: ``"fatbin"`` (nvcc) or ``"cubin"`` (PTX + legacy ptxas)."""
+    return "cubin" if _device_toolchain(arch)[1] else "fatbin"
+
+
+def compile_kernels(source: str, arch: str) -> bytes:
+    """Compile CUDA C ``source`` for ``arch``: a fatbin, or a cubin for archs nvcc dropped."""
+    nvcc, ptxas = _device_toolchain(arch)
+    if ptxas is not None:
+        return compile_cubin_via_ptx(source, arch, nvcc, ptxas)
+    return compile_fatbin(source, arch)
 
 
 def compile_fatbin(source: str, arch: str) -> bytes:
@@ -142,16 +193,49 @@ def compile_fatbin(source: str, arch: str) -> bytes:
         src.write_text(source)
         cmd = [nvcc, "--fatbin", *_NVCC_FLAGS, "-gencode", f"arch=compute_{sm},code=[sm_{sm},compute_{sm}]",
                "-o", str(out), str(src)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not out.is_file():
-            errors = [line for line in (proc.stderr + proc.stdout).splitlines() if "error" in line.lower()]
-            detail = errors[0].strip() if errors else (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            kernel = _kernel_at_error(source, detail)
-            raise BuildError(f"nvcc failed to compile the CUDA kernels for {arch}{kernel}: {detail}")
+        _run_compiler(cmd, out, source, f"nvcc failed to compile the CUDA kernels for {arch}")
         data = out.read_bytes()
     if not data or struct.unpack_from("<I", data, 0)[0] != FATBIN_MAGIC:
         raise BuildError(f"nvcc produced no fatbin for {arch}")
     return data
+
+
+def compile_cubin_via_ptx(source: str, arch: str, nvcc: str, ptxas: str) -> bytes:
+    """CUDA C -> PTX (nvcc, its lowest virtual arch) -> re-targeted to ``arch`` -> cubin (ptxas)."""
+    sm = sm_number(arch)
+    lowest = min(_nvcc_info(nvcc)[1])
+    with tempfile.TemporaryDirectory(prefix="gmorph_ptx_") as tmp:
+        src, ptx, cubin = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.ptx", Path(tmp) / "kernels.cubin"
+        src.write_text(source)
+        _run_compiler([nvcc, "--ptx", *_NVCC_FLAGS, f"-arch=compute_{lowest}", "-o", str(ptx), str(src)], ptx,
+                      source, f"nvcc failed to compile the CUDA kernels to PTX for {arch}")
+        text, count = re.subn(r"^\.target\s+sm_\d+\w*", f".target sm_{sm}", ptx.read_text(), count=1, flags=re.M)
+        if count != 1:
+            raise BuildError(f"nvcc's PTX for {arch} has no .target line")
+        cmd = [ptxas, "-O3", f"-arch=sm_{sm}", "-o", str(cubin), str(ptx)]
+        for _ in range(2):
+            ptx.write_text(text)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            # An older ptxas knows an older PTX ISA: it names its own, retry with that one.
+            known = re.search(r"Unsupported \.version [\d.]+; current version is '([\d.]+)'", proc.stderr)
+            if proc.returncode == 0 or not known:
+                break
+            text = re.sub(r"^\.version\s+[\d.]+", f".version {known.group(1)}", text, count=1, flags=re.M)
+        if proc.returncode != 0 or not cubin.is_file():
+            detail = next((line.strip() for line in proc.stderr.splitlines() if line.strip()), "no output")
+            raise BuildError(f"ptxas ({ptxas}) failed to assemble the kernels for {arch}: {detail}")
+        data = cubin.read_bytes()
+    if cubin_sm(data) != sm:
+        raise BuildError(f"ptxas produced no cubin for {arch}")
+    return data
+
+
+def _run_compiler(cmd: list[str], out: Path, source: str, what: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.is_file():
+        errors = [line for line in (proc.stderr + proc.stdout).splitlines() if "error" in line.lower()]
+        detail = errors[0].strip() if errors else (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BuildError(f"{what}{_kernel_at_error(source, detail)}: {detail}")
 
 
 def _kernel_at_error(source: str, detail: str) -> str:
@@ -261,7 +345,7 @@ def join_cuda_module(fmt: str, fmap: bytes, code: bytes) -> bytes:
 
 
 def patch_library_blob(blob: bytes, fatbins: dict[str, bytes]) -> tuple[bytes, int]:
-    """Replace every CUDA-source module in ``blob`` by its fatbin (looked up by source hash).
+    """Replace every CUDA-source module in ``blob`` by its fatbin or cubin (looked up by source hash).
 
     Returns the new blob and how many CUDA modules it holds. A CUDA module whose source has no
     fatbin is an error: exporting it would silently ship JIT-only code.
@@ -277,7 +361,8 @@ def patch_library_blob(blob: bytes, fatbins: dict[str, bytes]) -> tuple[bytes, i
             key = source_key(code.decode())
             if key not in fatbins:
                 raise BuildError("a CUDA module in this artifact has no compiled fatbin; rebuild it")
-            module.payload = join_cuda_module("fatbin", fmap, fatbins[key])
+            code = fatbins[key]
+            module.payload = join_cuda_module("cubin" if code[:4] == ELF_MAGIC else "fatbin", fmap, code)
         elif not (code[:4] == ELF_MAGIC or _u32(code, 0) == FATBIN_MAGIC):
             raise BuildError(f"a CUDA module in this artifact holds {fmt!r} code, not a cubin/fatbin")
     return serialize_library_blob(indptr, children, modules), cuda_modules

@@ -10,7 +10,7 @@ importing the original models. Schema (``format_version`` 1)::
      "inputs": [{"name", "shape", "dtype"}, ...],
      "tasks": [{"name", "inputs", "outputs", "source", "source_sha256"}, ...],
      "weights": {"count": N, "bytes": B},
-     "cuda": {"arch": "sm_87", "device_code": "fatbin"},      # CUDA targets only
+     "cuda": {"arch": "sm_87", "device_code": "fatbin" | "cubin"},  # CUDA targets only
      "created": "2025-01-01T00:00:00+00:00"}
 
 ``main`` returns one flat tuple: every task's outputs in task order.

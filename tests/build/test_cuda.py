@@ -129,16 +129,55 @@ def test_blob_without_fatbin_is_refused(cuda_artifact):
         cuda_code.patch_library_blob(blob, {})
 
 
-@pytest.mark.parametrize("preset,sm", [("jetson-nano", 53), ("jetson-xavier", 72)])
-def test_arch_unsupported_by_nvcc_is_a_clear_error(multimodel, preset, sm):
+needs_legacy_ptxas = pytest.mark.skipif(
+    cuda_code.find_legacy_ptxas() is None, reason="no ptxas for sm_53/sm_72 (pip install nvidia-cuda-nvcc-cu11)"
+)
+
+
+def _nvcc_drops(sm: int) -> None:
     release, supported = cuda_code._nvcc_info(cuda_code.find_nvcc())
     if sm in supported:
-        pytest.skip(f"nvcc {release} still supports sm_{sm}")
+        pytest.skip(f"nvcc {release} still supports sm_{sm}: no PTX route needed")
+
+
+@needs_legacy_ptxas
+@pytest.mark.parametrize("preset,sm", [("jetson-nano", 53), ("jetson-xavier", 72)])
+def test_jetson_arch_dropped_by_nvcc_gets_a_cubin(multimodel, preset, sm, tmp_path):
+    _nvcc_drops(sm)
+    artifact = build(multimodel, preset)
+    assert artifact.manifest["cuda"] == {"arch": f"sm_{sm}", "device_code": "cubin"}
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        path = artifact.export(tmp_path / f"{preset}.tar")
+    else:
+        path = artifact.export(tmp_path / f"{preset}.so")
+        assert _elf_machine_and_class(path) == (cuda_code.EM_AARCH64, 2)
+    # SASS for exactly this SM, no CUDA source and no PTX left to compile on the board.
+    assert describe_device_code(path) == {"sass": [f"sm_{sm}"], "ptx": []}
+    assert b"__global__" not in Path(path).read_bytes()
+
+
+_NANOSLEEP = 'extern "C" __global__ void k(float* a) { __nanosleep(100); a[threadIdx.x] += 1.0f; }\n'
+
+
+@needs_legacy_ptxas
+def test_ptx_route_refuses_instructions_the_arch_lacks():
+    _nvcc_drops(53)
+    # nanosleep exists from sm_70: ptxas must refuse it for sm_53 and accept it for sm_72.
+    with pytest.raises(BuildError, match=r"ptxas .* failed to assemble the kernels for sm_53: .*nanosleep"):
+        cuda_code.compile_kernels(_NANOSLEEP, "sm_53")
+    assert cuda_code.cubin_sm(cuda_code.compile_kernels(_NANOSLEEP, "sm_72")) == 72
+
+
+@pytest.mark.parametrize("preset,sm", [("jetson-nano", 53), ("jetson-xavier", 72)])
+def test_arch_unsupported_by_any_toolchain_is_a_clear_error(multimodel, preset, sm, monkeypatch, tmp_path):
+    _nvcc_drops(sm)
+    release = cuda_code._nvcc_info(cuda_code.find_nvcc())[0]
+    monkeypatch.setenv("GMORPH_TVM_PTXAS", str(tmp_path / "ptxas"))  # absent
     with pytest.raises(BuildError) as info:
         build(multimodel, preset)
     message = str(info.value)
     assert f"sm_{sm}" in message and f"nvcc {release}" in message and "12.x" in message
-    assert "GMORPH_TVM_NVCC" in message
+    assert "GMORPH_TVM_NVCC" in message and "nvidia-cuda-nvcc-cu11" in message
 
 
 def test_missing_nvcc_is_a_clear_error(multimodel, monkeypatch, tmp_path):
