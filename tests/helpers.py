@@ -37,3 +37,24 @@ class TinyCNN(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def randomize_batch_norm(bn: nn.Module, gen: torch.Generator) -> None:
+    """Seeded affine parameters and running statistics for one batch-norm layer, so that eval-mode
+    BN is a real affine map (the defaults, mean 0 / var 1 / weight 1 / bias 0, would hide folding bugs)."""
+    with torch.no_grad():
+        n = bn.num_features
+        bn.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+        bn.bias.copy_(torch.rand(n, generator=gen) - 0.5)
+        bn.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
+        bn.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+
+
+def randomize_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``randomize_batch_norm`` on every BatchNorm1d/2d of ``model``, in module order, from one
+    generator seeded with ``seed``; returns the model in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    for sub in model.modules():
+        if isinstance(sub, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            randomize_batch_norm(sub, gen)
+    return model.eval()

@@ -421,14 +421,18 @@ def _pairs_of_mask(mask: int) -> list[tuple[int, int]]:
     return list(zip(bits, bits[1:]))
 
 
-def _shape(expr) -> tuple | None:
-    ty = expr.ty
+def _static_shape(ty) -> tuple | None:
+    """The shape of a tensor type as ints, or None when it is not a tensor or not fully static."""
     if isinstance(ty, relax.TensorType) and ty.shape is not None:
         try:
             return tuple(int(d) for d in ty.shape.values)
         except (TypeError, ValueError, AttributeError):
             return None
     return None
+
+
+def _shape(expr) -> tuple | None:
+    return _static_shape(expr.ty)
 
 
 def _tensor_bytes(value: tvm.runtime.Tensor) -> int:
@@ -461,9 +465,4 @@ def _shape_of_call(call: relax.Call) -> tuple | None:
     ty = call.ty
     if isinstance(ty, relax.TupleType) and len(ty.fields):
         ty = ty.fields[0]
-    if isinstance(ty, relax.TensorType) and ty.shape is not None:
-        try:
-            return tuple(int(d) for d in ty.shape.values)
-        except (TypeError, ValueError, AttributeError):
-            return None
-    return None
+    return _static_shape(ty)

@@ -43,6 +43,19 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _torch_load(path: str, *, weights_only: bool, missing: str, unreadable: str):
+    """``torch.load(path)`` on the CPU; a missing or unreadable file raises SearchError with the
+    ``missing`` / ``unreadable`` message (the latter followed by the loader's own error)."""
+    import torch
+
+    if not Path(path).is_file():
+        raise SearchError(missing)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as err:
+        raise SearchError(f"{unreadable} ({type(err).__name__}: {err})") from None
+
+
 def _load_models(specs: list[str]):
     import torch
 
@@ -51,12 +64,12 @@ def _load_models(specs: list[str]):
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise SearchError(f"--model expects NAME=FILE, got {spec!r}")
-        if not Path(path).is_file():
-            raise SearchError(f"model {name!r}: file {path!r} does not exist")
-        try:
-            model = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise SearchError(f"model {name!r}: {path!r} is not a torch.save'd module ({type(err).__name__}: {err})") from None
+        # Whole pickled modules, so weights_only must be off: only load files you trust.
+        model = _torch_load(
+            path, weights_only=False,
+            missing=f"model {name!r}: file {path!r} does not exist",
+            unreadable=f"model {name!r}: {path!r} is not a torch.save'd module",
+        )  # fmt: skip
         if not isinstance(model, torch.nn.Module):
             raise SearchError(f"model {name!r}: {path!r} holds a {type(model).__name__}, not a torch.nn.Module")
         models[name] = model
@@ -64,16 +77,13 @@ def _load_models(specs: list[str]):
 
 
 def _load_data(path: str):
-    import torch
-
     from .data import MultiTaskData
 
-    if not Path(path).is_file():
-        raise SearchError(f"data file {path!r} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise SearchError(f"data file {path!r} is not readable by torch.load ({type(err).__name__}: {err})") from None
+    obj = _torch_load(
+        path, weights_only=True,
+        missing=f"data file {path!r} does not exist",
+        unreadable=f"data file {path!r} is not readable by torch.load",
+    )  # fmt: skip
     keys = ("train_x", "val_x", "test_x", "train_y", "val_y", "test_y")
     missing = [k for k in keys if k not in obj]
     if missing:

@@ -146,6 +146,17 @@ def _affinity(g: LayerGraph, cut: int, h: LayerGraph, host_cut: int) -> float:
     return shape * math.exp(-3.0 * abs(depth_a - depth_b))
 
 
+def _new_mutation(mutator: Mutator, base: FusionPlan, count: int, seen: set[str]) -> FusionPlan | None:
+    """``count`` random mutations of ``base`` (a mutation that finds nothing to do keeps the plan);
+    None when the result is the unfused plan or one already ``seen``."""
+    plan = base
+    for _ in range(count):
+        plan = mutator.mutate(plan) or plan
+    if plan.is_identity or plan.key() in seen:
+        return None
+    return plan
+
+
 class RandomSampler:
     """Baseline: 1-3 random mutations of the unfused plan, duplicates skipped."""
 
@@ -157,10 +168,8 @@ class RandomSampler:
 
     def propose(self, seen: set[str], tries: int = 200) -> FusionPlan | None:
         for _ in range(tries):
-            plan = FusionPlan()
-            for _ in range(int(self.rng.integers(1, 4))):
-                plan = self.mutator.mutate(plan) or plan
-            if not plan.is_identity and plan.key() not in seen:
+            plan = _new_mutation(self.mutator, FusionPlan(), int(self.rng.integers(1, 4)), seen)
+            if plan is not None:
                 return plan
         return None
 
@@ -208,10 +217,9 @@ class AnnealingSampler:
                 base = self.elite[int(self.rng.integers(len(self.elite)))][2]
             else:
                 base = self.current
-            plan = base
-            for _ in range(int(self.rng.integers(self.mutations[0], self.mutations[1] + 1))):
-                plan = self.mutator.mutate(plan) or plan
-            if not plan.is_identity and plan.key() not in seen:
+            count = int(self.rng.integers(self.mutations[0], self.mutations[1] + 1))
+            plan = _new_mutation(self.mutator, base, count, seen)
+            if plan is not None:
                 return plan
         return None
 

@@ -22,21 +22,6 @@ from gmorph_tvm.errors import BuildError, TargetError
 
 
 @pytest.fixture(scope="module")
-def models():
-    return {"shape": TinyCNN(4, 0).eval(), "color": TinyCNN(3, 1).eval()}
-
-
-@pytest.fixture(scope="module")
-def x():
-    return torch.from_numpy(np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype("float32"))
-
-
-@pytest.fixture(scope="module")
-def multimodel(models, x):
-    return gmorph_tvm.import_models(models, example_inputs=x)
-
-
-@pytest.fixture(scope="module")
 def artifact(multimodel) -> Artifact:
     return build(multimodel, "llvm")
 

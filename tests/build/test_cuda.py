@@ -20,28 +20,12 @@ import pytest
 import torch
 
 import gmorph_tvm
-from helpers import TinyCNN
 from gmorph_tvm.build import build, describe_device_code, manifest_path_for
 from gmorph_tvm.build import cuda as cuda_code
 from gmorph_tvm.errors import BuildError
 
 needs_nvcc = pytest.mark.skipif(cuda_code.find_nvcc() is None, reason="nvcc (CUDA toolkit) not installed")
 pytestmark = needs_nvcc
-
-
-@pytest.fixture(scope="module")
-def models():
-    return {"a": TinyCNN(4, 0).eval(), "b": TinyCNN(3, 1).eval()}
-
-
-@pytest.fixture(scope="module")
-def x():
-    return torch.from_numpy(np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype("float32"))
-
-
-@pytest.fixture(scope="module")
-def multimodel(models, x):
-    return gmorph_tvm.import_models(models, example_inputs=x)
 
 
 @pytest.fixture(scope="module")

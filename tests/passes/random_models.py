@@ -43,19 +43,12 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
+from helpers import randomize_batch_norm
+
 PATTERNS = ("prefix", "identical", "same_arch", "swapped_inputs", "mixed")
 
 
 # ---- building blocks ----------------------------------------------------------------------------
-
-
-def _randomize_bn(bn: nn.Module, gen: torch.Generator) -> None:
-    with torch.no_grad():
-        n = bn.num_features
-        bn.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-        bn.bias.copy_(torch.rand(n, generator=gen) - 0.5)
-        bn.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
-        bn.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
 
 
 def _init(module: nn.Module, gen: torch.Generator) -> nn.Module:
@@ -69,7 +62,7 @@ def _init(module: nn.Module, gen: torch.Generator) -> nn.Module:
                 if sub.bias is not None:
                     sub.bias.copy_((torch.rand(sub.bias.shape, generator=gen) * 2 - 1) * bound)
             elif isinstance(sub, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                _randomize_bn(sub, gen)
+                randomize_batch_norm(sub, gen)
     return module.eval()
 
 

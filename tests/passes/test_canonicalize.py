@@ -19,6 +19,7 @@ from gmorph_tvm.frontend import params_of
 from gmorph_tvm.passes import CanonicalizeOps
 from gmorph_tvm.passes._util import count_ops, provenance_of, weight_params
 
+from helpers import randomize_batch_norms
 from passes.random_models import assert_close, run_module
 
 F32 = "float32"
@@ -175,23 +176,10 @@ class ConvBN(nn.Module):
         return self.bn3(z) + z  # the conv output is used twice: folding would duplicate the conv
 
 
-def _randomized(model: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for sub in model.modules():
-            if isinstance(sub, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                n = sub.num_features
-                sub.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                sub.bias.copy_(torch.rand(n, generator=gen) - 0.5)
-                sub.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
-                sub.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def conv_bn():
     torch.manual_seed(0)
-    model = _randomized(ConvBN())
+    model = randomize_batch_norms(ConvBN())
     x = torch.randn(1, 3, 8, 8)
     return model, x, import_models({"a": model}, x)
 
@@ -247,10 +235,10 @@ def test_batch_norm_folds_with_bound_constants(conv_bn):
 def test_fold_is_skipped_where_it_would_break_sharing():
     """A frozen conv with fine-tuned BN stats: folding would make the conv weights differ."""
     torch.manual_seed(1)
-    a = _randomized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), seed=1)
-    b = _randomized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), seed=2)
+    a = randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), seed=1)
+    b = randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), seed=2)
     b[0].load_state_dict(a[0].state_dict())  # same conv, different BN statistics
-    c = _randomized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), seed=3)
+    c = randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), seed=3)
     c.load_state_dict(a.state_dict())  # c is an exact copy of a
     x = torch.randn(1, 3, 6, 6)
     mm = import_models({"a": a, "b": b, "c": c}, x)
@@ -291,7 +279,7 @@ def test_training_batch_norm_and_non_dataflow_output():
 
 def test_conv1d_batch_norm_folds():
     torch.manual_seed(2)
-    model = _randomized(nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.BatchNorm1d(3), nn.ReLU()), seed=4)
+    model = randomize_batch_norms(nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.BatchNorm1d(3), nn.ReLU()), seed=4)
     x = torch.randn(1, 2, 7)
     mm = import_models({"s": model}, x)
     canon = CanonicalizeOps()(mm.mod)

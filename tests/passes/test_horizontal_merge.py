@@ -22,6 +22,7 @@ from gmorph_tvm.passes.horizontal_merge import HorizontalMerge, horizontal_merge
 from gmorph_tvm.passes.stitch_shared_weights import stitch
 from gmorph_tvm.passes._util import PROVENANCE_ATTR, count_ops, provenance_of
 
+from helpers import randomize_batch_norm
 from passes.random_models import assert_close, multi_model_cases, run_module
 
 CONV, MATMUL, SPLIT, CONCAT = "relax.nn.conv2d", "relax.matmul", "relax.split", "relax.concat"
@@ -37,11 +38,7 @@ def _init(model: nn.Module, seed: int) -> nn.Module:
                 if sub.bias is not None:
                     sub.bias.copy_(torch.rand(sub.bias.shape, generator=gen) - 0.5)
             elif isinstance(sub, nn.BatchNorm2d):
-                n = sub.num_features
-                sub.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                sub.bias.copy_(torch.rand(n, generator=gen) - 0.5)
-                sub.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
-                sub.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                randomize_batch_norm(sub, gen)
     return model.eval()
 
 

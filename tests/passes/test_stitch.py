@@ -22,20 +22,8 @@ from gmorph_tvm.frontend import params_of
 from gmorph_tvm.passes import CanonicalizeOps, StitchSharedWeights, stitch
 from gmorph_tvm.passes._util import PROVENANCE_ATTR, count_ops, count_weights, provenance_of, weight_bytes
 
+from helpers import randomize_batch_norms
 from passes.random_models import assert_close, run_module
-
-
-def _randomize_bn(model: nn.Module, seed: int) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for sub in model.modules():
-            if isinstance(sub, nn.BatchNorm2d):
-                n = sub.num_features
-                sub.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                sub.bias.copy_(torch.rand(n, generator=gen) - 0.5)
-                sub.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
-                sub.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-    return model.eval()
 
 
 class PrefixNet(nn.Module):
@@ -80,8 +68,8 @@ def _state_bytes(module: nn.Module) -> int:
 @pytest.fixture(scope="module")
 def prefix_pair():
     torch.manual_seed(0)
-    a = _randomize_bn(PrefixNet(4), 0)
-    b = _randomize_bn(PrefixNet(3), 1)
+    a = randomize_batch_norms(PrefixNet(4), 0)
+    b = randomize_batch_norms(PrefixNet(3), 1)
     b.backbone.load_state_dict(a.backbone.state_dict())  # bit-identical frozen backbone
     x = torch.randn(1, 3, 8, 8)
     return a, b, x, import_models({"a": a, "b": b}, x)
@@ -90,7 +78,7 @@ def prefix_pair():
 @pytest.fixture(scope="module")
 def dag_models():
     torch.manual_seed(1)
-    net = _randomize_bn(DagNet(), 2)
+    net = randomize_batch_norms(DagNet(), 2)
     x, y = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8)
     return net, x, y
 
@@ -205,7 +193,7 @@ def test_dag_copies_share_everything_and_swapped_inputs_share_nothing(dag_models
 
 def test_same_architecture_different_weights_stitches_nothing():
     torch.manual_seed(3)
-    a, b = _randomize_bn(PrefixNet(4), 3), _randomize_bn(PrefixNet(4), 4)
+    a, b = randomize_batch_norms(PrefixNet(4), 3), randomize_batch_norms(PrefixNet(4), 4)
     x = torch.randn(1, 3, 8, 8)
     mm = import_models({"a": a, "b": b}, x)
     fused = stitch(mm)
