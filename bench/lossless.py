@@ -96,15 +96,20 @@ import psutil
 kind, path, inputs_path, runs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 import numpy as np
 inputs = dict(np.load(inputs_path))
-base = psutil.Process().memory_info().rss
+# Import the runtime before the baseline: count what the models add, not the libraries.
 if kind == "tvm":
     from gmorph_tvm.runtime import load
+elif kind == "torch":
+    import torch
+else:
+    import onnxruntime as ort
+base = psutil.Process().memory_info().rss
+if kind == "tvm":
     runners = [load(p) for p in json.loads(path)]
     for _ in range(runs):
         for r in runners:
             r({k: v for k, v in inputs.items() if k in {s["name"] for s in r.manifest["inputs"]}})
 elif kind == "torch":
-    import torch
     models = torch.load(path, weights_only=False)
     args = tuple(torch.from_numpy(inputs[k]) for k in sorted(inputs, key=lambda k: int(k.split("_")[0])))
     with torch.inference_mode():
@@ -112,12 +117,17 @@ elif kind == "torch":
             for m in models.values():
                 m(*args)
 elif kind == "ort":
-    import onnxruntime as ort
     sessions = [ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for p in json.loads(path)]
     for _ in range(runs):
         for s in sessions:
             s.run(None, {i.name: inputs[i.name] for i in s.get_inputs()})
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM: the peak of THIS process image. ru_maxrss would not do: Linux carries the parent's peak
+# across fork+exec into it, so every probe would report at least the (large) benchmark process.
+try:
+    status = open("/proc/self/status").read()
+    peak = int(status.split("VmHWM:")[1].split()[0]) * 1024
+except (OSError, IndexError):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"peak_mb": (peak - base) / 1e6}))
 """
 
@@ -268,13 +278,20 @@ def main(argv=None) -> int:
     parser.add_argument("--trials", type=int, default=64, help="MetaSchedule trials per module (0: untuned)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     parser.add_argument("--out", help="also append the tables to this markdown file")
+    parser.add_argument("--work-dir", help="keep artifacts and tuning records here (per set and batch), so "
+                        "a re-run reuses the tuning; default: a temporary directory")
     args = parser.parse_args(argv)
     command = "python bench/lossless.py " + " ".join(sys.argv[1:] if argv is None else argv)
     tables = []
     for set_name in args.sets.split(","):
         for batch in (int(b) for b in args.batch.split(",")):
-            with tempfile.TemporaryDirectory(prefix=f"lossless_{set_name}{batch}_") as tmp:
-                rows, info = bench_one(set_name, batch, args.models, args.trials, Path(tmp), not args.no_memory)
+            if args.work_dir:  # kept: a re-run reuses the tuning records
+                work = Path(args.work_dir) / f"{set_name}{batch}"
+                work.mkdir(parents=True, exist_ok=True)
+                rows, info = bench_one(set_name, batch, args.models, args.trials, work, not args.no_memory)
+            else:
+                with tempfile.TemporaryDirectory(prefix=f"lossless_{set_name}{batch}_") as tmp:
+                    rows, info = bench_one(set_name, batch, args.models, args.trials, Path(tmp), not args.no_memory)
             table = render(set_name, batch, rows, info)
             print(table + "\n", flush=True)
             tables.append(table)

@@ -143,6 +143,10 @@ def main(argv=None) -> int:
     if len(runs) == 2:
         with_f, without = (runs[k][0].report["counts"]["fine_tuned"] for k in ("with filter", "without filter"))
         out.append(f"\nFine-tunes saved by the filter: {1 - with_f / max(1, without):.0%} ({with_f} vs {without}).")
+        plans = [runs[k][0].plan.key() for k in ("with filter", "without filter")]
+        # Latencies of one plan measured in two searches differ by timing noise only; the plan is what counts.
+        out.append("Both searches chose the same plan." if plans[0] == plans[1] else
+                   f"The searches chose different plans: `{plans[0]}` with the filter, `{plans[1]}` without.")
     text = "\n".join(out)
     print(text)
     (work / "results.md").write_text(text + "\n")
