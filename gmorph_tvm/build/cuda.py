@@ -94,7 +94,10 @@ def find_legacy_ptxas() -> str | None:
         ptxas = Path(location) / "bin" / "ptxas"
         if ptxas.is_file():
             if not os.access(ptxas, os.X_OK):
-                ptxas.chmod(ptxas.stat().st_mode | 0o111)  # some installers drop the exec bit
+                try:
+                    ptxas.chmod(ptxas.stat().st_mode | 0o111)  # some installers drop the exec bit
+                except OSError:
+                    continue
             return str(ptxas)
     return None
 
