@@ -364,8 +364,8 @@ def patch_library_blob(blob: bytes, fatbins: dict[str, bytes]) -> tuple[bytes, i
             key = source_key(code.decode())
             if key not in fatbins:
                 raise BuildError("a CUDA module in this artifact has no compiled fatbin; rebuild it")
-            code = fatbins[key]
-            module.payload = join_cuda_module("cubin" if code[:4] == ELF_MAGIC else "fatbin", fmap, code)
+            compiled = fatbins[key]
+            module.payload = join_cuda_module("cubin" if compiled[:4] == ELF_MAGIC else "fatbin", fmap, compiled)
         elif not (code[:4] == ELF_MAGIC or _u32(code, 0) == FATBIN_MAGIC):
             raise BuildError(f"a CUDA module in this artifact holds {fmt!r} code, not a cubin/fatbin")
     return serialize_library_blob(indptr, children, modules), cuda_modules
