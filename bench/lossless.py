@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from gmorph_tvm import import_models  # noqa: E402
 from gmorph_tvm.benchmark import Row, time_onnxruntime, time_torch_eager, torch_weight_bytes  # noqa: E402
-from gmorph_tvm.build import build, resolve_target  # noqa: E402
+from gmorph_tvm.artifact import build, resolve_target  # noqa: E402
 from gmorph_tvm.pipeline import fuse_lossless  # noqa: E402
 from gmorph_tvm.runtime import load  # noqa: E402
 

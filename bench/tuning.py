@@ -55,7 +55,7 @@ from tvm import relax  # noqa: E402
 
 from gmorph_tvm import import_models  # noqa: E402
 from gmorph_tvm.benchmark import time_callable  # noqa: E402
-from gmorph_tvm.build.targets import resolve_target, target_dict  # noqa: E402
+from gmorph_tvm.core.targets import resolve_target, target_dict  # noqa: E402
 from gmorph_tvm.tuning import lower, tune  # noqa: E402
 
 

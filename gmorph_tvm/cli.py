@@ -84,7 +84,7 @@ def _progress(msg: str) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from .build import build, resolve_target
+    from .artifact import build, resolve_target
     from .frontend import import_models
     from .pipeline import fuse_lossless
 
@@ -139,7 +139,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .build import read_manifest
+    from .artifact import read_manifest
 
     manifest = read_manifest(args.artifact)
     if args.json:
@@ -182,7 +182,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from .search.cli import run_search_cli
+    from .lossy.cli import run_search_cli
 
     return run_search_cli(args)
 
@@ -241,7 +241,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     try:
-        from .search.cli import add_search_arguments
+        from .lossy.cli import add_search_arguments
     except ImportError:  # the search stage is optional at import time
         add_search_arguments = None
     if add_search_arguments is not None:

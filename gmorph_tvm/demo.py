@@ -14,6 +14,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from .frontend import import_models
+from .benchmark import Row, format_table, time_torch_eager, torch_weight_bytes
+from .artifact import build, resolve_target
+from .data import fashion_mnist
+from .pipeline import fuse_lossless
+from .runtime import load
+from .zoo import pretrained
+from .tuning import tune
 
 
 def _say(msg: str) -> None:
@@ -23,13 +31,6 @@ def _say(msg: str) -> None:
 def run_demo(out_dir: str | Path = "out/demo", tune_trials: int = 64, batch: int = 1, num_tasks: int = 4) -> int:
     import torch
 
-    from . import import_models
-    from .benchmark import Row, format_table, time_torch_eager, torch_weight_bytes
-    from .build import build, resolve_target
-    from .data import fashion_mnist
-    from .pipeline import fuse_lossless
-    from .runtime import load
-    from .zoo import pretrained
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -46,8 +47,6 @@ def run_demo(out_dir: str | Path = "out/demo", tune_trials: int = 64, batch: int
 
     db = out / "tuning"
     if tune_trials > 0:
-        from .tuning import tune
-
         _say(f"tuning the separate and the fused kernels ({tune_trials} trials each; database {db})")
         tune(mm.bound_module(), target, trials=tune_trials, work_dir=db)
         tune(fused.bound_module(), target, trials=tune_trials, work_dir=db)

@@ -20,6 +20,10 @@ class InputSpecError(GmorphError):
     """Model inputs disagree with each other or with what the user supplied."""
 
 
+class FusionError(GmorphError):
+    """A fusion pass was given something it cannot fuse, or bad options."""
+
+
 class BuildError(GmorphError):
     """Compiling or exporting an artifact failed."""
 
@@ -42,3 +46,18 @@ class TuningError(GmorphError):
 
 class SearchError(GmorphError):
     """The accuracy-aware fusion search was given bad data or options."""
+
+
+def one_line(err: BaseException, limit: int = 400) -> str:
+    """The informative line of an error (TVM's: its message without C++/Python trace lines).
+
+    The one helper that turns a cause into the single line our errors and the CLI print.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("File ", "Traceback", "at ", "0x"))]
+    text = lines[-1] if lines else type(err).__name__
+    for line in lines:  # TVM puts the check that failed on a line of its own; prefer it
+        if "Check failed" in line or "Error:" in line or "error:" in line:
+            text = line
+            break
+    return text if len(text) <= limit else text[: limit - 3] + "..."

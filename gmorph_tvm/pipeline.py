@@ -8,19 +8,20 @@ Lossless fusion of a :class:`~gmorph_tvm.frontend.MultiModel`:
 
 With many models, :func:`fuse_grouped` first partitions the tasks (``group_tasks``: tasks that
 share weights stay together, groups bounded in size / FLOPs / weight bytes, or chosen by
-measurement) and fuses each group on its own, one module per group.
+measurement, with :mod:`gmorph_tvm.grouping`) and fuses each group on its own, one module per group.
 
 Every step keeps the outputs equal to the separate models' (float32 rounding). Lowering to a
 target (legalisation, tuning database, weight pre-packing, codegen) happens in
-:mod:`gmorph_tvm.tuning` and :mod:`gmorph_tvm.build`, after this.
+:mod:`gmorph_tvm.tuning` and :mod:`gmorph_tvm.artifact`, after this.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal, overload
 
 import tvm
 
+from .errors import FusionError
 from .frontend.multimodel import MultiModel
 from .passes import CanonicalizeOps, HorizontalMerge, StitchSharedWeights
 from .passes.group_models import group_tasks, split_into_groups
@@ -38,10 +39,27 @@ def lossless_passes(*, stitch: bool = True, merge: MergeMode = "auto", target=No
     return tvm.transform.Sequential(passes, name="GmorphLosslessFusion")
 
 
-def fuse_lossless(mm: MultiModel, *, stitch: bool = True, merge: MergeMode = "auto", target=None) -> MultiModel:
-    """``mm`` fused by :func:`lossless_passes`; every surviving (shared or merged) weight still
-    lists the original (task, parameter) pairs it stands for."""
-    return mm.apply(lossless_passes(stitch=stitch, merge=merge, target=target))
+@overload
+def fuse_lossless(model: MultiModel, *, stitch: bool = ..., merge: MergeMode = ..., target=...) -> MultiModel: ...
+@overload
+def fuse_lossless(model: tvm.IRModule, *, stitch: bool = ..., merge: MergeMode = ..., target=...) -> tvm.IRModule: ...
+
+
+def fuse_lossless(model, *, stitch: bool = True, merge: MergeMode = "auto", target=None):
+    """``model`` fused by :func:`lossless_passes` (public as :func:`gmorph_tvm.fuse`).
+
+    A :class:`MultiModel` (what :func:`gmorph_tvm.import_models` returns) comes back as a MultiModel
+    whose every surviving (shared or merged) weight still lists the original (task, parameter)
+    pairs it stands for; a plain IRModule (e.g. from TVM's own ``from_onnx``) comes back as an
+    IRModule. ``merge``: ``"auto"`` (cost rule), ``"always"`` or ``"never"``; ``target`` informs the
+    cost rule.
+    """
+    passes = lossless_passes(stitch=stitch, merge=merge, target=target)
+    if isinstance(model, MultiModel):
+        return model.apply(passes)
+    if isinstance(model, tvm.IRModule):
+        return passes(model)
+    raise FusionError(f"fuse() takes a MultiModel or a tvm.IRModule, not {type(model).__name__}")
 
 
 def fuse_grouped(
@@ -49,13 +67,17 @@ def fuse_grouped(
     *,
     max_group_size: int | None = None,
     groups: list[list[str]] | None = None,
-    measure: bool = False,
+    latency: Callable[[MultiModel], float] | None = None,
     merge: MergeMode = "auto",
     target=None,
 ) -> list[MultiModel]:
     """Partition ``mm``'s tasks into groups and fuse each group losslessly on its own.
 
-    ``groups`` overrides the rule; ``measure=True`` times candidate group sizes on ``target``.
+    ``groups`` overrides the rule; ``latency`` (e.g. :func:`gmorph_tvm.grouping.measured_latency`)
+    times candidate group sizes instead.
     """
-    chosen = group_tasks(mm, max_group_size, groups=groups, measure=measure, target=target)
+    chosen = group_tasks(mm, max_group_size, groups=groups, latency=latency)
     return [fuse_lossless(part, merge=merge, target=target) for part in split_into_groups(mm, chosen)]
+
+
+fuse = fuse_lossless

@@ -10,7 +10,7 @@ from torch import nn
 def run_relax(mod, inputs, target=None):
     """Compile ``mod`` (weights bound) with TVM's default CPU pipeline and run ``main``.
 
-    A reference runner independent of gmorph_tvm.build, so frontend and pass tests do not depend
+    A reference runner independent of gmorph_tvm.artifact, so frontend and pass tests do not depend
     on later stages. Returns a list of numpy arrays (main's tuple flattened).
     """
     import tvm

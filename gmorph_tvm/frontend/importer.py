@@ -25,7 +25,8 @@ import tvm
 from tvm import relax
 
 from ..errors import InputSpecError, ModelImportError
-from .multimodel import PROVENANCE_ATTR, MultiModel, TaskInfo, TensorSpec, encode_provenance_attr, with_weight_params
+from ..core.provenance import PROVENANCE_ATTR, encode_provenance
+from .multimodel import MultiModel, TaskInfo, TensorSpec, with_weight_params
 
 ModelLike = Union["torch.nn.Module", str, os.PathLike, "onnx.ModelProto"]  # noqa: F821
 ExampleInputs = Union[Any, Sequence[Any], Mapping[str, Any]]
@@ -460,7 +461,7 @@ def _merge(tasks: list[_ImportedTask]) -> MultiModel:
     weights = [(name, orig, value, t.name) for t in tasks for name, orig, value in t.weights]
     main = with_weight_params(mod["main"], len(input_vars), [w[2] for w in weights])
     # Provenance travels with the IR so that any pass (or user Sequential) can keep it current.
-    main = main.with_attr(PROVENANCE_ATTR, encode_provenance_attr({name: [(task, orig)] for name, orig, _, task in weights}))
+    main = main.with_attr(PROVENANCE_ATTR, encode_provenance({name: [(task, orig)] for name, orig, _, task in weights}))
     mod["main"] = main
     mod = relax.transform.InlinePrivateFunctions()(mod)
     mod = relax.transform.CanonicalizeBindings()(mod)

@@ -16,59 +16,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..errors import RuntimeInputError
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Name, static shape and dtype of one input or output tensor."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @staticmethod
-    def from_json(obj: Mapping) -> "TensorSpec":
-        return TensorSpec(str(obj["name"]), tuple(int(d) for d in obj["shape"]), str(obj["dtype"]))
-
-    def describe(self) -> str:
-        return f"{self.name}: {self.dtype}[{', '.join(map(str, self.shape))}]"
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """One task (one original model) of a MultiModel."""
-
-    name: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    source: str  # "torch" or "onnx"
-    source_hash: str  # sha256 of the model's weights (torch) or serialized file (onnx)
-
-    def to_json(self) -> dict:
-        return {
-            "name": self.name,
-            "inputs": [s.to_json() for s in self.inputs],
-            "outputs": [s.to_json() for s in self.outputs],
-            "source": self.source,
-            "source_sha256": self.source_hash,
-        }
-
-    @staticmethod
-    def from_json(obj: Mapping) -> "TaskInfo":
-        return TaskInfo(
-            name=str(obj["name"]),
-            inputs=tuple(TensorSpec.from_json(s) for s in obj["inputs"]),
-            outputs=tuple(TensorSpec.from_json(s) for s in obj["outputs"]),
-            source=str(obj["source"]),
-            source_hash=str(obj["source_sha256"]),
-        )
-
-
-Provenance = dict[str, list[tuple[str, str]]]
+from ..core.provenance import PROVENANCE_ATTR, Provenance, encode_provenance, params_of, read_provenance_attr
+from ..core.specs import TaskInfo, TensorSpec, check_inputs
 
 
 @dataclass
@@ -120,7 +69,7 @@ class MultiModel:
         if params is None:
             params = params_of(mod)
         if provenance is None:
-            provenance = _provenance_attr(mod) or {name: list(self.provenance.get(name, [])) for name in params}
+            provenance = read_provenance_attr(mod) or {name: list(self.provenance.get(name, [])) for name in params}
         return MultiModel(mod, dict(params), list(self.inputs), list(self.tasks), dict(provenance))
 
     def apply(self, transform: "tvm.transform.Pass") -> "MultiModel":
@@ -134,7 +83,7 @@ class MultiModel:
         names = set(params_of(mod))
         prov = {n: e for n, e in self.provenance.items() if n in names}
         if prov:
-            mod["main"] = main.with_attr(PROVENANCE_ATTR, encode_provenance_attr(prov))
+            mod["main"] = main.with_attr(PROVENANCE_ATTR, encode_provenance(prov))
         return self.with_module(transform(mod))
 
     def bound_module(self) -> tvm.IRModule:
@@ -144,34 +93,6 @@ class MultiModel:
     def input_arrays(self, values: Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
         """Check inputs against the specs (name, shape, dtype) and return them in ``main`` order."""
         return check_inputs(self.inputs, values)
-
-
-PROVENANCE_ATTR = "gmorph.provenance"
-
-
-def _provenance_attr(mod: tvm.IRModule, func_name: str = "main") -> Provenance:
-    """Provenance recorded by the passes in attrs ``gmorph.provenance`` ("task/orig" strings)."""
-    attrs = mod[func_name].attrs or {}
-    if PROVENANCE_ATTR not in attrs:
-        return {}
-    return {
-        str(name): [tuple(str(e).split("/", 1)) for e in entries]  # type: ignore[misc]
-        for name, entries in attrs[PROVENANCE_ATTR].items()
-    }
-
-
-def encode_provenance_attr(prov: Provenance) -> dict[str, list[str]]:
-    return {name: [f"{task}/{orig}" for task, orig in entries] for name, entries in prov.items()}
-
-
-def params_of(mod: tvm.IRModule, func_name: str = "main") -> dict[str, tvm.runtime.Tensor]:
-    """Weight name -> value for the weight parameters of ``func_name`` (attrs ``params``)."""
-    func = mod[func_name]
-    attrs = func.attrs or {}
-    if "num_input" not in attrs or "params" not in attrs:
-        return {}
-    num_input = int(attrs["num_input"])
-    return {p.name: v for p, v in zip(list(func.params)[num_input:], attrs["params"])}
 
 
 def bind_weights(mod: tvm.IRModule, func_name: str = "main") -> tvm.IRModule:
@@ -195,38 +116,3 @@ def with_weight_params(
 ) -> relax.Function:
     """Re-attach ``num_input``/``params`` attrs to a function whose tail params are weights."""
     return func.with_attr("num_input", num_input).with_attr("params", list(weights))
-
-
-def check_inputs(
-    specs: Sequence[TensorSpec], values: Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray
-) -> list[np.ndarray]:
-    """Validate run-time inputs against ``specs``; error messages name the input and the mismatch."""
-    if isinstance(values, np.ndarray) or hasattr(values, "__array__") and not isinstance(values, (list, tuple, Mapping)):
-        values = [values]
-    if isinstance(values, Mapping):
-        unknown = sorted(set(values) - {s.name for s in specs})
-        if unknown:
-            raise RuntimeInputError(
-                f"unknown input {unknown[0]!r}; expected {', '.join(s.describe() for s in specs)}"
-            )
-        missing = [s.name for s in specs if s.name not in values]
-        if missing:
-            raise RuntimeInputError(f"missing input {missing[0]!r}; expected {', '.join(s.describe() for s in specs)}")
-        ordered = [values[s.name] for s in specs]
-    else:
-        ordered = list(values)
-        if len(ordered) != len(specs):
-            raise RuntimeInputError(
-                f"expected {len(specs)} input(s) ({', '.join(s.describe() for s in specs)}), got {len(ordered)}"
-            )
-    arrays = []
-    for spec, value in zip(specs, ordered):
-        arr = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
-        if tuple(arr.shape) != spec.shape:
-            raise RuntimeInputError(
-                f"input {spec.name!r}: expected shape {list(spec.shape)}, given {list(arr.shape)}"
-            )
-        if str(arr.dtype) != spec.dtype:
-            raise RuntimeInputError(f"input {spec.name!r}: expected dtype {spec.dtype}, given {arr.dtype}")
-        arrays.append(np.ascontiguousarray(arr))
-    return arrays

@@ -14,13 +14,12 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..build import cuda as cuda_code
-from ..build._stderr import quiet_tvm_warnings
-from ..build.manifest import input_specs, library_path_for, manifest_path_for, read_manifest, task_infos
-from ..errors import ArtifactError
-from ..frontend import check_inputs
-
-InputsLike = Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray
+from ..artifact import cuda as cuda_code
+from ..core.tvm_log import quiet_tvm_warnings
+from ..core.manifest import input_specs, library_path_for, manifest_path_for, read_manifest, task_infos
+from ..errors import ArtifactError, one_line
+from ..core.specs import check_inputs
+from ..core.vm import InputsLike, device_for, execute, split_outputs  # noqa: F401 (re-exported)
 
 _MACHINE_ELF = {"x86_64": cuda_code.EM_X86_64, "AMD64": cuda_code.EM_X86_64,
                 "aarch64": cuda_code.EM_AARCH64, "arm64": cuda_code.EM_AARCH64}
@@ -91,28 +90,8 @@ def load(path: str | Path, device: str = "cpu") -> Runner:
             module = tvm.runtime.load_module(str(library))
         vm = relax.VirtualMachine(module, dev)
     except Exception as err:  # noqa: BLE001 - TVM raises its own error types
-        from ..build.builder import first_line
-
-        raise ArtifactError(f"cannot load {library}: {first_line(err)}") from None
+        raise ArtifactError(f"cannot load {library}: {one_line(err)}") from err
     return Runner(library, manifest, vm, dev)
-
-
-def device_for(manifest: Mapping[str, Any], device: str, what: str) -> tvm.runtime.Device:
-    """The TVM device to run ``manifest``'s artifact on, checking it matches how it was built."""
-    kind, _, index_text = str(device).partition(":")
-    kind = {"gpu": "cuda", "llvm": "cpu"}.get(kind, kind)
-    if kind not in ("cpu", "cuda"):
-        raise ArtifactError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
-    if kind != manifest["device"]:
-        raise ArtifactError(
-            f"{what} was built for {manifest['device']} (target {manifest['target'].get('kind')}), "
-            f"so it cannot run on device {device!r}; load it with device={manifest['device']!r} or rebuild"
-        )
-    index = int(index_text) if index_text.isdigit() else 0
-    dev = tvm.cpu(index) if kind == "cpu" else tvm.cuda(index)
-    if kind == "cuda" and not dev.exist:
-        raise ArtifactError(f"{what} needs a CUDA GPU, but no CUDA device {index} is available here")
-    return dev
 
 
 def _check_host_arch(library: Path, manifest: Mapping[str, Any]) -> None:
@@ -130,30 +109,6 @@ def _check_host_arch(library: Path, manifest: Mapping[str, Any]) -> None:
         raise ArtifactError(
             f"{library} was built for a {built_for} host but this machine is {machine}; run it on that device"
         )
-
-
-def execute(vm: relax.VirtualMachine, manifest: Mapping[str, Any], inputs: InputsLike, *, what: str,
-            device: tvm.runtime.Device | None = None) -> dict[str, np.ndarray | list[np.ndarray]]:
-    """Check ``inputs`` against the manifest, run ``main`` and split its outputs by task."""
-    arrays = check_inputs(input_specs(manifest), inputs)
-    dev = device if device is not None else (tvm.cpu() if manifest["device"] == "cpu" else tvm.cuda())
-    result = vm["main"](*[tvm.runtime.tensor(a, dev) for a in arrays])
-    return split_outputs(manifest, result, what)
-
-
-def split_outputs(manifest: Mapping[str, Any], result: Any, what: str = "artifact") -> dict[str, np.ndarray | list[np.ndarray]]:
-    flat = [result] if hasattr(result, "numpy") else list(result)
-    tasks = task_infos(manifest)
-    expected = sum(len(t.outputs) for t in tasks)
-    if len(flat) != expected:
-        raise ArtifactError(f"{what} returned {len(flat)} outputs but its manifest lists {expected}")
-    out: dict[str, np.ndarray | list[np.ndarray]] = {}
-    index = 0
-    for task in tasks:
-        arrays = [flat[index + i].numpy() for i in range(len(task.outputs))]
-        index += len(task.outputs)
-        out[task.name] = arrays[0] if len(arrays) == 1 else arrays
-    return out
 
 
 def random_inputs(manifest: Mapping[str, Any], seed: int = 0) -> list[np.ndarray]:

@@ -36,10 +36,10 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..build.manifest import input_specs, library_path_for, manifest_path_for, read_manifest
-from ..errors import ArtifactError, GmorphError
-from ..frontend import check_inputs
-from .loader import InputsLike, random_inputs, split_outputs, time_main
+from ..core.manifest import input_specs, library_path_for, manifest_path_for, read_manifest
+from ..errors import ArtifactError, GmorphError, one_line
+from ..core.specs import check_inputs
+from .loader import InputsLike, load, random_inputs, split_outputs, time_main
 
 Address = tuple[str, int]
 
@@ -136,8 +136,6 @@ def local_benchmark(
     min_repeat_ms: int = 0,
 ) -> list[dict[str, Any]]:
     """Like :func:`remote_benchmark`, on this machine (each artifact on the device it was built for)."""
-    from .loader import load
-
     rows = _Rows()
     for path in [Path(artifact_path), *map(Path, compare)]:
         library = library_path_for(path)
@@ -254,6 +252,4 @@ def _max_abs_diff(reference: dict[str, Any], outputs: dict[str, Any]) -> float |
 
 
 def _short(err: BaseException) -> str:
-    from ..build.builder import first_line
-
-    return first_line(err)
+    return one_line(err)

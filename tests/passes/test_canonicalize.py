@@ -20,7 +20,7 @@ from gmorph_tvm.passes import CanonicalizeOps
 from gmorph_tvm.passes._util import count_ops, provenance_of, weight_params
 
 from helpers import randomize_batch_norms
-from passes.random_models import assert_close, run_module
+from random_models import assert_close, run_module
 
 F32 = "float32"
 

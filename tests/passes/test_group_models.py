@@ -1,5 +1,5 @@
 """GroupModels: tasks sharing a prefix land in one group, size limits and budgets are respected and
-balanced, user groups are honoured (and checked), measurement picks a valid partition, and each
+balanced, user groups are honoured (and checked), and each
 group's module computes exactly its tasks' outputs with only its own inputs and weights."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from gmorph_tvm.passes.group_models import (
 from gmorph_tvm.passes.horizontal_merge import horizontal_merge
 from gmorph_tvm.passes.stitch_shared_weights import stitch
 
-from passes.random_models import assert_close, run_module
+from random_models import assert_close, run_module
 
 
 def _seeded(module: nn.Module, seed: int) -> nn.Module:
@@ -155,12 +155,3 @@ def test_groups_keep_only_the_inputs_they_read():
     assert_close(run_module(sub_b.mod, [b]), [models["tb"](b).detach().numpy()])
 
 
-def test_measured_group_size_is_a_valid_partition():
-    models = {f"t{i}": _mlp(i) for i in range(3)}
-    mm = import_models(models, X)
-    groups = group_tasks(mm, measure=True, candidate_sizes=[1, 3], number=1)
-    assert groups in ([["t0"], ["t1"], ["t2"]], [["t0", "t1", "t2"]])
-    with pytest.raises(GroupingError, match="does not run"):
-        group_tasks(mm, measure=True, target="cuda")
-    with pytest.raises(GroupingError, match="not both"):
-        group_tasks(mm, 2, measure=True)

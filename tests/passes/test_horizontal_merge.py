@@ -23,7 +23,7 @@ from gmorph_tvm.passes.stitch_shared_weights import stitch
 from gmorph_tvm.passes._util import PROVENANCE_ATTR, count_ops, provenance_of
 
 from helpers import randomize_batch_norm
-from passes.random_models import assert_close, multi_model_cases, run_module
+from random_models import assert_close, multi_model_cases, run_module
 
 CONV, MATMUL, SPLIT, CONCAT = "relax.nn.conv2d", "relax.matmul", "relax.split", "relax.concat"
 

@@ -23,7 +23,7 @@ from gmorph_tvm.passes import CanonicalizeOps, StitchSharedWeights, stitch
 from gmorph_tvm.passes._util import PROVENANCE_ATTR, count_ops, count_weights, provenance_of, weight_bytes
 
 from helpers import randomize_batch_norms
-from passes.random_models import assert_close, run_module
+from random_models import assert_close, run_module
 
 
 class PrefixNet(nn.Module):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import gmorph_tvm
-from gmorph_tvm.build import build
+from gmorph_tvm.artifact import build
 from gmorph_tvm.runtime import load
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,7 +119,7 @@ def test_native_runner_reports_manifest_problems(gmorph_run, artifact, tmp_path)
 def test_native_runner_loads_cuda_fatbin_without_jit(gmorph_run, artifact, tmp_path):
     """With a stand-in CUDA driver, the pure C++ runtime loads our CUDA library (the kernels are
     a fatbin) and only fails where a GPU is needed; TVM's plain export needs a JIT compiler."""
-    from gmorph_tvm.build import cuda as cuda_code
+    from gmorph_tvm.artifact import cuda as cuda_code
 
     cc = shutil.which("cc") or shutil.which("gcc")
     if cuda_code.find_nvcc() is None or cc is None:

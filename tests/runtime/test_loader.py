@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import gmorph_tvm
-from gmorph_tvm.build import build, manifest_path_for
+from gmorph_tvm.artifact import build, manifest_path_for
 from gmorph_tvm.errors import ArtifactError, RuntimeInputError
 from gmorph_tvm.runtime import load
 
@@ -187,7 +187,7 @@ def test_library_for_another_cpu(model, example, tmp_path):
 
 
 def test_read_manifest_from_library_path(library):
-    from gmorph_tvm.build import read_manifest
+    from gmorph_tvm.artifact import read_manifest
 
     assert read_manifest(library) == read_manifest(manifest_path_for(library))
     assert read_manifest(library)["library"] == "fuse.so"

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import gmorph_tvm
-from gmorph_tvm.build import build
+from gmorph_tvm.artifact import build
 from gmorph_tvm.errors import GmorphError
 from gmorph_tvm.runtime import load
 from gmorph_tvm.runtime.rpc import format_table, parse_address, remote_benchmark, remote_run

@@ -1,0 +1,390 @@
+"""Compile a MultiModel (or a bare Relax IRModule) into an :class:`Artifact`.
+
+``build`` lowers the module for the target with ``gmorph_tvm.tuning.lower`` (default schedules,
+or tuned ones from a tuning database), finishes it with TVM's ``default_build`` relax pipeline in
+``tvm.compile``, and for CUDA targets compiles the kernels to a fatbin with nvcc (see
+:mod:`gmorph_tvm.artifact.cuda`), so the exported library carries binary device code for the
+requested ``sm_XX`` even when built on a machine without a GPU. Every failure is a :class:`BuildError` naming the tasks and the operator
+involved when they can be told, never a raw TVM trace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import re
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..core.manifest import FORMAT, FORMAT_VERSION
+from ..core.targets import TargetLike, is_cuda, resolve_target, target_dict
+from ..core.version import __version__
+from ..core.vm import device_for, execute
+from ..errors import ArtifactError, BuildError, GmorphError, one_line
+from ..frontend import MultiModel, TaskInfo, TensorSpec, bind_weights
+from ..tuning import lower
+from . import cuda as cuda_code
+from .export import export_artifact
+
+# Ops that survive lowering (VM builtins and packed calls): anything else left in a Relax
+# function means the module still needs TVM's finalizing relax pipeline.
+_LOWERED_OPS = ("relax.vm.", "relax.builtin.", "relax.memory.", "relax.call_builtin_with_ctx", "relax.call_packed",
+                "relax.call_pure_packed", "relax.null_value", "relax.shape_of", "relax.print", "relax.assert_op",
+                "relax.make_closure", "relax.invoke_closure", "relax.invoke_pure_closure")
+
+
+@dataclass
+class Artifact:
+    """A compiled multi-task model: the VM executable plus its manifest."""
+
+    executable: relax.VMExecutable
+    target: tvm.target.Target
+    _manifest: dict[str, Any]
+    _fatbins: dict[str, bytes] = field(default_factory=dict)  # CUDA source sha256 -> fatbin or cubin
+    _vm: Any = field(default=None, repr=False)
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The manifest (``library`` and ``created`` are filled in by :meth:`export`)."""
+        import copy
+
+        return copy.deepcopy(self._manifest)
+
+    @property
+    def name(self) -> str:
+        return str(self._manifest["name"])
+
+    @property
+    def device(self) -> str:
+        return str(self._manifest["device"])
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return [TensorSpec.from_json(s) for s in self._manifest["inputs"]]
+
+    @property
+    def tasks(self) -> list[TaskInfo]:
+        return [TaskInfo.from_json(t) for t in self._manifest["tasks"]]
+
+    def export(self, path: str | Path, *, fcompile: Callable | None = None) -> Path:
+        """Write the library (``.so``, or ``.tar`` of objects) and ``<stem>.manifest.json`` beside it.
+
+        Both are written to temporary files and renamed into place, so a failed export leaves
+        nothing behind. ``fcompile`` overrides the linker (default: the host compiler, or
+        ``aarch64-linux-gnu-g++`` for an aarch64 host such as a Jetson).
+        """
+        return export_artifact(self, Path(path), fcompile=fcompile)
+
+    def run(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray) -> dict[str, Any]:
+        """Run in this process (CPU artifacts built for this machine, or CUDA with a GPU here)."""
+        if self._vm is None:
+            built_for = self._manifest["host_triple"].split("-")[0]
+            if built_for != platform.machine() and {built_for, platform.machine()} != {"arm64", "aarch64"}:
+                raise ArtifactError(
+                    f"artifact {self.name!r} was built for a {built_for} host; export it and run it there "
+                    f"(this machine is {platform.machine()})"
+                )
+            dev = device_for(self._manifest, self.device, f"artifact {self.name!r}")
+            try:
+                self._vm = relax.VirtualMachine(self.executable, dev)
+            except Exception as err:  # noqa: BLE001 - TVM raises its own error types
+                raise ArtifactError(f"cannot run artifact {self.name!r} here: {one_line(err)}") from None
+        return execute(self._vm, self._manifest, inputs, what=f"artifact {self.name!r}")
+
+
+def build(
+    model: MultiModel | tvm.IRModule,
+    target: TargetLike = "llvm",
+    *,
+    tuning_db: str | Path | None = None,
+    name: str | None = None,
+) -> Artifact:
+    """Compile ``model`` for ``target`` (a preset such as ``"llvm"``, ``"cuda"``, ``"jetson-orin"``,
+    a TVM target dict, or a ``tvm.target.Target``).
+
+    For a MultiModel the weights are bound as constants first (``model.bound_module()``). A bare
+    IRModule is compiled as is; its inputs come from ``main``'s parameters and each of its
+    outputs becomes a task ``out0``, ``out1``, ... . ``tuning_db`` is a MetaSchedule work dir
+    whose tuned schedules are applied where they match.
+    """
+    tgt = resolve_target(target)
+    if isinstance(model, MultiModel):
+        mod = model.bound_module()
+        inputs, tasks = list(model.inputs), list(model.tasks)
+    elif isinstance(model, tvm.IRModule):
+        if "main" not in [gv.name_hint for gv in model.get_global_vars()]:
+            raise BuildError("the IRModule to build has no 'main' function")
+        mod = bind_weights(model)
+        inputs, tasks = _signature_specs(mod)
+    else:
+        raise BuildError(f"build() takes a MultiModel or a tvm.IRModule, not {type(model).__name__}")
+    name = name or "+".join(t.name for t in tasks)
+    device = "cuda" if is_cuda(tgt) else "cpu"
+    arch = str(tgt.attrs["arch"]) if device == "cuda" and "arch" in tgt.attrs else None
+    if device == "cuda":
+        if arch is None:
+            raise BuildError(f"CUDA target {target_dict(tgt)} has no 'arch' (e.g. 'sm_87')")
+        cuda_code.check_arch_supported(arch)  # fail before spending time on lowering
+
+    with _stage("lowering", mod, tasks, tgt):
+        lowered = _lower(mod, tgt, tuning_db)
+    with _stage("compiling", lowered, tasks, tgt), _cuda_compile_callback(arch):
+        executable = tvm.compile(lowered, target=tgt, relax_pipeline=_finalize_pipeline(lowered))
+    fatbins = _compile_device_code(executable, arch) if device == "cuda" else {}
+
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "name": name,
+        "library": None,
+        "target": target_dict(tgt),
+        "device": device,
+        "host_triple": host_triple(tgt),
+        "inputs": [s.to_json() for s in inputs],
+        "tasks": [t.to_json() for t in tasks],
+        "weights": constant_stats(lowered),
+        "created": None,
+    }
+    if device == "cuda":
+        manifest["cuda"] = {"arch": arch, "device_code": cuda_code.device_code_format(arch)}
+    return Artifact(executable, tgt, manifest, fatbins)
+
+
+# ---- lowering ------------------------------------------------------------------------------
+
+
+def _lower(mod: tvm.IRModule, target: tvm.target.Target, tuning_db: str | Path | None) -> tvm.IRModule:
+    # Same lowering as tuning uses, so tuned workloads match what gets compiled.
+    return lower(mod, target, database_dir=tuning_db)
+
+
+def _finalize_pipeline(mod: tvm.IRModule) -> str | None:
+    """"default_build" if ``mod`` still has dataflow / call_tir to lower, else None (already final)."""
+    pending = False
+
+    def visit(expr):
+        nonlocal pending
+        if isinstance(expr, relax.DataflowBlock):
+            pending = True
+        elif isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+            if not expr.op.name.startswith(_LOWERED_OPS):
+                pending = True
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            if any(isinstance(b, relax.DataflowBlock) for b in getattr(func.body, "blocks", [])):
+                return "default_build"
+            relax.analysis.post_order_visit(func.body, visit)
+            if pending:
+                return "default_build"
+    return None
+
+
+@contextmanager
+def _cuda_compile_callback(arch: str | None) -> Iterator[None]:
+    """On a machine with a CUDA driver TVM JIT-compiles kernels through ``tvm_callback_cuda_compile``
+    during codegen (NVRTC by default, which needs cuda-bindings); make it produce our fatbin for
+    the target arch instead, and put the original back afterwards."""
+    if arch is None or tvm.get_global_func("ffi.Module.create.cuda", allow_missing=True) is None:
+        yield  # no CUDA runtime here: codegen keeps the source, compiled in _compile_device_code
+        return
+    import tvm_ffi
+
+    name = "tvm_callback_cuda_compile"
+    original = tvm.get_global_func(name, allow_missing=True)
+    tvm_ffi.register_global_func(name, lambda code, *_: cuda_code.compile_kernels(str(code), arch), override=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            tvm_ffi.register_global_func(name, original, override=True)
+
+
+def _compile_device_code(executable: relax.VMExecutable, arch: str) -> dict[str, bytes]:
+    """nvcc-compile the source of every CUDA module codegen left uncompiled (no CUDA runtime here)."""
+    fatbins: dict[str, bytes] = {}
+    found = 0
+    for module in _module_tree(executable.mod):
+        if module.kind != "cuda":
+            continue
+        found += 1
+        if module.is_runnable():
+            continue  # a real CUDA module: already compiled by _cuda_compile_callback
+        source = str(module.inspect_source("cuda"))
+        if not source:
+            raise BuildError("TVM produced a CUDA module without source; cannot compile its kernels")
+        fatbins[cuda_code.source_key(source)] = cuda_code.compile_kernels(source, arch)
+    if not found:
+        raise BuildError("the CUDA build produced no CUDA kernels (nothing was offloaded to the GPU)")
+    return fatbins
+
+
+def _module_tree(root: tvm.runtime.Module) -> list[tvm.runtime.Module]:
+    out, stack = [], [root]
+    while stack:
+        module = stack.pop()
+        out.append(module)
+        stack.extend(module.imports)
+    return out
+
+
+# ---- manifest helpers ------------------------------------------------------------------------
+
+
+def host_triple(target: tvm.target.Target) -> str:
+    """The host code's triple: the target's mtriple, or this machine's."""
+    host = target.host if is_cuda(target) and target.host is not None else target
+    triple = str(host.attrs["mtriple"]) if "mtriple" in host.attrs else ""
+    if triple:
+        return triple
+    if sys.platform.startswith("linux"):
+        return f"{platform.machine()}-linux-gnu"
+    get = tvm.get_global_func("target.llvm_get_system_triple", allow_missing=True)
+    return str(get()) if get is not None else platform.machine()
+
+
+def constant_stats(mod: tvm.IRModule) -> dict[str, int]:
+    """Count and bytes of the tensor constants (weights) the compiled program embeds.
+
+    Mirrors the VM's constant pool, which stores constants of equal content once (the exec
+    builder deduplicates by structural equality); scalars (0-d constants from legalization)
+    are not counted as weights.
+    """
+    import tvm_ffi
+
+    groups: dict[tuple, list[np.ndarray]] = {}
+    total = {"count": 0, "bytes": 0}
+
+    def visit(expr):
+        if isinstance(expr, tvm.ir.GenericConst) and isinstance(expr.value, tvm.runtime.Tensor):
+            value = expr.value
+            if len(value.shape) == 0:
+                return
+            key = (str(value.dtype), tuple(int(d) for d in value.shape), tvm_ffi.structural_hash(value))
+            array = value.numpy()
+            same = groups.setdefault(key, [])
+            if any(np.array_equal(array, seen) for seen in same):  # confirm the hash hit
+                return
+            same.append(array)
+            total["count"] += 1
+            total["bytes"] += int(array.nbytes)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, visit)
+    return total
+
+
+def _signature_specs(mod: tvm.IRModule) -> tuple[list[TensorSpec], list[TaskInfo]]:
+    """Inputs from ``main``'s parameters; one task ``out<i>`` per output of a bare IRModule."""
+    func = mod["main"]
+    inputs = []
+    for param in func.params:
+        inputs.append(_spec(param.name, param.ty, f"input {param.name!r}"))
+    ret = func.ret_ty
+    leaves = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
+    digest = hashlib.sha256(str(_module_hash(mod)).encode()).hexdigest()
+    tasks = []
+    for i, ty in enumerate(leaves):
+        out = _spec(f"out{i}", ty, f"output {i}")
+        tasks.append(TaskInfo(f"out{i}", tuple(inputs), (out,), "relax", digest))
+    return inputs, tasks
+
+
+def _module_hash(mod: tvm.IRModule) -> int:
+    import tvm_ffi
+
+    return tvm_ffi.structural_hash(mod)
+
+
+def _spec(name: str, ty: Any, what: str) -> TensorSpec:
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        raise BuildError(f"main's {what} is not a tensor of static shape ({ty}); build needs static shapes")
+    try:
+        shape = tuple(int(d) for d in ty.shape.values)
+    except (TypeError, AttributeError):
+        raise BuildError(f"main's {what} has a symbolic shape {ty.shape}; build needs static shapes") from None
+    dtype = ty.dtype
+    return TensorSpec(name, shape, str(getattr(dtype, "dtype", dtype)))
+
+
+# ---- errors --------------------------------------------------------------------------------
+
+
+@contextmanager
+def _stage(what: str, mod: tvm.IRModule, tasks: Sequence[TaskInfo], target: tvm.target.Target) -> Iterator[None]:
+    try:
+        yield
+    except GmorphError:
+        raise
+    except Exception as err:  # noqa: BLE001 - TVM raises many error types; all become BuildError
+        message = str(err)
+        where = _locate(message, mod, tasks)
+        raise BuildError(f"{what} for {target.kind.name} failed{where}: {one_line(err)}") from None
+
+
+def _locate(message: str, mod: tvm.IRModule, tasks: Sequence[TaskInfo]) -> str:
+    """`` in op X (tasks a, b)`` for the op or kernel the error message mentions, if any."""
+    try:
+        main = mod["main"]
+    except Exception:  # noqa: BLE001
+        return ""
+    kernels = {gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    mentioned_kernels = [k for k in sorted(kernels, key=len, reverse=True) if re.search(rf"\b{re.escape(k)}\b", message)]
+    mentioned_ops = re.findall(r"\brelax\.[A-Za-z_][\w.]*[A-Za-z_0-9]", message)
+    if mentioned_kernels:
+        label, pred = f"kernel {mentioned_kernels[0]!r}", _calls_kernel(mentioned_kernels[0])
+    elif mentioned_ops:
+        label, pred = f"op {mentioned_ops[0]}", _calls_op(mentioned_ops[0])
+    else:
+        return ""
+    names = _tasks_depending_on(main, pred, tasks)
+    return f" in {label}" + (f" (task {', '.join(repr(n) for n in names)})" if names else "")
+
+
+def _calls_op(op_name: str) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == op_name
+
+
+def _calls_kernel(kernel: str) -> Callable[[Any], bool]:
+    def pred(v) -> bool:
+        if not isinstance(v, relax.Call):
+            return False
+        callee = v.args[0] if isinstance(v.op, tvm.ir.Op) and v.op.name.startswith("relax.call_tir") and v.args else v.op
+        return isinstance(callee, tvm.ir.GlobalVar) and callee.name_hint == kernel
+
+    return pred
+
+
+def _tasks_depending_on(func: relax.Function, pred: Callable[[Any], bool], tasks: Sequence[TaskInfo]) -> list[str]:
+    """Tasks whose outputs depend on a binding whose value satisfies ``pred`` (forward taint)."""
+    tainted: set = set()
+    bound: dict = {}
+    body = func.body
+    for block in getattr(body, "blocks", []):
+        for binding in block.bindings:
+            value = binding.value
+            bound[binding.var] = value
+            if pred(value) or any(v in tainted for v in relax.analysis.free_vars(value)):
+                tainted.add(binding.var)
+    result = body.body if hasattr(body, "body") else body
+    while isinstance(result, relax.Var) and result in bound:
+        result = bound[result]
+        if not isinstance(result, (relax.Var, relax.Tuple)):
+            break
+    fields = list(result.fields) if isinstance(result, relax.Tuple) else [result]
+    names, index = [], 0
+    for task in tasks:
+        outs = fields[index:index + len(task.outputs)]
+        index += len(task.outputs)
+        if any(isinstance(f, relax.Var) and f in tainted for f in outs):
+            names.append(task.name)
+    return names

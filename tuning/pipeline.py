@@ -1,0 +1,124 @@
+"""The lowering shared by tuning and building, so tuned workloads match what gets compiled.
+
+``prepare`` turns a Relax module (weights bound as constants) into fused TIR kernels: the
+workloads MetaSchedule tunes. ``lower`` runs ``prepare`` again, applies a tuning database and
+finishes the module for ``tvm.compile``:
+
+* CPU (llvm): kernels read weights through ``layout_free_buffers``, so tuned schedules may store
+  weights in a blocked layout (MetaSchedule's RewriteLayout). ``SplitLayoutRewritePreproc`` moves
+  that re-layout into separate kernels applied to the weight constants and ``FoldConstant`` runs
+  them once at build time. The artifact keeps the plain ``main(*inputs)`` convention with the
+  packed weights embedded: TVM's own ``static_shape_tuning`` pipeline instead lifts them into a
+  ``main_transform_params`` function callers must run first.
+* CUDA: kernels without tuning records get dlight's default GPU schedules (every kernel must be
+  thread-bound to compile); tuned ones keep their records.
+
+Both must see the same module: workloads are matched by structural hash.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+import tvm
+from tvm import relax
+
+from ..errors import TuningError
+from .ffi_guard import ensure_ir_json_works
+
+DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+def is_gpu_target(target: tvm.target.Target) -> bool:
+    return "gpu" in target.keys
+
+
+def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Legalise and fuse ``mod`` into the TIR kernels that tuning sees and building compiles."""
+    passes = [
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.get_pipeline("zero"),
+    ]
+    if not is_gpu_target(target):
+        # Weights (constants) become layout-free: the schedule may choose their layout.
+        passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
+    with target:
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def has_database(directory: str | os.PathLike) -> bool:
+    return all((Path(directory) / name).is_file() for name in DATABASE_FILES)
+
+
+def open_database(directory: str | os.PathLike):
+    """The JSON tuning database in ``directory``; TuningError if missing or unreadable."""
+    from tvm.s_tir import meta_schedule as ms
+
+    directory = Path(directory)
+    if not has_database(directory):
+        raise TuningError(
+            f"no tuning database in {directory} (expected {' and '.join(DATABASE_FILES)}); "
+            "run tuning first or drop the database option"
+        )
+    ensure_ir_json_works()
+    try:
+        return ms.database.JSONDatabase(
+            path_workload=str(directory / DATABASE_FILES[0]),
+            path_tuning_record=str(directory / DATABASE_FILES[1]),
+            module_equality="structural",
+            allow_missing=False,
+        )
+    except Exception as err:  # TVM reports corrupt files with its own long traces
+        first = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+        raise TuningError(f"tuning database in {directory} is unreadable: {first}") from None
+
+
+def _uses_tensor_intrinsics(directory: Path) -> bool:
+    """Whether any record tensorises: applying it then needs the intrinsics registered."""
+    with open(directory / DATABASE_FILES[1], encoding="utf-8") as records:
+        return any('"Tensorize"' in line for line in records)
+
+
+def _default_gpu_schedules() -> tvm.transform.Pass:
+    from tvm.s_tir import dlight as dl
+
+    # Same rule list as TVM's CUDA default pipeline; skips kernels already scheduled by the DB.
+    return dl.ApplyDefaultSchedule(
+        dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
+    )
+
+
+def lower(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    *,
+    database_dir: str | os.PathLike | None = None,
+) -> tvm.IRModule:
+    """Lower a Relax module with bound weights for ``tvm.compile(result, target=target)``.
+
+    Kernels with records in ``database_dir`` get their tuned schedules; the others keep default
+    ones (dlight on GPUs, plain loops on CPUs). ``main`` keeps its signature.
+    """
+    lowered = prepare(mod, target)
+    with target:
+        if database_dir is not None:
+            database = open_database(database_dir)
+            if _uses_tensor_intrinsics(Path(database_dir)):
+                importlib.import_module("tvm.s_tir.tensor_intrin")  # slow: only when needed
+            with database:
+                lowered = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(lowered)
+        if is_gpu_target(target):
+            lowered = _default_gpu_schedules()(lowered)
+        else:
+            lowered = tvm.transform.Sequential(
+                [
+                    relax.transform.SplitLayoutRewritePreproc(),
+                    # Evaluates the weight re-layout kernels on the constants at build time.
+                    relax.transform.FoldConstant(),
+                    relax.transform.DeadCodeElimination(),
+                ]
+            )(lowered)
+    return lowered

@@ -1,0 +1,362 @@
+"""MetaSchedule tuning of a whole (fused) Relax module, isolated from the caller's process.
+
+``tune`` prepares the module exactly as :func:`gmorph_tvm.tuning.lower` will, extracts its
+distinct kernels (identical kernels of different models are one task), splits the trial budget
+by FLOPs share, and runs the search in a worker subprocess (``_worker.py``) that appends to a JSON
+database in ``work_dir``. If the worker dies inside a task (segfault, abort, OOM) or the task
+raises or times out, that kernel is reported with a :class:`TuningWarning` naming it and simply
+has no records, so it keeps its default schedule; a fresh worker carries on with the other tasks.
+
+Trials already in the database count towards each task's budget, so re-running with the same
+work dir and budget tunes nothing again, and a larger budget only runs the difference.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import tvm
+
+from ..core.targets import host_is_native, is_cuda, resolve_target, target_dict
+from ..errors import TuningError
+from ..frontend.multimodel import MultiModel, bind_weights
+from . import report as rpt
+from .ffi_guard import ensure_ir_json_works
+from .pipeline import DATABASE_FILES, has_database, open_database, prepare
+from .report import TaskReport, TuningReport, TuningWarning
+from .tasks import TaskPlan, allocate, extract
+
+def _resolve(target: Any) -> tvm.target.Target:
+    return resolve_target(target)
+
+
+def _target_spec(target: tvm.target.Target) -> dict[str, Any]:
+    return target_dict(target)
+
+
+def _pickled(obj: Any, what: str) -> str | None:
+    if obj is None:
+        return None
+    import cloudpickle
+
+    try:
+        return base64.b64encode(cloudpickle.dumps(obj)).decode("ascii")
+    except Exception as err:
+        raise TuningError(f"the {what} given to tune() cannot be sent to the tuning process: {err}") from None
+
+
+def _records_in_database(work_dir: Path, plans: Sequence[TaskPlan]) -> dict[str, int]:
+    """Valid tuning records already stored per task name."""
+    if not has_database(work_dir):
+        return {}
+    database = open_database(work_dir)
+    counts = {}
+    for plan in plans:
+        if database.has_workload(plan.workload):
+            workload = database.commit_workload(plan.workload)  # existing entry: no write
+            counts[plan.name] = len(database.get_top_k(workload, max(plan.trials, 1)))
+    return counts
+
+
+def _repair_json_lines(work_dir: Path) -> None:
+    """Drop a torn last line a crashed worker may have left in the database files."""
+    for name in DATABASE_FILES:
+        path = work_dir / name
+        if not path.is_file():
+            continue
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        good = []
+        for line in lines:
+            try:
+                json.loads(line)
+                good.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:
+                continue
+        if good != lines:
+            path.write_text("".join(good), encoding="utf-8")
+
+
+def _signal_name(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return signal.Signals(-returncode).name
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+class _WorkerRun:
+    """One worker process tuning a list of tasks; yields its events."""
+
+    def __init__(self, spec: dict[str, Any], spec_path: Path) -> None:
+        spec_path.write_text(json.dumps(spec), encoding="utf-8")
+        env = dict(os.environ)  # same interpreter, same installed gmorph_tvm
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gmorph_tvm.tuning._worker", str(spec_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,  # the worker logs to work_dir/logs/worker.log
+            stdin=subprocess.DEVNULL,
+            env=env,
+            # Own process group: killing it also ends MetaSchedule's builder/runner workers.
+            start_new_session=True,
+        )
+        self.selector = selectors.DefaultSelector()
+        assert self.proc.stdout is not None
+        self.selector.register(self.proc.stdout, selectors.EVENT_READ)
+        self.buffer = b""
+
+    def events(self, poll_s: float = 1.0):
+        """Yield parsed events, or None every ``poll_s`` without one; ends when the worker exits."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while True:
+            if not self.selector.select(timeout=poll_s):
+                yield None
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            self.buffer += chunk
+            while b"\n" in self.buffer:
+                line, self.buffer = self.buffer.split(b"\n", 1)
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+        self.proc.wait()
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the worker and any pool processes left
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+
+    def close(self) -> None:
+        self.kill()
+        self.selector.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def _worker_log_tail(work_dir: Path, lines: int = 3) -> str:
+    log = work_dir / "logs" / "worker.log"
+    if not log.is_file():
+        return ""
+    tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-lines:]
+    return " | ".join(tail)
+
+
+def _module_to_tune(model: MultiModel | tvm.IRModule) -> tvm.IRModule:
+    if isinstance(model, MultiModel):
+        return model.bound_module()
+    if isinstance(model, tvm.IRModule):
+        return bind_weights(model)
+    raise TuningError(f"tune() takes a MultiModel or a tvm.IRModule, not {type(model).__name__}")
+
+
+def tune(
+    mod: MultiModel | tvm.IRModule,
+    target: Any,
+    *,
+    trials: int,
+    work_dir: str | os.PathLike,
+    op_names: Sequence[str] | None = None,
+    min_flops_share: float = 0.01,
+    min_trials_per_task: int = 16,
+    progress: bool = True,
+    runner: Any = None,
+    builder: Any = None,
+    seed: int = 0,
+    task_timeout_s: float | None = None,
+    trials_per_round: int = 64,
+    population_size: int | None = None,
+) -> TuningReport:
+    """Tune the kernels of ``mod`` with MetaSchedule into the database in ``work_dir``.
+
+    ``mod``: what :func:`gmorph_tvm.import_models` or :func:`gmorph_tvm.fuse` returns (a
+    :class:`~gmorph_tvm.MultiModel`, tuned as its ``bound_module()``), or a Relax IRModule (weights
+    kept as parameters with attrs ``params`` are bound as constants first).
+    ``target``: preset name, dict or ``tvm.target.Target``. ``trials``: total measurements over
+    all tasks, split by FLOPs share; tasks under ``min_flops_share`` or not matching ``op_names``
+    (substrings of task names) are left untuned. ``runner``/``builder``: MetaSchedule runner /
+    builder objects (e.g. an ``RPCRunner`` for a remote board); they must be picklable with
+    cloudpickle. Never raises for a crash inside one task: see :class:`TuningWarning`.
+
+    ``population_size`` of the evolutionary search defaults to 8x a task's trials within
+    [64, 512]: the first round's cost model is untrained, so a large population only costs time
+    (sampling and evolving 512 schedules takes ~60 s per task on 2 busy cores).
+    """
+    started = time.monotonic()
+    mod = _module_to_tune(mod)
+    target = _resolve(target)
+    if trials < 0:
+        raise TuningError(f"the number of tuning trials must be >= 0, got {trials}")
+    if not 0 <= min_flops_share < 1:
+        raise TuningError(f"min_flops_share must be in [0, 1), got {min_flops_share}")
+    if runner is None:
+        _check_local_runner_can_measure(target)
+    ensure_ir_json_works()
+    work_dir = Path(work_dir).resolve()
+    try:
+        (work_dir / "logs").mkdir(parents=True, exist_ok=True)
+        for name in DATABASE_FILES:  # an empty database is valid: lower() then just uses defaults
+            (work_dir / name).touch()
+    except OSError as err:
+        raise TuningError(f"cannot create the tuning work dir {work_dir}: {err.strerror}") from None
+
+    plans = extract(prepare(mod, target), target)
+    selected = allocate(
+        plans, trials, op_names=op_names, min_flops_share=min_flops_share, min_trials_per_task=min_trials_per_task
+    )
+    reports = {
+        p.name: TaskReport(p.name, p.calls, p.flops, p.share, p.status, trials_planned=p.trials) for p in plans
+    }
+    existing = _records_in_database(work_dir, selected)
+    to_run: list[tuple[TaskPlan, int]] = []
+    for plan in selected:
+        reused = min(existing.get(plan.name, 0), plan.trials)
+        reports[plan.name].records_reused = reused
+        if reused >= plan.trials:
+            reports[plan.name].status = rpt.REUSED
+        else:
+            to_run.append((plan, plan.trials - reused))
+
+    base_spec = {
+        "target": _target_spec(target),
+        "work_dir": str(work_dir),
+        "runner": _pickled(runner, "runner"),
+        "builder": _pickled(builder, "builder"),
+        "trials_per_round": trials_per_round,
+    }
+    task_specs = {
+        plan.name: {
+            "name": plan.name,
+            "trials": n,
+            "seed": (seed + zlib.crc32(plan.name.encode()) + existing.get(plan.name, 0)) % (2**31 - 1),
+            "workload": tvm.ir.save_json(plan.workload),
+            "population_size": population_size or min(512, max(64, 8 * n)),
+        }
+        for plan, n in to_run
+    }
+    if task_specs:
+        _run_workers(task_specs, base_spec, work_dir, reports, progress, task_timeout_s)
+
+    result = TuningReport(_target_spec(target), str(work_dir), trials, tasks=list(reports.values()))
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _check_local_runner_can_measure(target: tvm.target.Target) -> None:
+    """Fail early (not with one warning per task) when kernels cannot run on this machine."""
+    if not host_is_native(target):
+        raise TuningError(
+            f"cannot measure kernels for target {target_dict(target)} on this machine; pass "
+            "runner=tvm.s_tir.meta_schedule.runner.RPCRunner(...) for a remote device"
+        )
+    if is_cuda(target) and not tvm.cuda(0).exist:
+        raise TuningError(
+            "no CUDA GPU on this machine to measure tuned kernels; tune on the GPU machine or pass "
+            "runner=tvm.s_tir.meta_schedule.runner.RPCRunner(...)"
+        )
+
+
+def _fall_back(reports: dict[str, TaskReport], name: str, status: str, why: str) -> None:
+    task = reports[name]
+    task.status, task.message = status, why
+    warnings.warn(
+        f"tuning workload {name!r} {why}; it keeps its default schedule", TuningWarning, stacklevel=4
+    )
+
+
+def _run_workers(
+    task_specs: dict[str, dict[str, Any]],
+    base_spec: dict[str, Any],
+    work_dir: Path,
+    reports: dict[str, TaskReport],
+    progress: bool,
+    task_timeout_s: float | None,
+) -> None:
+    from tqdm import tqdm
+
+    remaining = list(task_specs)
+    bar = tqdm(
+        total=sum(spec["trials"] for spec in task_specs.values()),
+        unit="trial",
+        desc="tuning",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    log_hint = work_dir / "logs"
+    try:
+        while remaining:
+            spec = dict(base_spec, tasks=[task_specs[name] for name in remaining])
+            worker = _WorkerRun(spec, work_dir / "logs" / "worker_spec.json")
+            current: str | None = None
+            current_since = 0.0
+            before = len(remaining)
+            try:
+                for event in worker.events():
+                    if event is None:
+                        if current and task_timeout_s and time.monotonic() - current_since > task_timeout_s:
+                            worker.kill()
+                            _fall_back(reports, current, rpt.TIMED_OUT, f"timed out after {task_timeout_s:.0f} s")
+                            remaining.remove(current)
+                            current = None
+                            break
+                        continue
+                    kind, name = event.get("event"), event.get("task")
+                    if kind == "start":
+                        current, current_since = name, time.monotonic()
+                        bar.set_description(f"tuning {name}")
+                    elif kind == "measured" and name in reports:
+                        reports[name].trials_run += int(event["count"])
+                        reports[name].best_us = event.get("best_us")
+                        bar.update(int(event["count"]))
+                    elif kind in ("done", "error") and name in reports:
+                        task = reports[name]
+                        task.seconds = float(event.get("seconds", time.monotonic() - current_since))
+                        if kind == "done" and event.get("best_us") is not None:
+                            task.status, task.best_us = rpt.TUNED, event["best_us"]
+                        elif kind == "done":
+                            _fall_back(reports, name, rpt.FAILED, f"found no valid schedule (see {log_hint})")
+                        else:
+                            _fall_back(reports, name, rpt.FAILED, f"failed: {event.get('message', '')}")
+                        remaining.remove(name)
+                        current = None
+            finally:
+                worker.close()
+            returncode = worker.proc.returncode
+            if current is not None:  # died inside a task: that task falls back, others go on
+                reports[current].seconds = time.monotonic() - current_since
+                _fall_back(
+                    reports, current, rpt.CRASHED,
+                    f"crashed the tuning process ({_signal_name(returncode)}; log in {log_hint})",
+                )
+                remaining.remove(current)
+                _repair_json_lines(work_dir)
+            elif remaining and len(remaining) == before:
+                # The worker ended without touching any task (broken install?): give up on them.
+                why = (
+                    f"was not tuned: the tuning process exited early ({_signal_name(returncode)}: "
+                    f"{_worker_log_tail(work_dir)})"
+                )
+                for name in remaining:
+                    _fall_back(reports, name, rpt.FAILED, why)
+                remaining = []
+            bar.total = bar.n + sum(task_specs[n]["trials"] for n in remaining)
+            bar.refresh()
+    finally:
+        bar.close()
