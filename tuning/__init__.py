@@ -7,7 +7,7 @@ CPUs, weights pre-packed into the tuned layouts at build time).
 """
 
 from .ffi_guard import PINNED_TVM_FFI_VERSION, ensure_ir_json_works
-from .pipeline import has_database, lower, prepare
+from .pipeline import has_database, lower, lower_tuned, prepare
 from .report import TaskReport, TuningReport, TuningWarning
 from .tasks import TaskPlan, allocate, extract
 from .tuner import tune
@@ -23,6 +23,7 @@ __all__ = [
     "extract",
     "has_database",
     "lower",
+    "lower_tuned",
     "prepare",
     "tune",
 ]

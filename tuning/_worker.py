@@ -133,6 +133,7 @@ def run(spec: dict[str, Any], emit: Callable[..., None]) -> None:
     from tvm.s_tir import meta_schedule as ms
 
     from gmorph_tvm.tuning.intrinsics import register_for_target
+    from gmorph_tvm.tuning.verify import verifying_add_to_database
 
     target = tvm.target.Target(spec["target"])
     register_for_target(target)
@@ -155,7 +156,7 @@ def run(spec: dict[str, Any], emit: Callable[..., None]) -> None:
         started = time.monotonic()
         try:
             context = ms.TuneContext(
-                mod=tvm.ir.load_json(task["workload"]),
+                mod=tvm.ir.load_json(task["workload"]),  # the same workload as `workload` below
                 target=target,
                 space_generator="post-order-apply",
                 search_strategy=ms.search_strategy.EvolutionarySearch(
@@ -167,6 +168,20 @@ def run(spec: dict[str, Any], emit: Callable[..., None]) -> None:
                 num_threads=spec.get("num_threads", "physical"),
             ).clone()
             progress = _progress_callback(emit, name)
+            workload = tvm.ir.load_json(task["workload"])
+            rejected = []
+
+            def reject(check, name=name, rejected=rejected):
+                rejected.append(check)
+                emit("rejected", task=name, message=check.message, error=check.error)
+
+            # MetaSchedule's AddToDatabase, but a schedule is checked against the default one first.
+            check_stats: dict[str, float] = {}
+            verified_add = verifying_add_to_database(database, workload, target, name, reject, stats=check_stats)
+            callbacks = [
+                cb for cb in ms.measure_callback.MeasureCallback.create("default")
+                if "AddToDatabase" not in type(cb).__name__
+            ]
             ms.tune.tune_tasks(
                 tasks=[context],
                 task_weights=[1.0],
@@ -178,7 +193,7 @@ def run(spec: dict[str, Any], emit: Callable[..., None]) -> None:
                 runner=runner,
                 database=database,
                 cost_model=ms.cost_model.XGBModel(num_tuning_cores=context.num_threads),
-                measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress],
+                measure_callbacks=[verified_add, *callbacks, progress],
                 task_scheduler="round-robin",
             )
             emit(
@@ -188,6 +203,7 @@ def run(spec: dict[str, Any], emit: Callable[..., None]) -> None:
                 failed=progress.failed,
                 best_us=None if progress.best_s is None else progress.best_s * 1e6,
                 seconds=time.monotonic() - started,
+                check_seconds=check_stats.get("check_seconds", 0.0),
             )
         except Exception as err:  # a Python-level failure: report it, keep going
             traceback.print_exc()

@@ -21,12 +21,14 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
+from typing import Sequence
 
 import tvm
 from tvm import relax
 
 from ..errors import TuningError
 from .ffi_guard import ensure_ir_json_works
+from .verify import VerifiedTuning, verified_database
 
 DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
 
@@ -99,16 +101,36 @@ def lower(
 ) -> tvm.IRModule:
     """Lower a Relax module with bound weights for ``tvm.compile(result, target=target)``.
 
-    Kernels with records in ``database_dir`` get their tuned schedules; the others keep default
-    ones (dlight on GPUs, plain loops on CPUs). ``main`` keeps its signature.
+    Kernels with records in ``database_dir`` get their tuned schedules if they compute what the
+    default schedule computes (see :func:`lower_tuned`); the others keep default ones (dlight on
+    GPUs, plain loops on CPUs). ``main`` keeps its signature.
+    """
+    return lower_tuned(mod, target, database_dir=database_dir)[0]
+
+
+def lower_tuned(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    *,
+    database_dir: str | os.PathLike | None = None,
+    exclude: Sequence[str] = (),
+) -> tuple[tvm.IRModule, VerifiedTuning | None]:
+    """:func:`lower`, also saying which kernels got tuned schedules (None without a database).
+
+    Every record that would be applied is first checked against the kernel's default schedule
+    on random inputs (:func:`gmorph_tvm.tuning.verify.verified_database`); a record that
+    disagrees, or a kernel named in ``exclude``, is dropped with a :class:`TuningWarning` and the
+    kernel keeps its default schedule.
     """
     lowered = prepare(mod, target)
+    applied = None
     with target:
         if database_dir is not None:
             database = open_database(database_dir)
             if _uses_tensor_intrinsics(Path(database_dir)):
                 importlib.import_module("tvm.s_tir.tensor_intrin")  # slow: only when needed
-            with database:
+            checked, applied = verified_database(database, lowered, target, exclude=exclude)
+            with checked:
                 lowered = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(lowered)
         if is_gpu_target(target):
             lowered = _default_gpu_schedules()(lowered)
@@ -121,4 +143,4 @@ def lower(
                     relax.transform.DeadCodeElimination(),
                 ]
             )(lowered)
-    return lowered
+    return lowered, applied

@@ -15,7 +15,8 @@ FALLBACK_STATUSES = (CRASHED, FAILED, TIMED_OUT)
 
 
 class TuningWarning(UserWarning):
-    """A workload could not be tuned and keeps its default schedule."""
+    """A workload could not be tuned, or a tuned schedule computed wrong results and was dropped:
+    the kernel keeps its default schedule."""
 
 
 @dataclass
@@ -28,8 +29,10 @@ class TaskReport:
     trials_planned: int = 0
     trials_run: int = 0
     records_reused: int = 0
+    records_rejected: int = 0  # measured schedules that computed wrong results (not stored)
     best_us: float | None = None  # best measured latency of one call, this run
     seconds: float = 0.0
+    check_seconds: float = 0.0  # of seconds, spent checking measured schedules' results
     message: str = ""
 
 

@@ -325,9 +325,20 @@ def _run_workers(
                         reports[name].trials_run += int(event["count"])
                         reports[name].best_us = event.get("best_us")
                         bar.update(int(event["count"]))
+                    elif kind == "rejected" and name in reports:
+                        reports[name].records_rejected += 1
+                        reports[name].message = f"rejected schedule: {event.get('message', '')}"
                     elif kind in ("done", "error") and name in reports:
                         task = reports[name]
+                        if task.records_rejected:
+                            warnings.warn(
+                                f"tuning workload {name!r}: {task.records_rejected} measured schedule(s) computed "
+                                f"different values from the default schedule and were not stored ({task.message})",
+                                TuningWarning,
+                                stacklevel=3,
+                            )
                         task.seconds = float(event.get("seconds", time.monotonic() - current_since))
+                        task.check_seconds = float(event.get("check_seconds", 0.0))
                         if kind == "done" and event.get("best_us") is not None:
                             task.status, task.best_us = rpt.TUNED, event["best_us"]
                         elif kind == "done":

@@ -29,8 +29,9 @@ from ..core.version import __version__
 from ..core.vm import device_for, execute
 from ..errors import ArtifactError, BuildError, GmorphError, one_line
 from ..frontend import MultiModel, TaskInfo, TensorSpec, bind_weights
-from ..tuning import lower
+from ..tuning import lower_tuned
 from . import cuda as cuda_code
+from . import tuned_check
 from .export import export_artifact
 
 # Ops that survive lowering (VM builtins and packed calls): anything else left in a Relax
@@ -133,10 +134,35 @@ def build(
             raise BuildError(f"CUDA target {target_dict(tgt)} has no 'arch' (e.g. 'sm_87')")
         cuda_code.check_arch_supported(arch)  # fail before spending time on lowering
 
-    with _stage("lowering", mod, tasks, tgt):
-        lowered = _lower(mod, tgt, tuning_db)
-    with _stage("compiling", lowered, tasks, tgt), _cuda_compile_callback(arch):
-        executable = tvm.compile(lowered, target=tgt, relax_pipeline=_finalize_pipeline(lowered))
+    def lower_and_compile(database: str | Path | None, exclude: Sequence[str] = ()):
+        with _stage("lowering", mod, tasks, tgt):
+            lowered, applied = _lower(mod, tgt, database, exclude)
+        with _stage("compiling", lowered, tasks, tgt), _cuda_compile_callback(arch):
+            executable = tvm.compile(lowered, target=tgt, relax_pipeline=_finalize_pipeline(lowered))
+        return lowered, executable, applied
+
+    lowered, executable, applied = lower_and_compile(tuning_db)
+    tuning_check = None
+    if applied is not None and applied.applied:
+        # No tuned artifact leaves here unless it computes what the untuned build computes.
+        def rebuild(exclude: Sequence[str]):
+            nonlocal lowered
+            lowered, rebuilt, redone = lower_and_compile(tuning_db, exclude)
+            return rebuilt, redone
+
+        untuned: list = []
+
+        def compile_untuned():
+            untuned[:] = lower_and_compile(None)[:2]
+            return untuned[1]
+
+        executable, tuning_check = tuned_check.verify_tuned_build(
+            executable, applied, tgt, inputs, compile_untuned=compile_untuned, rebuild=rebuild
+        )
+        if tuning_check.fell_back:
+            lowered = untuned[0]
+    elif applied is not None:
+        tuning_check = tuned_check.ModuleCheck(dropped=dict(applied.dropped))
     fatbins = _compile_device_code(executable, arch) if device == "cuda" else {}
 
     manifest: dict[str, Any] = {
@@ -153,6 +179,8 @@ def build(
         "weights": constant_stats(lowered),
         "created": None,
     }
+    if tuning_check is not None:
+        manifest["tuning"] = tuning_check.to_json()
     if device == "cuda":
         manifest["cuda"] = {"arch": arch, "device_code": cuda_code.device_code_format(arch)}
     return Artifact(executable, tgt, manifest, fatbins)
@@ -161,9 +189,9 @@ def build(
 # ---- lowering ------------------------------------------------------------------------------
 
 
-def _lower(mod: tvm.IRModule, target: tvm.target.Target, tuning_db: str | Path | None) -> tvm.IRModule:
+def _lower(mod: tvm.IRModule, target: tvm.target.Target, tuning_db: str | Path | None, exclude: Sequence[str] = ()):
     # Same lowering as tuning uses, so tuned workloads match what gets compiled.
-    return lower(mod, target, database_dir=tuning_db)
+    return lower_tuned(mod, target, database_dir=tuning_db, exclude=exclude)
 
 
 def _finalize_pipeline(mod: tvm.IRModule) -> str | None:

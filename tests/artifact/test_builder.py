@@ -198,12 +198,14 @@ def test_errors_name_the_op_or_kernel_and_its_task(monkeypatch, x):
     import gmorph_tvm.artifact.builder as builder
 
     mm = gmorph_tvm.import_models({"shape": TinyCNN(4, 0).eval(), "flat": Flat().eval()}, example_inputs=x)
-    real_lower = builder.lower
+    import gmorph_tvm.tuning as tuning
 
-    def failing_lower(mod, target, database_dir=None):
+    real_lower, real_lower_tuned = tuning.lower, builder.lower_tuned
+
+    def failing_lower(mod, target, database_dir=None, exclude=()):
         raise tvm.error.InternalError("Check failed: (ok) is false: cannot legalize relax.nn.conv2d\n  File \"x.cc\"")
 
-    monkeypatch.setattr(builder, "lower", failing_lower)
+    monkeypatch.setattr(builder, "lower_tuned", failing_lower)
     with pytest.raises(BuildError) as info:
         build(mm, "llvm")
     assert str(info.value) == (
@@ -211,7 +213,7 @@ def test_errors_name_the_op_or_kernel_and_its_task(monkeypatch, x):
         "Check failed: (ok) is false: cannot legalize relax.nn.conv2d"
     )
 
-    monkeypatch.setattr(builder, "lower", real_lower)
+    monkeypatch.setattr(builder, "lower_tuned", real_lower_tuned)
     target = tvm.target.Target({"kind": "llvm"})
     kernels = [gv.name_hint for gv in real_lower(mm.bound_module(), target).get_global_vars()]
     conv_kernel = next(k for k in kernels if "conv2d" in k)
