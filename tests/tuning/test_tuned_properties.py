@@ -19,7 +19,7 @@ from gmorph_tvm import build
 from gmorph_tvm.pipeline import fuse_lossless
 from gmorph_tvm.tuning import TuningWarning, tune
 
-from passes.random_models import assert_close, multi_model_cases
+from random_models import assert_close, multi_model_cases
 
 
 @pytest.mark.slow
