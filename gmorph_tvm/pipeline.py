@@ -13,13 +13,20 @@ measurement, with :mod:`gmorph_tvm.grouping`) and fuses each group on its own, o
 Every step keeps the outputs equal to the separate models' (float32 rounding). Lowering to a
 target (legalisation, tuning database, weight pre-packing, codegen) happens in
 :mod:`gmorph_tvm.tuning` and :mod:`gmorph_tvm.artifact`, after this.
+
+Importing this module also registers the fusion with TVM's pipeline registry as ``"gmorph"``
+(:data:`TVM_PIPELINE`), as MLC-LLM registers ``"mlc_llm"``: ``tvm.compile(mod, target,
+relax_pipeline="gmorph")`` runs :func:`lossless_passes` and then TVM's default build for the
+target, with no gmorph-tvm call in between (:func:`gmorph_relax_pipeline`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal, overload
+from collections.abc import Callable
+from typing import Literal, overload
 
 import tvm
+from tvm import relax
 
 from .errors import FusionError
 from .frontend.multimodel import MultiModel
@@ -81,3 +88,41 @@ def fuse_grouped(
 
 
 fuse = fuse_lossless
+
+
+# ---- the same fusion as a TVM relax pipeline ------------------------------------------------------
+
+TVM_PIPELINE = "gmorph"
+
+
+def gmorph_relax_pipeline(*, stitch: bool = True, merge: MergeMode = "auto") -> tvm.transform.Pass:
+    """The lossless fusion, then TVM's default build for the current target, as one pass.
+
+    Registered with TVM as ``relax_pipeline="gmorph"`` (``relax.get_pipeline("gmorph", ...)`` takes
+    the same keywords). ``tvm.compile`` runs it inside ``with target:``; the target informs
+    HorizontalMerge's cost rule and picks TVM's build: what ``relax_pipeline="default"`` would run
+    (the target's own pipeline on GPUs, ``default_build`` otherwise), so compiling a module with
+    ``"gmorph"`` differs from the default only by the fusion.
+    """
+
+    @tvm.transform.module_pass(opt_level=0, name="GmorphRelaxPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        target = tvm.target.Target.current(allow_none=True)
+        fused = lossless_passes(stitch=stitch, merge=merge, target=target)(mod)
+        return _default_build(target)(fused)
+
+    return _pipeline
+
+
+def _default_build(target: tvm.target.Target | None) -> tvm.transform.Pass:
+    """The relax pipeline ``tvm.compile(..., relax_pipeline="default")`` picks for ``target``."""
+    if target is not None and "gpu" in target.keys:
+        try:
+            return relax.get_default_pipeline(target)
+        except (ValueError, AttributeError):
+            pass  # a GPU kind without a pipeline of its own: the generic build, as tvm.compile does
+    return relax.get_pipeline("default")
+
+
+if TVM_PIPELINE not in relax.pipeline.PIPELINE_MAP:  # once per process (re-imports keep the first)
+    relax.pipeline.register_pipeline(TVM_PIPELINE)(gmorph_relax_pipeline)

@@ -106,8 +106,13 @@ class CanonicalizeOps:
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 out[gvar] = canonicalize_function(func, self.fold_batch_norm)
-        # Inline the constants that folded layout ops left bound to vars, as FoldConstant does.
-        return relax.transform.CanonicalizeBindings()(out)
+        # Inline the constants that folded layout ops left bound to vars, as FoldConstant does,
+        # and drop the bindings that leaves unused.
+        out = relax.transform.CanonicalizeBindings()(out)
+        for gvar, func in out.functions_items():
+            if isinstance(func, relax.Function):
+                out[gvar] = relax.analysis.remove_all_unused(func)
+        return out
 
 
 def canonicalize_function(func: relax.Function, fold_batch_norm: bool = True) -> relax.Function:

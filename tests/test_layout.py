@@ -166,6 +166,7 @@ def test_wheel_ships_the_top_level_folders_as_subpackages(tmp_path):
 
     names = set(zipfile.ZipFile(wheel).namelist())
     for expected in ("gmorph_tvm/passes/__init__.py", "gmorph_tvm/passes/canonicalize_ops.py",
+                     "gmorph_tvm/passes/horizontal_merge/__init__.py", "gmorph_tvm/passes/horizontal_merge/rules.py",
                      "gmorph_tvm/tuning/__init__.py", "gmorph_tvm/tuning/records/README.md",
                      "gmorph_tvm/core/manifest.py", "gmorph_tvm/lossy/driver.py"):
         assert expected in names, expected

@@ -18,7 +18,7 @@ from tvm import relax
 
 from gmorph_tvm import import_models, zoo
 from gmorph_tvm.passes.cost_model import MergeCost, MergeCostModel, MergeOptionError
-from gmorph_tvm.passes.horizontal_merge import HorizontalMerge, horizontal_merge
+from gmorph_tvm.passes.horizontal_merge import HorizontalMerge, horizontal_merge, merge_report
 from gmorph_tvm.passes.stitch_shared_weights import stitch
 from gmorph_tvm.passes._util import PROVENANCE_ATTR, count_ops, provenance_of
 
@@ -273,17 +273,17 @@ def test_auto_refuses_a_merge_whose_copies_cost_more_than_it_saves():
     models = _wide_pointwise_models()
     x = torch.randn(1, 8, 64, 64)
     mm = import_models(models, x)
-    auto = HorizontalMerge(mode="auto")
-    unchanged = auto(mm.mod)
+    unchanged = HorizontalMerge(mode="auto")(mm.mod)
     assert count_ops(unchanged)[CONV] == 2 and count_ops(unchanged)[SPLIT] == 0
-    [region] = auto.last_report
-    assert not region.merged and region.saved_us < 0
+    [region] = merge_report(mm.mod, mode="auto")
+    assert not region.merged and region.saved_us < 0 and region.branches == 2
+    assert region.ops == (CONV, "relax.add", "relax.nn.relu")
     assert region.cost == MergeCost(saved_kernels=1, added_kernels=1, copy_sizes=(2 * 2 * 8 * 64 * 64 * 4,))
 
-    always = HorizontalMerge(mode="always")
-    merged = always(mm.mod)
+    merged = HorizontalMerge(mode="always")(mm.mod)
     assert count_ops(merged)[CONV] == 1 and count_ops(merged)[SPLIT] == 1
-    assert always.last_report[0].merged
+    assert [r.merged for r in merge_report(mm, mode="always")] == [True]  # a MultiModel works too
+    assert merge_report(mm.mod, mode="never") == []
     assert_close(run_module(merged, [x]), _torch_outputs(models, x))
 
 
