@@ -408,8 +408,8 @@ def _import_onnx(task: str, model, examples: tuple | None, task_shapes: Mapping[
             mod = onnx_convert.convert(folded, shape_dict, dtype_dict)
     except onnx_convert.UnsupportedOps as err:
         raise ModelImportError(
-            f"model {task!r}: ONNX operator(s) not supported by TVM's Relax frontend nor gmorph-tvm: {err}; "
-            "try re-exporting with another opset or without these ops"
+            f"model {task!r}: operator(s) not supported by TVM's ONNX frontend: {err} (nor by gmorph-tvm's "
+            "converters); try re-exporting with another opset or without these ops"
         ) from None
     except onnx_convert.NodeConversionError as err:
         raise ModelImportError(

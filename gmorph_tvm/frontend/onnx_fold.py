@@ -8,7 +8,10 @@ those computations are constants. What this module does, in order:
 1. inline ONNX local functions (``onnx.inliner``; torch's dynamo exporter may emit them);
 2. give unnamed nodes a name ``<OpType>_<index>`` so that errors can point at a node;
 3. fold shape computations and constants with **onnxslim** (``slim(model, input_shapes=...)``),
-   which also runs ONNX shape inference.
+   which also runs ONNX shape inference;
+4. turn non-float initialisers (the folded shapes, axes, indices) into ``Constant`` nodes: TVM's
+   frontend makes every initialiser a weight parameter when weights are kept as inputs, and an
+   ``Expand`` / ``Tile`` ... whose shape is a parameter is dynamic again.
 
 Why onnxslim (measured on this project's real models, 2 CPU cores): it folds all of PaddleOCR
 det/cls/rec and EfficientNet-Lite0 from both torch exporters in 0.3-2.1 s each, after which TVM imports
@@ -55,8 +58,33 @@ def prepare(proto: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], what: s
         first = next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
         warnings.warn(f"{what}: onnxslim could not fold shape computations ({first[:200]}); importing as exported",
                       FoldWarning, stacklevel=3)
+        return _constants_for_non_float_initializers(model)
+    return _constants_for_non_float_initializers(folded)
+
+
+def _constants_for_non_float_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    graph = model.graph
+    keep, constants = [], []
+    for init in graph.initializer:
+        if init.data_type in _FLOAT_TYPES:
+            keep.append(init)
+        else:
+            constants.append(onnx.helper.make_node("Constant", [], [init.name], name=f"{init.name}_const", value=init))
+    if not constants:
         return model
-    return folded
+    declared = {init.name for init in constants}
+    inputs = [inp for inp in graph.input if inp.name not in declared]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    del graph.input[:]
+    graph.input.extend(inputs)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(constants + nodes)
+    return model
+
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 
 def _name_nodes(graph: onnx.GraphProto) -> None:
