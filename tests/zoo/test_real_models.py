@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
 import tvm
 
 from gmorph_tvm import import_models
@@ -20,7 +21,7 @@ from gmorph_tvm.pipeline import fuse_lossless
 from gmorph_tvm.zoo import real
 
 NAMES = ["ocr_det", "effnet_torch", "effnet_onnx_legacy", "effnet_onnx_dynamo", "ocr_cls", "ocr_rec",
-         "minilm_torch", "minilm_onnx_legacy", "minilm_onnx_dynamo"]
+         "minilm_torch", "minilm_onnx_legacy", "minilm_onnx_dynamo", "vad_seq", "vad_stream"]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,8 @@ def _shapes(m: real.RealModel) -> dict:
 @pytest.mark.parametrize("name", NAMES)
 def test_real_model_imports_alone(zoo, name):
     m = zoo[name]
-    mm = import_models({name: m.model}, [__import__("torch").from_numpy(a) for a in m.inputs]
-                       if m.source == "torch" else None, input_shapes=_shapes(m))
+    examples = [torch.from_numpy(a) for a in m.inputs] if m.source == "torch" else None
+    mm = import_models({name: m.model}, examples, input_shapes=_shapes(m))
     assert [s.name for s in mm.inputs] == m.input_names
     assert [s.shape for s in mm.inputs] == [a.shape for a in m.inputs]
     assert [o.shape for o in mm.tasks[0].outputs] == [r.shape for r in m.reference()]
@@ -49,8 +50,6 @@ def test_real_model_imports_alone(zoo, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("group", list(real.GROUPS))
 def test_real_model_group_fused_builds_and_matches(zoo, group):
-    import torch
-
     members = [m for m in zoo.values() if m.group == group]
     shared = real.GROUPS[group]
     examples = {m.name: tuple(torch.from_numpy(a) for a in m.inputs) for m in members if m.source == "torch"}
