@@ -12,6 +12,11 @@ MetaSchedule with N trials for that model; "-" without), and the reference runti
 of models reading the same input (``input_map`` joins torch's default input names), fused
 losslessly and built as one artifact, against the sum of the group's reference runtimes.
 Latencies are medians; TVM via ``vm.time_evaluator``.
+
+``--sweep`` then imports every ``.onnx`` file found in the installed packages (site-packages, less
+onnx's per-operator test cases) with symbolic dims set to 1 (first) / 64 (others; Silero VAD: one
+512-sample chunk), and prints per
+file the ops that neither TVM nor gmorph-tvm converts and the import result (one line).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ PARSER.add_argument("--models", help="comma-separated zoo names (default: all)")
 PARSER.add_argument("--fused", action="store_true", help="also build each input group as one fused artifact")
 PARSER.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per model (0: no tuning)")
 PARSER.add_argument("--threads", type=int, default=1, help="threads for TVM, onnxruntime and PyTorch")
+PARSER.add_argument("--sweep", action="store_true",
+                    help="also try every .onnx file shipped in installed packages and list unsupported ops")
 PARSER.add_argument("--work-dir", default=None, help="exports and tuning databases (default: a temp dir)")
 ARGS = PARSER.parse_args() if __name__ == "__main__" else None
 if ARGS is not None:
@@ -46,6 +53,7 @@ from gmorph_tvm import import_models  # noqa: E402
 from gmorph_tvm.benchmark import time_callable  # noqa: E402
 from gmorph_tvm.build import build  # noqa: E402
 from gmorph_tvm.errors import GmorphError  # noqa: E402
+from gmorph_tvm.frontend.onnx_convert import unsupported_ops  # noqa: E402
 from gmorph_tvm.pipeline import fuse_lossless  # noqa: E402
 from gmorph_tvm.zoo import real  # noqa: E402
 
@@ -131,6 +139,45 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _shipped_onnx_files() -> list[Path]:
+    import site
+
+    skip = ("backend/test/data/node", "backend/test/data/pytorch", "backend/test/data/simple")
+    files = set()
+    for root in site.getsitepackages():
+        files.update(p for p in Path(root).rglob("*.onnx") if not any(s in str(p) for s in skip))
+    return sorted(files)
+
+
+# (package, input) -> shape where 1/64 makes no sense: Silero VAD reads 512-sample 16 kHz chunks.
+SWEEP_SHAPES = {("silero_vad", "input"): [1, 512], ("silero_vad", "state"): [2, 1, 128]}
+
+
+def _sweep() -> list[dict]:
+    import onnx
+
+    rows = []
+    for path in _shipped_onnx_files():
+        model = onnx.load(str(path))
+        inits = {i.name for i in model.graph.initializer}
+        shapes = {}
+        for inp in (i for i in model.graph.input if i.name not in inits):
+            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                    for d in inp.type.tensor_type.shape.dim]
+            guess = [d if d is not None else (1 if k == 0 else 64) for k, d in enumerate(dims)]
+            shapes[inp.name] = SWEEP_SHAPES.get((path.parent.parent.name, inp.name), guess)
+        missing = unsupported_ops(model.graph)
+        try:
+            import_models({"m": str(path)}, input_shapes=shapes)
+            result = "imports"
+        except GmorphError as err:
+            result = str(err).replace(str(path), path.name)[:150]
+        label = "/".join(path.parts[-3:])
+        rows.append({"file": label, "unsupported ops": ", ".join(missing) or "-", "import": result})
+        print(f"[sweep] {rows[-1]}", file=sys.stderr, flush=True)
+    return rows
+
+
 def main(args) -> int:
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="gmorph_zoo_"))
@@ -154,6 +201,9 @@ def main(args) -> int:
                                  members, work, args, fused=True))
                 print(f"[zoo] {rows[-1]}", file=sys.stderr, flush=True)
     print(_table(rows))
+    if args.sweep:
+        print()
+        print(_table(_sweep()))
     return 0 if all(r["matches"] == "yes" for r in rows) else 1
 
 

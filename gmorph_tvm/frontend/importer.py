@@ -165,10 +165,12 @@ def _import_one(task: str, model: Any, examples: tuple | None, shapes: dict, dty
 
 
 def _short(err: BaseException) -> str:
-    """The informative last line of an error, without TVM's C++ backtrace."""
+    """The informative last line of an error, without TVM's C++ backtrace or check condition."""
     lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
     for line in reversed(lines):
         if not line.startswith(("File ", "at ", "^", "~")) and "Traceback" not in line:
+            # "Check failed: (cond) is false: message" -> "message" (the condition is TVM-internal)
+            line = re.sub(r"^.*?Check failed: .*? is false:\s*", "", line) or line
             return line[:500]
     return type(err).__name__
 

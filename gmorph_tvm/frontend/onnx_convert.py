@@ -40,15 +40,21 @@ class NodeConversionError(Exception):
         super().__init__(f"node {node!r} ({op_type}): {cause}")
 
 
+def unsupported_ops(graph: onnx.GraphProto) -> dict[str, str]:
+    """Op types of ``graph`` (with their domain when not ai.onnx) that nothing converts -> first node."""
+    known = onnx_frontend._get_convert_map()
+    missing: dict[str, str] = {}
+    for node in graph.node:
+        op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        # TVM converts some com.microsoft contrib ops by their bare op type, so domains pass.
+        if node.op_type not in known and node.op_type not in CONVERTERS and node.op_type not in _HANDLED_BY_GRAPH_WALK:
+            missing.setdefault(op, node.name)
+    return missing
+
+
 class _Importer(onnx_frontend.ONNXGraphImporter):
     def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
-        known = onnx_frontend._get_convert_map()
-        missing: dict[str, str] = {}
-        for node in graph.node:
-            op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-            # TVM converts some com.microsoft contrib ops by their bare op type, so domains pass.
-            if node.op_type not in known and node.op_type not in CONVERTERS and node.op_type not in _HANDLED_BY_GRAPH_WALK:
-                missing.setdefault(op, node.name)
+        missing = unsupported_ops(graph)
         if missing:
             raise UnsupportedOps(missing)
 

@@ -197,3 +197,11 @@ def test_unsupported_op_error_names_the_first_node_using_it():
     model = _model([helper.make_node("Det", ["x"], ["y"], name="geometry_det")], [x], [y])
     with pytest.raises(ModelImportError, match=r"model 'geo': .*Det \(node 'geometry_det'\).*; try "):
         import_models({"geo": model})
+
+
+def test_tvm_check_conditions_are_cut_from_messages():
+    from gmorph_tvm.frontend.importer import _short
+
+    err = RuntimeError("Traceback (most recent call last):\n  File \"x.py\", line 1\nInternalError: Check failed: "
+                       "(data_ty->shape.has_value()) is false: Reshape expects the input tensor to have known shape.")
+    assert _short(err) == "Reshape expects the input tensor to have known shape."
