@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gmorph_tvm import import_models, zoo
 from gmorph_tvm.errors import InputSpecError, ModelImportError
-from gmorph_tvm.frontend.importer import SimilarInputsWarning
+from gmorph_tvm.frontend.importer import SimilarInputsWarning, _short
 
 from helpers import run_relax
 
@@ -200,8 +200,6 @@ def test_unsupported_op_error_names_the_first_node_using_it():
 
 
 def test_tvm_check_conditions_are_cut_from_messages():
-    from gmorph_tvm.frontend.importer import _short
-
     err = RuntimeError("Traceback (most recent call last):\n  File \"x.py\", line 1\nInternalError: Check failed: "
                        "(data_ty->shape.has_value()) is false: Reshape expects the input tensor to have known shape.")
     assert _short(err) == "Reshape expects the input tensor to have known shape."
