@@ -1,6 +1,7 @@
 """The ``gmorph-tvm`` command line.
 
-    gmorph-tvm build a.onnx b.pt2 [--names age,gender] [--target llvm] [--fuse] -o out.so
+    gmorph-tvm build a.onnx b.pt2 [--names age,gender] [--input-shape x=1,3,64,64] [--input-map b.input.1=x]
+                     [--target llvm] [--fuse] -o out.so
     gmorph-tvm run out.so --input x=x.npy [--save-outputs DIR]
     gmorph-tvm info out.so
     gmorph-tvm bench out.so [--rpc HOST:PORT | --tracker HOST:PORT --key KEY] [--compare b.so ...]
@@ -32,6 +33,15 @@ def _parse_shape(text: str) -> tuple[str, list[int]]:
         return name, [int(d) for d in dims.replace("x", ",").split(",") if d]
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad shape in {text!r}: dimensions must be integers") from None
+
+
+def _parse_input_map(text: str) -> tuple[str, str]:
+    """``TASK.INPUT=SHARED`` -> ("TASK.INPUT", "SHARED"); INPUT may itself hold dots (``input.1``)."""
+    key, sep, shared = text.rpartition("=")
+    task, dot, name = key.partition(".")
+    if not sep or not shared or not dot or not task or not name:
+        raise argparse.ArgumentTypeError(f"expected TASK.INPUT=SHARED (e.g. cls.input.1=x), got {text!r}")
+    return key, shared
 
 
 def _parse_input(text: str) -> tuple[str, str]:
@@ -92,7 +102,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     names = _task_names(args.models, args.names)
     shapes = dict(args.input_shape or [])
     _progress(f"importing {len(names)} model(s): {', '.join(names)}")
-    mm = import_models(dict(zip(names, args.models)), input_shapes=shapes or None)
+    mm = import_models(dict(zip(names, args.models)), input_shapes=shapes or None,
+                       input_map=dict(args.input_map or []) or None)
     if args.fuse:
         _progress("fusing (canonicalise, stitch shared weights, merge compatible ops)")
         mm = fuse_lossless(mm, merge=args.merge)
@@ -200,7 +211,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", help="model files: .onnx or .pt2 (torch.export.save)")
     p.add_argument("--names", help="comma-separated task names, one per model (default: file stems)")
     p.add_argument("--input-shape", action="append", type=_parse_shape, metavar="NAME=D1,D2,...",
-                   help="static shape for an ONNX input with symbolic dims (repeatable)")
+                   help="static shape of an input with symbolic dims, ONNX or .pt2 (repeatable)")
+    p.add_argument("--input-map", action="append", type=_parse_input_map, metavar="TASK.INPUT=SHARED",
+                   help="model TASK's input INPUT is the shared input SHARED (repeatable), e.g. cls.input.1=x")
     p.add_argument("--target", default="llvm", help="preset (llvm, cuda, cuda:sm_XX, jetson-orin, jetson-xavier, "
                    "jetson-nano, aarch64) or a JSON target dict (default: llvm for this host)")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,

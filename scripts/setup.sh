@@ -22,6 +22,9 @@ fi
 
 python3 -m pip install -q "torch==2.13.0"
 python3 -m pip install -q -e ".[${extras}]"
+# Real-model zoo: only the .onnx files of these packages are read (PaddleOCR, Silero VAD); their own
+# dependencies (OpenCV, Shapely, torchaudio, ...) are not needed, so they go in without them.
+python3 -m pip install -q --no-deps "rapidocr-onnxruntime==1.4.4" "silero-vad==6.2.3"
 # apache-tvm accepts any apache-tvm-ffi>=0.1.14; only 0.1.14.post1 serialises IR without crashing.
 python3 - <<'PY'
 import tvm_ffi, sys

@@ -5,7 +5,13 @@ Each model is imported on its own through TVM's frontend (``torch.export`` +
 weight is renamed ``<task>.<original parameter name>`` so its provenance survives merging. The
 per-model functions are then called from one ``main`` that takes the distinct inputs (tasks that
 read an input of the same name, shape and dtype share one Relax var) and returns every task's
-outputs, and are inlined so later passes see one dataflow graph.
+outputs, and are inlined so later passes see one dataflow graph. TIR functions a frontend emits
+beside ``main`` (``emit_te``, e.g. Clip with tensor bounds) are kept, renamed ``<task>_<name>``.
+
+ONNX graphs are first folded at the given static shapes (``onnx_fold``: onnxslim) and converted with
+gmorph-tvm's extra converters (``onnx_convert``, ``onnx_ops``: LSTM, GRU). An exported program whose
+inputs have dynamic dims is re-exported at the given static shapes. ``input_map`` says which task
+inputs read the same tensor under different names; a warning points out inputs that look alike.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from tvm import relax
 
 from ..errors import InputSpecError, ModelImportError
 from ..core.provenance import PROVENANCE_ATTR, encode_provenance
+from . import onnx_convert, onnx_fold
 from .multimodel import MultiModel, TaskInfo, TensorSpec, with_weight_params
 
 ModelLike = Union["torch.nn.Module", str, os.PathLike, "onnx.ModelProto"]  # noqa: F821
@@ -42,6 +49,11 @@ class _ImportedTask:
     weights: list[tuple[str, str, tvm.runtime.Tensor]]  # (new name, original name, value)
     source: str
     source_hash: str
+    functions: dict[tvm.ir.GlobalVar, tvm.ir.BaseFunc]  # other functions of the frontend's module
+
+
+class SimilarInputsWarning(UserWarning):
+    """Two models have inputs of identical shape and dtype under different names."""
 
 
 def import_models(
@@ -50,6 +62,7 @@ def import_models(
     *,
     input_shapes: Mapping[str, Any] | None = None,
     input_dtypes: Mapping[str, str] | None = None,
+    input_map: Mapping[str, str] | None = None,
 ) -> MultiModel:
     """Import several task models into one :class:`MultiModel`.
 
@@ -62,10 +75,15 @@ def import_models(
         Example inputs for the PyTorch models (needed by ``torch.export``): one tensor or a tuple
         of tensors shared by every model, or a mapping task name -> tensor / tuple of tensors.
     input_shapes:
-        Static shapes for ONNX inputs whose shape is symbolic: input name -> shape, or task name
-        -> {input name -> shape}.
+        Static shapes for inputs whose shape is symbolic (ONNX inputs, dynamic dims of an exported
+        program / ``.pt2``): input name -> shape, or task name -> {input name -> shape}. An input
+        renamed by ``input_map`` may also be given under its shared name.
     input_dtypes:
         dtypes for ONNX inputs (input name -> dtype); default is what the file declares.
+    input_map:
+        ``"task.input" -> "shared"``: task ``task``'s input ``input`` is the shared input
+        ``shared`` (e.g. ``{"ocr_cls.input.1": "x"}`` when a model kept torch's default name).
+        Inputs of the same name, shape and dtype are shared without it.
     """
     if not models:
         raise ModelImportError("import_models needs at least one model")
@@ -75,8 +93,41 @@ def import_models(
             raise ModelImportError(
                 f"task name {task!r} is not valid: use letters, digits, '_' or '-', starting with a letter"
             )
-        imported.append(_import_one(task, model, _examples_for(task, example_inputs), input_shapes, input_dtypes))
-    return _merge(imported)
+        imported.append(_import_one(task, model, _examples_for(task, example_inputs),
+                                    _task_shapes(task, input_shapes, input_map), input_dtypes))
+    return _merge(imported, _check_input_map(imported, input_map))
+
+
+def _task_shapes(task: str, shapes: Mapping[str, Any] | None, input_map: Mapping[str, str] | None) -> dict:
+    """Input name -> static shape for ``task``: global entries, the task's own, shared names mapped back."""
+    if not shapes:
+        return {}
+    out = {name: dims for name, dims in shapes.items() if not isinstance(dims, Mapping)}
+    for key, shared in (input_map or {}).items():
+        owner, _, name = key.partition(".")
+        if owner == task and shared in out and name not in out:
+            out[name] = out[shared]
+    own = shapes.get(task)
+    if isinstance(own, Mapping):
+        out.update(own)
+    return out
+
+
+def _check_input_map(tasks: list[_ImportedTask], input_map: Mapping[str, str] | None) -> dict[tuple[str, str], str]:
+    """``input_map`` as (task, input) -> shared name, every key checked against the models."""
+    out: dict[tuple[str, str], str] = {}
+    by_name = {t.name: t for t in tasks}
+    for key, shared in (input_map or {}).items():
+        task, sep, name = str(key).partition(".")
+        if not sep or not name or not shared:
+            raise InputSpecError(f"input_map key {key!r} must be TASK.INPUT (mapped to a shared name, got {shared!r})")
+        if task not in by_name:
+            raise InputSpecError(f"input_map key {key!r}: no model named {task!r}; models are {', '.join(by_name)}")
+        names = [spec.name for spec in by_name[task].inputs]
+        if name not in names:
+            raise InputSpecError(f"input_map key {key!r}: model {task!r} has no input {name!r}; its inputs are {', '.join(map(repr, names))}")
+        out[(task, name)] = str(shared)
+    return out
 
 
 # ---- per-frontend import -------------------------------------------------------------------
@@ -94,18 +145,18 @@ def _examples_for(task: str, example_inputs: ExampleInputs | None) -> tuple | No
     return tuple(ex) if isinstance(ex, (tuple, list)) else (ex,)
 
 
-def _import_one(task: str, model: Any, examples: tuple | None, shapes, dtypes) -> _ImportedTask:
+def _import_one(task: str, model: Any, examples: tuple | None, shapes: dict, dtypes) -> _ImportedTask:
     try:
         import torch
 
         if isinstance(model, torch.nn.Module):
-            return _import_torch(task, model, examples)
+            return _import_torch(task, model, examples, shapes)
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
     if isinstance(model, (str, os.PathLike)) and str(model).endswith(".pt2"):
-        return _import_torch(task, _load_exported_program(task, Path(model)), examples)
+        return _import_torch(task, _load_exported_program(task, Path(model)), examples, shapes)
     if type(model).__name__ == "ExportedProgram":
-        return _import_torch(task, model, examples)
+        return _import_torch(task, model, examples, shapes)
     if isinstance(model, (str, os.PathLike)) or type(model).__name__ == "ModelProto":
         return _import_onnx(task, model, examples, shapes, dtypes)
     raise ModelImportError(
@@ -115,10 +166,12 @@ def _import_one(task: str, model: Any, examples: tuple | None, shapes, dtypes) -
 
 
 def _short(err: BaseException) -> str:
-    """The informative last line of an error, without TVM's C++ backtrace."""
+    """The informative last line of an error, without TVM's C++ backtrace or check condition."""
     lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
     for line in reversed(lines):
         if not line.startswith(("File ", "at ", "^", "~")) and "Traceback" not in line:
+            # "Check failed: (cond) is false: message" -> "message" (the condition is TVM-internal)
+            line = re.sub(r"^.*?Check failed: .*? is false:\s*", "", line) or line
             return line[:500]
     return type(err).__name__
 
@@ -179,12 +232,13 @@ def _load_exported_program(task: str, path: Path):
         raise ModelImportError(f"model {task!r}: {str(path)!r} is not a valid torch.export (.pt2) file ({_one_line(err, 200)})") from None
 
 
-def _import_torch(task: str, model, examples: tuple | None) -> _ImportedTask:
+def _import_torch(task: str, model, examples: tuple | None, shapes: Mapping[str, Any] | None = None) -> _ImportedTask:
     """Import an ``nn.Module`` (exported here with ``examples``) or an ``ExportedProgram``."""
     import torch
 
     if isinstance(model, torch.export.ExportedProgram):
-        return _import_exported(task, model, _hash_arrays((k, v.detach().cpu().numpy()) for k, v in model.state_dict.items()))
+        source_hash = _hash_arrays((k, v.detach().cpu().numpy()) for k, v in model.state_dict.items())
+        return _import_exported(task, _specialise(task, model, examples, shapes or {}), source_hash)
     if examples is None:
         raise ModelImportError(f"model {task!r}: a PyTorch model needs example_inputs for torch.export")
     examples = tuple(torch.as_tensor(e) if isinstance(e, np.ndarray) else e for e in examples)
@@ -200,6 +254,46 @@ def _import_torch(task: str, model, examples: tuple | None) -> _ImportedTask:
     return _import_exported(task, exported, _hash_arrays((k, v.detach().cpu().numpy()) for k, v in state.items()))
 
 
+def _specialise(task: str, exported, examples: tuple | None, shapes: Mapping[str, Any]):
+    """``exported`` re-exported at static shapes when its user inputs have dynamic dims.
+
+    Shapes come from ``shapes`` (by input name), else from ``examples`` (by position). A static
+    program is returned as it is.
+    """
+    import torch
+
+    nodes = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
+    names = list(exported.graph_signature.user_inputs)
+    metas = [nodes[name].meta.get("val") if name in nodes else None for name in names]
+    dims_of = [[d if isinstance(d, int) else None for d in m.shape] if isinstance(m, torch.Tensor) else None for m in metas]
+    if all(dims is None or None not in dims for dims in dims_of):
+        return exported
+    args = []
+    for pos, (name, meta, dims) in enumerate(zip(names, metas, dims_of)):
+        if name in shapes:
+            args.append(torch.zeros([int(d) for d in shapes[name]], dtype=meta.dtype))
+        elif examples is not None and pos < len(examples):
+            args.append(torch.as_tensor(examples[pos]))
+        elif dims is not None and None not in dims:
+            args.append(torch.zeros(dims, dtype=meta.dtype))
+        else:
+            shown = ",".join("?" if d is None else str(d) for d in (dims or []))
+            raise InputSpecError(
+                f"model {task!r}: input {name!r} of the exported program has dynamic dims [{shown}]; "
+                f"give a static shape: input_shapes={{'{name}': [...]}} (CLI: --input-shape {name}=D1,D2,...)"
+            )
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_torch_logs():
+            warnings.simplefilter("ignore")
+            return torch.export.export(exported.module(), tuple(args))
+    except Exception as err:
+        shapes_text = ", ".join(f"{n}={list(a.shape)}" for n, a in zip(names, args))
+        raise ModelImportError(
+            f"model {task!r}: re-exporting the program at static shapes {shapes_text} failed: "
+            f"{_torch_export_reason(err)}; try other --input-shape values"
+        ) from None
+
+
 def _import_exported(task: str, exported, source_hash: str) -> _ImportedTask:
     import torch
     from tvm.relax.frontend.torch import from_exported_program
@@ -211,8 +305,14 @@ def _import_exported(task: str, exported, source_hash: str) -> _ImportedTask:
     except Exception as err:
         ops = _unsupported_ops(err)
         if ops:
-            raise ModelImportError(f"model {task!r}: operator(s) not supported by TVM's PyTorch frontend: {ops}") from None
-        raise ModelImportError(f"model {task!r}: TVM could not import the exported program: {_short(err)}") from None
+            raise ModelImportError(
+                f"model {task!r}: torch op(s) not supported by TVM's PyTorch frontend: {ops}; "
+                "try exporting to ONNX (torch.onnx.export) and importing the .onnx file"
+            ) from None
+        raise ModelImportError(
+            f"model {task!r}: TVM could not import the exported program: {_short(err)}; "
+            "try static shapes (--input-shape NAME=D1,D2,...) or an ONNX export of the model"
+        ) from None
 
     # Original names of the parameters (p_conv1_weight -> conv1.weight) and buffers.
     sig = exported.graph_signature
@@ -227,7 +327,7 @@ def _import_exported(task: str, exported, source_hash: str) -> _ImportedTask:
     num_input = int(func.attrs["num_input"])
     inputs = [_spec_of(p) for p in list(func.params)[:num_input]]
     weights = list(zip(param_targets, func.attrs["params"]))
-    return _finish(task, func, num_input, inputs, weights, named_buffers, "torch", source_hash)
+    return _finish(task, mod, num_input, inputs, weights, named_buffers, "torch", source_hash)
 
 
 def _tensor_of(exported, target: str):
@@ -237,22 +337,48 @@ def _tensor_of(exported, target: str):
     return None if value is None else value.detach().cpu().numpy()
 
 
-def _import_onnx(task: str, model, examples: tuple | None, shapes, dtypes) -> _ImportedTask:
+def _read_onnx(task: str, path: Path):
+    """The ModelProto of ``path`` with external data loaded, and the sha256 of all its bytes."""
     import onnx
-    from tvm.relax.frontend.onnx import from_onnx
+    from onnx import external_data_helper
+
+    if not path.is_file():
+        raise ModelImportError(f"model {task!r}: ONNX file {str(path)!r} does not exist")
+    raw = path.read_bytes()
+    digest = hashlib.sha256(raw)
+    try:
+        proto = onnx.load_from_string(raw)
+    except Exception as err:
+        raise ModelImportError(f"model {task!r}: {str(path)!r} is not a valid ONNX file ({_short(err)})") from None
+    locations = sorted({
+        entry.value
+        for tensor in external_data_helper._get_all_tensors(proto)
+        if external_data_helper.uses_external_data(tensor)
+        for entry in tensor.external_data
+        if entry.key == "location"
+    })
+    if locations:
+        for location in locations:
+            data = path.parent / location
+            if not data.is_file():
+                raise ModelImportError(
+                    f"model {task!r}: {str(path)!r} keeps its weights in {location!r}, which is not beside it"
+                )
+            digest.update(data.read_bytes())
+        external_data_helper.load_external_data_for_model(proto, str(path.parent))
+    return proto, digest.hexdigest()
+
+
+def _import_onnx(task: str, model, examples: tuple | None, task_shapes: Mapping[str, Any], dtypes) -> _ImportedTask:
+    import onnx
 
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
-        if not path.is_file():
-            raise ModelImportError(f"model {task!r}: ONNX file {str(path)!r} does not exist")
-        raw = path.read_bytes()
-        try:
-            proto = onnx.load_from_string(raw)
-        except Exception as err:
-            raise ModelImportError(f"model {task!r}: {str(path)!r} is not a valid ONNX file ({_short(err)})") from None
+        proto, source_hash = _read_onnx(task, path)
         where = repr(str(path))
     else:
-        proto, raw, where = model, model.SerializeToString(), "the ONNX model"
+        proto, where = model, "the ONNX model"
+        source_hash = hashlib.sha256(model.SerializeToString()).hexdigest()
     try:
         onnx.checker.check_model(proto)
     except Exception as err:
@@ -260,9 +386,6 @@ def _import_onnx(task: str, model, examples: tuple | None, shapes, dtypes) -> _I
 
     initializers = {init.name for init in proto.graph.initializer}
     graph_inputs = [i for i in proto.graph.input if i.name not in initializers]
-    task_shapes = shapes.get(task, shapes) if isinstance(shapes, Mapping) else {}
-    if isinstance(task_shapes, Mapping) and any(isinstance(v, Mapping) for v in task_shapes.values()):
-        task_shapes = {}  # a per-task mapping that does not name this task
     shape_dict, dtype_dict = {}, {}
     for pos, inp in enumerate(graph_inputs):
         tensor_type = inp.type.tensor_type
@@ -273,21 +396,33 @@ def _import_onnx(task: str, model, examples: tuple | None, shapes, dtypes) -> _I
         elif examples is not None and pos < len(examples) and None in dims:
             dims = list(np.shape(examples[pos]))
         if None in dims or any(d <= 0 for d in dims):
+            shown = ",".join("?" if d is None else str(d) for d in dims)
             raise InputSpecError(
-                f"model {task!r}: ONNX input {inp.name!r} has a symbolic shape {dims}; "
-                f"give it with input_shapes={{'{inp.name}': [...]}}"
+                f"model {task!r}: ONNX input {inp.name!r} has a symbolic shape [{shown}]; "
+                f"give it with input_shapes={{'{inp.name}': [...]}} (CLI: --input-shape {inp.name}=D1,D2,...)"
             )
         shape_dict[inp.name] = dims
         dtype_dict[inp.name] = (dtypes or {}).get(inp.name, dtype)
+    folded = onnx_fold.prepare(proto, shape_dict, f"model {task!r}")
+    shapes_flag = " ".join(f"--input-shape {n}={','.join(map(str, d))}" for n, d in shape_dict.items())
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            mod = from_onnx(proto, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=True)
+            mod = onnx_convert.convert(folded, shape_dict, dtype_dict)
+    except onnx_convert.UnsupportedOps as err:
+        raise ModelImportError(
+            f"model {task!r}: operator(s) not supported by TVM's ONNX frontend: {err} (nor by gmorph-tvm's "
+            "converters); try re-exporting with another opset or without these ops"
+        ) from None
+    except onnx_convert.NodeConversionError as err:
+        raise ModelImportError(
+            f"model {task!r}: TVM cannot convert ONNX node {err.node!r} ({err.op_type}) of {where}: "
+            f"{_short(err.cause)}; check the static input shapes ({shapes_flag}) or re-export with another opset"
+        ) from None
     except Exception as err:
-        ops = _unsupported_ops(err)
-        if ops:
-            raise ModelImportError(f"model {task!r}: operator(s) not supported by TVM's ONNX frontend: {ops}") from None
-        raise ModelImportError(f"model {task!r}: TVM could not import {where}: {_short(err)}") from None
+        raise ModelImportError(
+            f"model {task!r}: TVM could not import {where}: {_short(err)}; check the static input shapes ({shapes_flag})"
+        ) from None
 
     func = mod["main"]
     num_input = int(func.attrs["num_input"]) if "num_input" in func.attrs else len(graph_inputs)
@@ -296,11 +431,11 @@ def _import_onnx(task: str, model, examples: tuple | None, shapes, dtypes) -> _I
         TensorSpec(inp.name, _spec_of(p).shape, _spec_of(p).dtype)
         for inp, p in zip(graph_inputs, list(func.params)[:num_input])
     ]
-    sanitized = {_sanitize(name): name for name in initializers}
+    sanitized = {_sanitize(init.name): init.name for init in folded.graph.initializer}
     weight_params = list(func.params)[num_input:]
     weight_values = list(func.attrs["params"]) if "params" in func.attrs else []
     weights = [(sanitized.get(p.name, p.name), v) for p, v in zip(weight_params, weight_values)]
-    return _finish(task, func, num_input, inputs, weights, {}, "onnx", hashlib.sha256(raw).hexdigest(),
+    return _finish(task, mod, num_input, inputs, weights, {}, "onnx", source_hash,
                    input_names=[inp.name for inp in graph_inputs])
 
 
@@ -330,7 +465,7 @@ def _hash_arrays(items) -> str:
 
 def _finish(
     task: str,
-    func: relax.Function,
+    mod: tvm.IRModule,
     num_input: int,
     inputs: list[TensorSpec],
     weights: list[tuple[str, tvm.runtime.Tensor]],
@@ -339,7 +474,12 @@ def _finish(
     source_hash: str,
     input_names: list[str] | None = None,
 ) -> _ImportedTask:
-    """Rename weight params to ``<task>.<orig>``, lift embedded constants to named params."""
+    """Rename weight params to ``<task>.<orig>``, lift embedded constants to named params.
+
+    Functions of ``mod`` other than ``main`` (TIR the frontend emitted) are kept with the task.
+    """
+    func = mod["main"]
+    functions = {gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"}
     params = list(func.params)
     new_params = []
     for i, p in enumerate(params[:num_input]):
@@ -355,7 +495,7 @@ def _finish(
     renamed.extend(lifted)
     weight_values = [v for _, _, v in renamed]
     lifted_func = with_weight_params(lifted_func.without_attr("global_symbol"), num_input, weight_values)
-    return _ImportedTask(task, lifted_func, inputs, renamed, source, source_hash)
+    return _ImportedTask(task, lifted_func, inputs, renamed, source, source_hash, functions)
 
 
 def _lift_constants(
@@ -421,7 +561,11 @@ def _output_specs(task: str, func: relax.Function) -> list[TensorSpec]:
     return specs
 
 
-def _merge(tasks: list[_ImportedTask]) -> MultiModel:
+def _merge(tasks: list[_ImportedTask], input_map: Mapping[tuple[str, str], str] | None = None) -> MultiModel:
+    input_map = input_map or {}
+    # Inputs under their shared names (input_map applied): what main takes and the manifest lists.
+    for t in tasks:
+        t.inputs = [TensorSpec(input_map.get((t.name, spec.name), spec.name), spec.shape, spec.dtype) for spec in t.inputs]
     shared: dict[str, tuple[TensorSpec, str, relax.Var]] = {}
     for t in tasks:
         for spec, param in zip(t.inputs, t.func.params):
@@ -434,10 +578,11 @@ def _merge(tasks: list[_ImportedTask]) -> MultiModel:
                     )
             else:
                 shared[spec.name] = (spec, t.name, relax.Var(spec.name, param.ty))
+    _warn_similar_inputs(shared)
 
     weight_vars = []
     bb = relax.BlockBuilder()
-    gvars = [bb.add_func(t.func, f"task_{t.name.replace('-', '_')}") for t in tasks]
+    gvars = [bb.add_func(_with_own_functions(bb, t), f"task_{t.name.replace('-', '_')}") for t in tasks]
     input_vars = [var for _, _, var in shared.values()]
     per_task_weights = []
     for t in tasks:
@@ -470,13 +615,53 @@ def _merge(tasks: list[_ImportedTask]) -> MultiModel:
         relax.analysis.well_formed(mod)  # raises on the first violation
     except Exception as err:
         names = ", ".join(t.name for t in tasks)
-        raise ModelImportError(f"merging models {names} produced an invalid module: {_short(err)}") from None
+        raise ModelImportError(
+            f"merging models {names} produced an invalid module (a gmorph-tvm bug; import each model alone to "
+            f"find the one that fails, and report it): {_short(err)}"
+        ) from None
     infos = [
         TaskInfo(t.name, tuple(t.inputs), tuple(_output_specs(t.name, t.func)), t.source, t.source_hash) for t in tasks
     ]
     params = {name: value for name, _, value, _ in weights}
     provenance = {name: [(task, orig)] for name, orig, _, task in weights}
     return MultiModel(mod, params, [spec for spec, _, _ in shared.values()], infos, provenance)
+
+
+def _warn_similar_inputs(shared: Mapping[str, tuple[TensorSpec, str, relax.Var]]) -> None:
+    """Warn when inputs of different models have identical shape and dtype but different names."""
+    seen: dict[tuple, tuple[str, str]] = {}
+    for name, (spec, owner, _) in shared.items():
+        key = (spec.shape, spec.dtype)
+        if key in seen and seen[key][1] != owner:
+            first, first_owner = seen[key]
+            warnings.warn(
+                f"models {first_owner!r} and {owner!r} read inputs {first!r} and {name!r} of identical shape "
+                f"{spec.dtype}{list(spec.shape)} under different names, so they are separate inputs; if they are "
+                f"the same tensor pass input_map={{'{owner}.{name}': '{first}'}} (CLI: --input-map {owner}.{name}={first})",
+                SimilarInputsWarning,
+                stacklevel=4,
+            )
+        seen.setdefault(key, (name, owner))
+
+
+def _with_own_functions(bb: relax.BlockBuilder, task: _ImportedTask) -> relax.Function:
+    """Add the task's other functions (TIR) to ``bb`` as ``<task>_<name>``; its function, calling them."""
+    if not task.functions:
+        return task.func
+    prefix = re.sub(r"[^A-Za-z0-9_]", "_", task.name)
+    mapping = {}
+    for gv, func in task.functions.items():
+        new_gv = bb.add_func(func, f"{prefix}_{gv.name_hint}")
+        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and "global_symbol" in func.attrs:
+            bb.update_func(new_gv, func.with_attr("global_symbol", new_gv.name_hint))
+        mapping[gv] = new_gv
+
+    @relax.expr_functor.mutator
+    class _Rename(relax.PyExprMutator):
+        def visit_global_var_(self, op):
+            return mapping.get(op, op)
+
+    return _Rename().visit_expr(task.func)
 
 
 def _dtype_str(ty: relax.TensorType) -> str:
