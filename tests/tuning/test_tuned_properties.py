@@ -13,13 +13,12 @@ import warnings
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
+from passes.random_models import assert_close, multi_model_cases
 
 from gmorph_tvm import import_models
 from gmorph_tvm.build import build
 from gmorph_tvm.pipeline import fuse_lossless
 from gmorph_tvm.tuning import TuningWarning, tune
-
-from passes.random_models import assert_close, multi_model_cases
 
 
 @pytest.mark.slow
