@@ -13,7 +13,8 @@ finishes the module for ``tvm.compile``:
 * CUDA: kernels without tuning records get dlight's default GPU schedules (every kernel must be
   thread-bound to compile); tuned ones keep their records.
 
-Both must see the same module: workloads are matched by structural hash.
+Both must see the same module: workloads are matched by structural hash. Records are applied
+only after they are checked against the default schedule (:mod:`.verify`).
 """
 
 from __future__ import annotations
