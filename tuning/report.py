@@ -32,7 +32,7 @@ class TaskReport:
     records_rejected: int = 0  # measured schedules that computed wrong results (not stored)
     best_us: float | None = None  # best measured latency of one call, this run
     seconds: float = 0.0
-    check_seconds: float = 0.0  # of seconds, spent checking measured schedules' results
+    check_seconds: float = 0.0  # spent checking measured schedules' results against the default
     message: str = ""
 
 

@@ -7,6 +7,11 @@ database in ``work_dir``. If the worker dies inside a task (segfault, abort, OOM
 raises or times out, that kernel is reported with a :class:`TuningWarning` naming it and simply
 has no records, so it keeps its default schedule; a fresh worker carries on with the other tasks.
 
+Every measured schedule is run against the kernel's default schedule on random inputs before
+it is committed (:func:`gmorph_tvm.tuning.verify.verifying_add_to_database`); one that computes
+different values is not stored, and the task's report counts it (``records_rejected``, with a
+:class:`TuningWarning`).
+
 Trials already in the database count towards each task's budget, so re-running with the same
 work dir and budget tunes nothing again, and a larger budget only runs the difference.
 """

@@ -113,7 +113,11 @@ def build(
     For a MultiModel the weights are bound as constants first (``model.bound_module()``). A bare
     IRModule is compiled as is; its inputs come from ``main``'s parameters and each of its
     outputs becomes a task ``out0``, ``out1``, ... . ``tuning_db`` is a MetaSchedule work dir
-    whose tuned schedules are applied where they match.
+    whose tuned schedules are applied where they match and compute what the default schedule
+    computes (checked per kernel on random inputs); a tuned artifact is then compared with the
+    untuned build on random inputs before it is returned (:mod:`gmorph_tvm.build.tuned_check`).
+    Records that fail either check are dropped with a :class:`~gmorph_tvm.tuning.TuningWarning`
+    naming the kernel; manifest field ``tuning`` says what was applied, dropped and measured.
     """
     tgt = resolve_target(target)
     if isinstance(model, MultiModel):
@@ -162,7 +166,7 @@ def build(
         if tuning_check.fell_back:
             lowered = untuned[0]
     elif applied is not None:
-        tuning_check = tuned_check.ModuleCheck(dropped=dict(applied.dropped))
+        tuning_check = tuned_check.ModuleCheck(dropped=dict(applied.dropped), kernel_seconds=applied.seconds)
     fatbins = _compile_device_code(executable, arch) if device == "cuda" else {}
 
     manifest: dict[str, Any] = {

@@ -1,6 +1,6 @@
 """Property test: tuned builds of random fused multi-model DAGs equal their untuned builds.
 
-Random CNN/MLP sets (tests/passes/random_models.py) are imported, fused losslessly, tuned with a
+Random CNN/MLP sets (tests/random_models.py) are imported, fused losslessly, tuned with a
 few trials on their heaviest kernels and built with and without the records. The tuned build
 must apply records, drop none (no :class:`TuningWarning`: every measured schedule was right)
 and match the untuned build within 1e-5 relative.
@@ -13,13 +13,12 @@ import warnings
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
+from random_models import assert_close, multi_model_cases
 
 from gmorph_tvm import import_models
 from gmorph_tvm import build
 from gmorph_tvm.pipeline import fuse_lossless
 from gmorph_tvm.tuning import TuningWarning, tune
-
-from random_models import assert_close, multi_model_cases
 
 
 @pytest.mark.slow

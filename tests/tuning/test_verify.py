@@ -68,7 +68,7 @@ def _write_database(directory, workload: tvm.IRModule, sch: tvm.s_tir.Schedule) 
 def _valid_schedule(workload: tvm.IRModule) -> tvm.s_tir.Schedule:
     sch = tvm.s_tir.Schedule(workload)
     block = sch.get_sblock("conv2d_nchw")
-    n, f, y, x, rc, ry, rx = sch.get_loops(block)
+    _, f, y, _, rc, _, _ = sch.get_loops(block)
     f_outer, f_inner = sch.split(f, [None, 8])
     sch.reorder(f_outer, y, rc, f_inner)
     sch.parallel(f_outer)
