@@ -21,6 +21,7 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
+from ...errors import FusionError
 from .._util import weight_params
 
 # Weight-only bindings the pass can evaluate with numpy (to read a weight's value at pass time).
@@ -52,12 +53,28 @@ def shape_of(expr: relax.Expr) -> tuple[int, ...] | None:
         return None
 
 
+def known_shape(expr: relax.Expr) -> tuple[int, ...]:
+    """:func:`shape_of` where the planner has already checked that the shape is static."""
+    shape = shape_of(expr)
+    if shape is None:
+        raise FusionError(f"HorizontalMerge: {expr.ty} has no static shape")  # an internal invariant
+    return shape
+
+
 def dtype_of(expr: relax.Expr) -> str | None:
     ty = tensor_ty(expr)
     if ty is None:
         return None
     dtype = ty.dtype
     return str(getattr(dtype, "dtype", dtype))
+
+
+def known_dtype(expr: relax.Expr) -> str:
+    """:func:`dtype_of` of a value the planner has already checked to be a tensor."""
+    dtype = dtype_of(expr)
+    if dtype is None:
+        raise FusionError(f"HorizontalMerge: {expr.ty} is not a tensor")  # an internal invariant
+    return dtype
 
 
 def nbytes(shape: Sequence[int], dtype: str) -> int:
@@ -217,7 +234,7 @@ class BlockGraph:
     def ancestors(self, i: int) -> int:
         """Bitmask of the bindings binding ``i`` depends on (transitively)."""
         if self._ancestors is None:
-            anc = []
+            anc: list[int] = []
             for deps in self.deps:
                 mask = 0
                 for d in deps:
@@ -270,9 +287,10 @@ def categorize(
         if resolved is None:
             return Operand("same", args)
         return Operand("same", args, values=[resolved[0]] * len(args), sources=[resolved[1]] * len(args))
-    resolved = [weights.resolve(a) for a in args]
-    if all(r is not None for r in resolved):
-        return Operand("weight", args, values=[r[0] for r in resolved], sources=[r[1] for r in resolved])
+    each = [weights.resolve(a) for a in args]
+    found = [r for r in each if r is not None]
+    if len(found) == len(each):
+        return Operand("weight", args, values=[r[0] for r in found], sources=[r[1] for r in found])
     types = {(shape_of(a), dtype_of(a)) for a in args}
     if all(isinstance(a, relax.Var) and is_tensor(a) for a in args) and len(types) == 1 and None not in next(iter(types)):
         return Operand("distinct", args)

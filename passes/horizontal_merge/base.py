@@ -26,10 +26,10 @@ from tvm import relax
 from .analysis import (
     Operand,
     WeightValues,
-    dtype_of,
+    known_dtype,
+    known_shape,
     nbytes,
     op_name,
-    shape_of,
     vars_of_all,
 )
 
@@ -72,7 +72,7 @@ class Candidate:
     vars: list[relax.Var]
     calls: list[relax.Expr]
     operands: list[Operand]
-    out_shapes: list[tuple[int, ...] | None]
+    out_shapes: list[tuple[int, ...]]  # static (TupleGetItem: of its tensor)
 
     @property
     def call(self) -> relax.Expr:
@@ -123,12 +123,12 @@ class Group:
         return self.match.widths
 
     def wide_shape(self) -> list[int]:
-        shape = list(shape_of(self.members[0]))
+        shape = list(known_shape(self.members[0]))
         shape[self.axis] = sum(self.widths)
         return shape
 
     def wide_bytes(self) -> int:
-        return nbytes(self.wide_shape(), dtype_of(self.members[0]))
+        return nbytes(self.wide_shape(), known_dtype(self.members[0]))
 
     def split_bounds(self) -> list[int]:
         return list(itertools.accumulate(self.widths))[:-1]
@@ -202,7 +202,7 @@ def wide_feed(operand: Operand, axis: int, shapes: list[tuple[int, ...]], plan: 
         args = list(operand.args)
         shape = list(shapes[0])
         shape[axis] = sum(s[axis] for s in shapes)
-        return Feed(ConcatSource(args, axis), [], list(args), 2 * nbytes(shape, dtype_of(args[0])), 1)
+        return Feed(ConcatSource(args, axis), [], list(args), 2 * nbytes(shape, known_dtype(args[0])), 1)
     return None
 
 
@@ -236,9 +236,7 @@ def stack_elementwise_operand(values, axis: int, rank: int, out_shapes) -> np.nd
             if value.shape[d] not in (1, out[d]):
                 return None
         parts.append(value)
-    target = []
-    for d in range(rank):
-        target.append(None if d == axis else max(p.shape[d] for p in parts))
+    target = [max(p.shape[d] for p in parts) for d in range(rank)]  # (unused along ``axis``)
     stacked = []
     for value, out in zip(parts, out_shapes):
         shape = [out[d] if d == axis else target[d] for d in range(rank)]

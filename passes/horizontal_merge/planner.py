@@ -93,8 +93,9 @@ class BlockPlanner:
     def _try_seed(self, members: list[int]) -> bool:
         region = len(self.regions)
         calls = [self.graph.value(i) for i in members]
-        operands = [self._categorize([c.args[p] for c in calls]) for p in range(len(calls[0].args))]
-        if any(o is None for o in operands):
+        each = [self._categorize([c.args[p] for c in calls]) for p in range(len(calls[0].args))]
+        operands = [o for o in each if o is not None]
+        if len(operands) != len(each):
             return False
         match = self._widen(members, calls, operands)
         if match is None:
@@ -138,10 +139,10 @@ class BlockPlanner:
                 wide_pos[p] = gid
         if not wide_pos:
             return None
-        n = {len(self.groups[gid].members) for gid in wide_pos.values()}
-        if len(n) != 1:
+        counts = {len(self.groups[gid].members) for gid in wide_pos.values()}
+        if len(counts) != 1:
             return None
-        n = n.pop()
+        n = counts.pop()
         first_p = min(wide_pos)
         chosen = [u0]
         for branch in range(1, n):
@@ -203,9 +204,9 @@ class BlockPlanner:
     # -- rules ---------------------------------------------------------------------------------------
     def _widen(self, members: list[int], calls: list[relax.Expr], operands: list[Operand]) -> Match | None:
         """The wide computation for ``calls`` (one per branch) from the first rule that matches."""
-        out_shapes = [shape_of(c) for c in calls]
-        tuple_item = isinstance(calls[0], relax.TupleGetItem)
-        if any(s is None for s in out_shapes) and not tuple_item:
+        shapes = [shape_of(c) for c in calls]
+        out_shapes = [s for s in shapes if s is not None]
+        if len(out_shapes) != len(shapes) and not isinstance(calls[0], relax.TupleGetItem):
             return None
         cand = Candidate([self.graph.var(i) for i in members], calls, operands, out_shapes)
         for rule in rules_for(calls[0]):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, overload
+from typing import Literal, cast
 
 import tvm
 from tvm import relax
@@ -96,23 +96,18 @@ class HorizontalMerge:
         return merge_module(mod, self.mode, self.cost_model, None, self.min_branches).mod
 
 
-@overload
-def horizontal_merge(model: MultiModel, mode: MergeMode = ..., cost_model: MergeCostModel | None = ...,
-                     target=...) -> MultiModel: ...
-@overload
-def horizontal_merge(model: tvm.IRModule, mode: MergeMode = ..., cost_model: MergeCostModel | None = ...,
-                     target=...) -> tvm.IRModule: ...
-
-
-def horizontal_merge(model, mode: MergeMode = "auto", cost_model: MergeCostModel | None = None, target=None):
+def horizontal_merge(
+    model: MultiModel | tvm.IRModule, mode: MergeMode = "auto", cost_model: MergeCostModel | None = None, target=None
+) -> MultiModel | tvm.IRModule:
     """``model`` with :class:`HorizontalMerge` applied: a :class:`~gmorph_tvm.MultiModel` comes back as
     one whose merged weights' provenance lists every original weight (task, name) they hold; an
     IRModule comes back as an IRModule."""
-    merge = HorizontalMerge(mode=mode, cost_model=cost_model, target=target)
-    return model.apply(merge) if isinstance(model, MultiModel) else merge(model)
+    if isinstance(model, MultiModel):
+        return model.apply(HorizontalMerge(mode=mode, cost_model=cost_model, target=target))
+    return merge_module(model, mode, cost_model, target).mod
 
 
-def _options(mode, cost_model, target, min_branches) -> tuple[str, MergeCostModel, int]:
+def _options(mode, cost_model, target, min_branches) -> tuple[MergeMode, MergeCostModel, int]:
     if mode not in ("auto", "always", "never"):
         raise MergeOptionError(f"HorizontalMerge: mode must be 'auto', 'always' or 'never', got {mode!r}")
-    return mode, cost_model or MergeCostModel.for_target(target), max(2, int(min_branches))
+    return cast(MergeMode, mode), cost_model or MergeCostModel.for_target(target), max(2, int(min_branches))
