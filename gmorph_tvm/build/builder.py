@@ -28,7 +28,7 @@ from ..errors import BuildError, GmorphError
 from ..frontend import MultiModel, TaskInfo, TensorSpec, bind_weights
 from . import cuda as cuda_code
 from .manifest import FORMAT, FORMAT_VERSION
-from .targets import TargetLike, is_cuda, resolve_target, target_dict
+from .targets import JETPACK_CUDA, TargetLike, is_cuda, jetpack_of, resolve_target, target_dict
 
 # Ops that survive lowering (VM builtins and packed calls): anything else left in a Relax
 # function means the module still needs TVM's finalizing relax pipeline.
@@ -136,13 +136,16 @@ def build(
     if device == "cuda":
         if arch is None:
             raise BuildError(f"CUDA target {target_dict(tgt)} has no 'arch' (e.g. 'sm_87')")
-        cuda_code.check_arch_supported(arch)  # fail before spending time on lowering
+    jetpack = jetpack_of(tgt) if device == "cuda" else None
+    board_cuda = JETPACK_CUDA[jetpack] if jetpack else None  # SASS that board's driver loads
+    if device == "cuda":
+        cuda_code.check_arch_supported(arch, board_cuda)  # fail before spending time on lowering
 
     with _stage("lowering", mod, tasks, tgt):
         lowered = _lower(mod, tgt, tuning_db)
-    with _stage("compiling", lowered, tasks, tgt), _cuda_compile_callback(arch):
+    with _stage("compiling", lowered, tasks, tgt), _cuda_compile_callback(arch, board_cuda):
         executable = tvm.compile(lowered, target=tgt, relax_pipeline=_finalize_pipeline(lowered))
-    fatbins = _compile_device_code(executable, arch) if device == "cuda" else {}
+    fatbins = _compile_device_code(executable, arch, board_cuda) if device == "cuda" else {}
 
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -159,7 +162,10 @@ def build(
         "created": None,
     }
     if device == "cuda":
-        manifest["cuda"] = {"arch": arch, "device_code": cuda_code.device_code_format(arch)}
+        # toolkit: the CUDA release that made the SASS; cuda_min_driver: the oldest driver that loads it.
+        manifest["cuda"] = {"arch": arch, **cuda_code.device_code_info(arch, board_cuda)}
+        if jetpack:
+            manifest["cuda"].update(jetpack=jetpack, board_cuda=board_cuda)
     return Artifact(executable, tgt, manifest, fatbins)
 
 
@@ -196,7 +202,7 @@ def _finalize_pipeline(mod: tvm.IRModule) -> str | None:
 
 
 @contextmanager
-def _cuda_compile_callback(arch: str | None) -> Iterator[None]:
+def _cuda_compile_callback(arch: str | None, board_cuda: str | None = None) -> Iterator[None]:
     """On a machine with a CUDA driver TVM JIT-compiles kernels through ``tvm_callback_cuda_compile``
     during codegen (NVRTC by default, which needs cuda-bindings); make it produce our fatbin for
     the target arch instead, and put the original back afterwards."""
@@ -207,7 +213,9 @@ def _cuda_compile_callback(arch: str | None) -> Iterator[None]:
 
     name = "tvm_callback_cuda_compile"
     original = tvm.get_global_func(name, allow_missing=True)
-    tvm_ffi.register_global_func(name, lambda code, *_: cuda_code.compile_kernels(str(code), arch), override=True)
+    tvm_ffi.register_global_func(
+        name, lambda code, *_: cuda_code.compile_kernels(str(code), arch, board_cuda), override=True
+    )
     try:
         yield
     finally:
@@ -215,7 +223,7 @@ def _cuda_compile_callback(arch: str | None) -> Iterator[None]:
             tvm_ffi.register_global_func(name, original, override=True)
 
 
-def _compile_device_code(executable: relax.VMExecutable, arch: str) -> dict[str, bytes]:
+def _compile_device_code(executable: relax.VMExecutable, arch: str, board_cuda: str | None = None) -> dict[str, bytes]:
     """nvcc-compile the source of every CUDA module codegen left uncompiled (no CUDA runtime here)."""
     fatbins: dict[str, bytes] = {}
     found = 0
@@ -228,7 +236,7 @@ def _compile_device_code(executable: relax.VMExecutable, arch: str) -> dict[str,
         source = str(module.inspect_source("cuda"))
         if not source:
             raise BuildError("TVM produced a CUDA module without source; cannot compile its kernels")
-        fatbins[cuda_code.source_key(source)] = cuda_code.compile_kernels(source, arch)
+        fatbins[cuda_code.source_key(source)] = cuda_code.compile_kernels(source, arch, board_cuda)
     if not found:
         raise BuildError("the CUDA build produced no CUDA kernels (nothing was offloaded to the GPU)")
     return fatbins

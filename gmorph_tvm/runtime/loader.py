@@ -19,6 +19,7 @@ from ..build._stderr import quiet_tvm_warnings
 from ..build.manifest import input_specs, library_path_for, manifest_path_for, read_manifest, task_infos
 from ..errors import ArtifactError
 from ..frontend import check_inputs
+from .cuda_driver import check_cuda_driver, cuda_driver_version
 
 InputsLike = Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray
 
@@ -84,6 +85,8 @@ def load(path: str | Path, device: str = "cpu") -> Runner:
         raise ArtifactError(f"manifest {manifest_file} describes {manifest['library']!r}, not {library.name!r}")
     if not library.is_file():
         raise ArtifactError(f"library {library} not found (its manifest is {manifest_file})")
+    if manifest["device"] == "cuda" and str(device).startswith(("cuda", "gpu")):
+        check_cuda_driver(manifest, cuda_driver_version(), str(library))  # before the GPU check
     dev = device_for(manifest, device, str(library))
     _check_host_arch(library, manifest)
     try:
