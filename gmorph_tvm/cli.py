@@ -162,6 +162,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for task in manifest["tasks"]:
         outs = ", ".join(f"{o['name']}: {o['dtype']}{o['shape']}" for o in task["outputs"])
         print(f"task      {task['name']} ({task['source']}, sha256 {task['source_sha256'][:12]}): {outs}")
+    cuda = manifest.get("cuda")
+    if cuda:
+        board = f", for {cuda['jetpack']} (CUDA {cuda['board_cuda']})" if cuda.get("jetpack") else ""
+        print(f"cuda:     {cuda.get('arch')} {cuda.get('device_code')} made by CUDA {cuda.get('toolkit', '?')}, "
+              f"needs a driver >= {cuda.get('cuda_min_driver', '?')}{board}")
     weights = manifest.get("weights", {})
     if weights:
         print(f"weights:  {weights.get('count')} tensors, {weights.get('bytes', 0) / 1e6:.3f} MB")

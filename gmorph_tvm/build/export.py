@@ -105,7 +105,12 @@ def _default_linker(artifact: "Artifact") -> Callable | None:
 
 def _cuda_packer(artifact: "Artifact") -> Callable[..., str]:
     """An ``fpack_imports`` for export_library that embeds fatbins instead of CUDA source."""
-    fatbins = artifact._fatbins
+    return fatbin_packer(artifact._fatbins)
+
+
+def fatbin_packer(fatbins: dict[str, bytes]) -> Callable[..., str]:
+    """An ``fpack_imports`` embedding ``fatbins`` (CUDA source sha256 -> fatbin/cubin) for the
+    CUDA source modules (also used for tuning candidates measured on a board)."""
 
     def pack(mod: tvm.runtime.Module, is_system_lib: bool, symbol_prefix: str, workspace_dir: str) -> str:
         blob = bytes(tvm.get_global_func("runtime.ModulePackImportsToTensor")(mod).numpy().tobytes())

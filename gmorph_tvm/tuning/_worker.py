@@ -140,11 +140,11 @@ def run(spec: dict[str, Any], emit: Callable[..., None]) -> None:
     work_dir, log_dir = spec["work_dir"], os.path.join(spec["work_dir"], "logs")
     _setup_logging(log_dir)
     database = ms.database.JSONDatabase(work_dir=work_dir, module_equality="structural")
-    cross_cxx = spec.get("cross_cxx")
+    board = spec.get("board_export")
     builder = _load_pickled(spec.get("builder")) or ms.builder.LocalBuilder(
         f_build=build_without_intrinsics,
-        # A foreign board (aarch64 Jetson) gets a .so linked by the cross compiler.
-        f_export=make_export(cross_cxx) if cross_cxx else None,
+        # A board (aarch64 Jetson, CUDA) gets a .so linked by the cross compiler, with SASS.
+        f_export=make_export(board["cxx"], board["arch"], board["board_cuda"]) if board else None,
         timeout_sec=spec.get("build_timeout_s", 60.0),
     )
     if spec.get("rpc"):  # every board registered with the tracker under the key, in parallel

@@ -6,9 +6,9 @@ registered with the tracker under ``key`` (``python -m tvm.exec.rpc_server --tra
 hands the worker a plain JSON spec (:func:`runner_spec`); the worker builds MetaSchedule's
 ``RPCRunner`` with one connection per board (:func:`make_runner`), so the boards measure in
 parallel. For a host CPU other than this machine's (an aarch64 Jetson from x86), the builder
-exports each candidate as a ``.so`` linked by the cross compiler (:func:`make_export`), which the
-board loads without a compiler of its own; for a native host the default ``.tar`` export is kept
-(the server links it).
+exports each candidate as a ``.so`` linked by the cross compiler (:func:`make_export`), with CUDA
+kernels compiled to SASS here, so the board needs neither a C++ nor a CUDA compiler; for a native
+CPU host the default ``.tar`` export is kept (the server links it).
 """
 
 from __future__ import annotations
@@ -124,17 +124,46 @@ def cross_compiler_for(target: tvm.target.Target) -> str | None:
     return cxx
 
 
-def make_export(cxx: str) -> Callable[[Any], str]:
-    """An ``f_export`` for MetaSchedule's LocalBuilder: link the candidate into a ``.so`` with ``cxx``.
+def make_export(cxx: str | None, arch: str | None = None, board_cuda: str | None = None) -> Callable[[Any], str]:
+    """An ``f_export`` for MetaSchedule's LocalBuilder: a ``.so`` for the board.
 
-    Runs in the builder's worker processes, which receive it pickled by value.
+    ``cxx``: the cross compiler that links it (None: this machine's). ``arch``: for CUDA targets,
+    the kernels TVM left as CUDA source (no CUDA runtime here) are compiled to SASS as ``build``
+    does (:func:`gmorph_tvm.build.cuda.compile_kernels`, the ptxas of ``board_cuda``'s release), so
+    the board needs no CUDA compiler. Runs in the builder's worker processes (pickled by value).
     """
 
     def export(mod) -> str:
         from tvm.support import cc
 
+        packer = None
+        if arch:  # gmorph_tvm is imported in the builder worker only for CUDA candidates
+            from gmorph_tvm.build import cuda as cuda_code
+            from gmorph_tvm.build.export import fatbin_packer
+
+            fatbins: dict[str, bytes] = {}
+            stack = [mod]
+            while stack:
+                module = stack.pop()
+                stack.extend(module.imports)
+                if module.kind == "cuda" and not module.is_runnable():
+                    source = str(module.inspect_source("cuda"))
+                    fatbins[cuda_code.source_key(source)] = cuda_code.compile_kernels(source, arch, board_cuda)
+            packer = fatbin_packer(fatbins) if fatbins else None
         path = os.path.join(tempfile.mkdtemp(prefix="gmorph_ms_"), "candidate.so")
-        mod.export_library(path, fcompile=cc.cross_compiler(cxx))
+        mod.export_library(path, fcompile=cc.cross_compiler(cxx) if cxx else None, fpack_imports=packer)
         return path
 
     return export
+
+
+def export_spec(target: tvm.target.Target) -> dict[str, Any] | None:
+    """What the worker's ``make_export`` needs for ``target`` on a board (None: the default .tar)."""
+    from ..build.targets import JETPACK_CUDA, is_cuda, jetpack_of
+
+    cxx = cross_compiler_for(target)
+    arch = str(target.attrs["arch"]) if is_cuda(target) and "arch" in target.attrs else None
+    if cxx is None and arch is None:
+        return None
+    jetpack = jetpack_of(target) if arch else None
+    return {"cxx": cxx, "arch": arch, "board_cuda": JETPACK_CUDA[jetpack] if jetpack else None}

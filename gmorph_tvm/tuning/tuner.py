@@ -32,7 +32,7 @@ from ..errors import TuningError
 from . import report as rpt
 from .ffi_guard import ensure_ir_json_works
 from .pipeline import DATABASE_FILES, has_database, open_database, prepare
-from .remote import cross_compiler_for, runner_spec
+from .remote import export_spec, runner_spec
 from .report import TaskReport, TuningReport, TuningWarning
 from .target_key import claim_work_dir
 from .tasks import TaskPlan, allocate, extract
@@ -212,7 +212,7 @@ def tune(
     if tracker is not None and runner is not None:
         raise TuningError("give tune() either a runner or a tracker, not both")
     rpc = runner_spec(tracker, key) if tracker is not None else None
-    cross_cxx = cross_compiler_for(target) if rpc is not None else None
+    board_export = export_spec(target) if rpc is not None else None
     if runner is None and rpc is None:
         _check_local_runner_can_measure(target)
     ensure_ir_json_works()
@@ -248,7 +248,7 @@ def tune(
         "runner": _pickled(runner, "runner"),
         "builder": _pickled(builder, "builder"),
         "rpc": rpc,
-        "cross_cxx": cross_cxx,
+        "board_export": board_export,
         "trials_per_round": trials_per_round,
     }
     task_specs = {

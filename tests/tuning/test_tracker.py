@@ -171,3 +171,35 @@ def onnx_model(tmp_path):
     path = tmp_path / "net.onnx"
     torch.onnx.export(net, (torch.zeros(1, 3, 8, 8),), str(path), dynamo=False, opset_version=17, input_names=["x"])
     return path
+
+
+def test_board_candidates_are_cross_linked_with_sass(tmp_path):
+    """A tuning candidate for a Jetson is exported as the board loads it: an aarch64 .so whose CUDA
+    kernels are SASS made by the ptxas of the board's CUDA release (no compiler needed there)."""
+    import shutil
+
+    from tvm import te
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir import dlight as dl
+
+    from gmorph_tvm.build import cuda as cuda_code, describe_device_code, resolve_target
+    from gmorph_tvm.tuning.remote import export_spec, make_export
+
+    target = resolve_target("jetson-orin:jp6")
+    if shutil.which("aarch64-linux-gnu-g++") is None or cuda_code.find_nvcc() is None:
+        pytest.skip("needs aarch64-linux-gnu-g++ and nvcc")
+    try:
+        cuda_code.check_arch_supported("sm_87", "12.2")
+    except Exception as err:  # noqa: BLE001
+        pytest.skip(f"no CUDA 12 ptxas here: {err}")
+    spec = export_spec(target)
+    assert spec == {"cxx": "aarch64-linux-gnu-g++", "arch": "sm_87", "board_cuda": "12.2"}
+    assert export_spec(TARGET) is None  # this machine's CPU: the default .tar export
+    a = te.placeholder((1024,), name="a")
+    b = te.compute((1024,), lambda i: a[i] * 2.0, name="b")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, b])})
+    with target:
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Fallback())(mod)
+    path = make_export(spec["cxx"], spec["arch"], spec["board_cuda"])(tvm_build(mod, target=target))
+    assert open(path, "rb").read(20)[18] == cuda_code.EM_AARCH64
+    assert describe_device_code(path) == {"sass": ["sm_87"], "ptx": []}
