@@ -10,8 +10,8 @@
 #   bash scripts/fetch_board_runtime.sh
 set -euo pipefail
 cache="${GMORPH_TVM_CACHE:-$HOME/.cache/gmorph-tvm}"
-tvm_version="$(python3 -c 'import tvm; print(tvm.__version__)')"
-ffi_version="$(python3 -c 'import tvm_ffi; print(tvm_ffi.__version__)')"
+tvm_version="$(python3 -c 'from importlib.metadata import version; print(version("apache-tvm"))')"
+ffi_version="$(python3 -c 'from importlib.metadata import version; print(version("apache-tvm-ffi"))')"
 py="$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
 runtime="$cache/aarch64-runtime"
 mkdir -p "$cache"

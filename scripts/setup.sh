@@ -31,4 +31,5 @@ import tvm_ffi, sys
 if tvm_ffi.__version__ != "0.1.14.post1":
     sys.exit(f"apache-tvm-ffi {tvm_ffi.__version__} installed; gmorph-tvm needs 0.1.14.post1")
 PY
-bash scripts/fetch_board_runtime.sh
+# Not fatal: without it the board-side tests (qemu, JetPack 6 SASS) skip and say what is missing.
+bash scripts/fetch_board_runtime.sh || echo "setup: could not fetch the board runtime/toolchains (see above)" >&2

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from gmorph_tvm import cli
 from gmorph_tvm.build import build, cuda as cuda_code, describe_device_code, resolve_target
 from gmorph_tvm.build.targets import JETPACK_CUDA, jetpack_of, preset_names
 from gmorph_tvm.errors import ArtifactError, BuildError, TargetError
@@ -111,7 +112,7 @@ def _real_board_build(multimodel, preset: str, major: int):
 
 
 @pytest.mark.parametrize("preset,sm,major", [("jetson-orin:jp6", 87, 12), ("jetson-xavier:jp5", 72, 11)])
-def test_jetpack_build_has_sass_its_driver_loads(multimodel, preset, sm, major, tmp_path):
+def test_jetpack_build_has_sass_its_driver_loads(multimodel, preset, sm, major, tmp_path, capsys):
     artifact = _real_board_build(multimodel, preset, major)
     cuda = artifact.manifest["cuda"]
     jetpack = preset.split(":")[1]
@@ -120,6 +121,9 @@ def test_jetpack_build_has_sass_its_driver_loads(multimodel, preset, sm, major, 
     assert cuda_code.driver_accepts(JETPACK_CUDA[jetpack], cuda["toolkit"])
     path = artifact.export(tmp_path / ("board.so" if shutil.which("aarch64-linux-gnu-g++") else "board.tar"))
     assert describe_device_code(path) == {"sass": [f"sm_{sm}"], "ptx": []}
+    assert cli.main(["info", str(path)]) == 0
+    assert (f"cuda:     sm_{sm} cubin made by CUDA {cuda['toolkit']}, needs a driver >= {cuda['cuda_min_driver']}, "
+            f"for {jetpack} (CUDA {JETPACK_CUDA[jetpack]})") in capsys.readouterr().out
 
 
 def test_loader_refuses_a_driver_older_than_the_code_needs(multimodel, tmp_path, monkeypatch):
