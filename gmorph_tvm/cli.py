@@ -1,7 +1,7 @@
 """The ``gmorph-tvm`` command line.
 
     gmorph-tvm build a.onnx b.pt2 [--names age,gender] [--input-shape x=1,3,64,64] [--input-map b.input.1=x]
-                     [--target llvm] [--fuse] -o out.so
+                     [--target llvm] [--fuse] -o out.so [--tune-trials N [--tracker HOST:PORT --key KEY]]
     gmorph-tvm run out.so --input x=x.npy [--save-outputs DIR]
     gmorph-tvm info out.so
     gmorph-tvm bench out.so [--rpc HOST:PORT | --tracker HOST:PORT --key KEY] [--compare b.so ...]
@@ -99,6 +99,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from .pipeline import fuse_lossless
 
     target = resolve_target(args.target)  # a bad target fails before any slow work
+    if (args.tracker or args.key) and not args.tune_trials:
+        raise InputSpecError("--tracker/--key measure tuning trials on boards; give --tune-trials N too")
+    if args.tracker and not args.key:
+        raise InputSpecError("--tracker needs --key (the device key the boards registered with)")
     names = _task_names(args.models, args.names)
     shapes = dict(args.input_shape or [])
     _progress(f"importing {len(names)} model(s): {', '.join(names)}")
@@ -110,10 +114,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
     tuning_db = args.tuning_db
     if args.tune_trials:
         from .tuning import tune
+        from .tuning.target_key import target_key
 
-        tuning_db = tuning_db or str(Path(args.output).with_suffix("")) + ".tuning"
-        _progress(f"tuning with {args.tune_trials} trials, database {tuning_db}")
-        tune(mm.bound_module(), target, trials=args.tune_trials, work_dir=tuning_db)
+        # Records are kept per target: the default database directory is keyed by it.
+        tuning_db = tuning_db or str(Path(str(Path(args.output).with_suffix("")) + ".tuning") / target_key(target))
+        where = f" on the boards under key {args.key!r} at tracker {args.tracker[0]}:{args.tracker[1]}" if args.tracker else ""
+        _progress(f"tuning with {args.tune_trials} trials{where}, database {tuning_db}")
+        tracker = f"{args.tracker[0]}:{args.tracker[1]}" if args.tracker else None
+        tune(mm.bound_module(), target, trials=args.tune_trials, work_dir=tuning_db, tracker=tracker, key=args.key)
     _progress(f"building for target {args.target}")
     artifact = build(mm, target, tuning_db=tuning_db)
     path = artifact.export(args.output)
@@ -164,6 +172,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for task in manifest["tasks"]:
         outs = ", ".join(f"{o['name']}: {o['dtype']}{o['shape']}" for o in task["outputs"])
         print(f"task      {task['name']} ({task['source']}, sha256 {task['source_sha256'][:12]}): {outs}")
+    cuda = manifest.get("cuda")
+    if cuda:
+        board = f", for {cuda['jetpack']} (CUDA {cuda['board_cuda']})" if cuda.get("jetpack") else ""
+        print(f"cuda:     {cuda.get('arch')} {cuda.get('device_code')} made by CUDA {cuda.get('toolkit', '?')}, "
+              f"needs a driver >= {cuda.get('cuda_min_driver', '?')}{board}")
     weights = manifest.get("weights", {})
     if weights:
         print(f"weights:  {weights.get('count')} tensors, {weights.get('bytes', 0) / 1e6:.3f} MB")
@@ -221,7 +234,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", choices=["auto", "always", "never"], default="auto",
                    help="horizontal merging of compatible ops (default: auto, by the cost rule)")
     p.add_argument("--tune-trials", type=int, default=0, metavar="N", help="MetaSchedule trials (0: no tuning)")
-    p.add_argument("--tuning-db", metavar="DIR", help="tuning database to reuse and extend")
+    p.add_argument("--tuning-db", metavar="DIR", help="tuning database to reuse and extend "
+                   "(default: <output>.tuning/<target key>)")
+    p.add_argument("--tracker", type=_parse_hostport, metavar="HOST:PORT",
+                   help="tune on the boards registered with this TVM RPC tracker (with --key)")
+    p.add_argument("--key", help="device key the boards registered with the tracker")
     p.add_argument("-o", "--output", required=True, help="output library (.so, or .tar to link on the device)")
     p.set_defaults(func=_cmd_build)
 

@@ -239,6 +239,26 @@ void LoadCudaRuntime() {
   }
 }
 
+// The CUDA driver's version, 1000 * major + 10 * minor (cuDriverGetVersion, which needs no
+// cuInit), or 0 where there is no driver.
+int CudaDriverVersion() {
+  void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+  if (lib == nullptr) return 0;
+  using GetVersion = int (*)(int*);
+  auto get = reinterpret_cast<GetVersion>(dlsym(lib, "cuDriverGetVersion"));
+  int version = 0;
+  if (get == nullptr || get(&version) != 0) return 0;
+  return version;
+}
+
+// "12.2" -> 12020, the encoding of cuDriverGetVersion.
+int ParseCudaVersion(const std::string& text) {
+  const size_t dot = text.find('.');
+  const int major = std::stoi(text.substr(0, dot));
+  const int minor = dot == std::string::npos ? 0 : std::stoi(text.substr(dot + 1));
+  return 1000 * major + 10 * minor;
+}
+
 int Run(const Options& opt) {
   const std::string manifest_path = ManifestPathFor(opt.library);
   gmorph::json::Value manifest;
@@ -255,6 +275,19 @@ int Run(const Options& opt) {
     std::cerr << "gmorph-run: " << opt.library << " was built for " << built_for << "; run it with --device "
               << built_for << "\n";
     return 1;
+  }
+
+  // The manifest names the oldest CUDA driver that loads the artifact's SASS; refuse an older one
+  // here, in one line, rather than failing at the first kernel launch.
+  if (opt.device == "cuda" && manifest.Has("cuda") && manifest["cuda"].Has("cuda_min_driver")) {
+    const std::string needed = manifest["cuda"]["cuda_min_driver"].String();
+    const int driver = CudaDriverVersion();
+    if (driver > 0 && driver < ParseCudaVersion(needed)) {
+      std::cerr << "gmorph-run: " << opt.library << " needs a CUDA driver >= " << needed << ", but this driver is CUDA "
+                << driver / 1000 << "." << (driver % 1000) / 10
+                << "; rebuild for this board's JetPack (e.g. --target jetson-orin:jp5) or upgrade the driver\n";
+      return 1;
+    }
   }
 
   std::vector<Spec> input_specs;

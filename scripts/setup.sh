@@ -3,7 +3,9 @@
 #   bash scripts/setup.sh          the package (+ benchmark and Jetson extras)
 #   bash scripts/setup.sh --test   the package + test extras
 # Distro packages: Fashion-MNIST (real data), the aarch64 cross compiler (Jetson artifacts),
-# cmake (the native runner); the ptxas of CUDA 11.8 from pip for Jetson Nano/Xavier cubins. Python: torch 2.13.0 CPU first, so no CUDA wheels are pulled in.
+# qemu-user-static (runs the board's aarch64 runner here), cmake (the native runner); the ptxas of
+# CUDA 11.8 from pip for Jetson Nano/Xavier cubins; scripts/fetch_board_runtime.sh caches the
+# aarch64 TVM runtime and the ptxas of CUDA 12.2 (JetPack 6). Python: torch 2.13.0 CPU first, so no CUDA wheels are pulled in.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="bench,jetson"
@@ -12,6 +14,7 @@ extras="bench,jetson"
 need=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
 command -v aarch64-linux-gnu-g++ >/dev/null || need+=(g++-aarch64-linux-gnu)
+command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static)
 command -v cmake >/dev/null || need+=(cmake)
 command -v g++ >/dev/null || need+=(g++)
 if [ ${#need[@]} -gt 0 ]; then
@@ -31,3 +34,5 @@ import tvm_ffi, sys
 if tvm_ffi.__version__ != "0.1.14.post1":
     sys.exit(f"apache-tvm-ffi {tvm_ffi.__version__} installed; gmorph-tvm needs 0.1.14.post1")
 PY
+# Not fatal: without it the board-side tests (qemu, JetPack 6 SASS) skip and say what is missing.
+bash scripts/fetch_board_runtime.sh || echo "setup: could not fetch the board runtime/toolchains (see above)" >&2

@@ -134,17 +134,29 @@ def run(spec: dict[str, Any], emit: Callable[..., None]) -> None:
 
     from gmorph_tvm.tuning.intrinsics import register_for_target
     from gmorph_tvm.tuning.verify import verifying_add_to_database
+    from gmorph_tvm.tuning.remote import make_export, make_runner
 
     target = tvm.target.Target(spec["target"])
     register_for_target(target)
     work_dir, log_dir = spec["work_dir"], os.path.join(spec["work_dir"], "logs")
     _setup_logging(log_dir)
     database = ms.database.JSONDatabase(work_dir=work_dir, module_equality="structural")
+    board = spec.get("board_export")
     builder = _load_pickled(spec.get("builder")) or ms.builder.LocalBuilder(
-        f_build=build_without_intrinsics, timeout_sec=spec.get("build_timeout_s", 60.0)
+        f_build=build_without_intrinsics,
+        # A board (aarch64 Jetson, CUDA) gets a .so linked by the cross compiler, with SASS.
+        f_export=make_export(board["cxx"], board["arch"], board["board_cuda"]) if board else None,
+        timeout_sec=spec.get("build_timeout_s", 60.0),
     )
-    runner = _load_pickled(spec.get("runner")) or ms.runner.LocalRunner(
-        timeout_sec=spec.get("run_timeout_s", 60.0)
+    if spec.get("rpc"):  # every board registered with the tracker under the key, in parallel
+        runner = make_runner(spec["rpc"])
+    else:
+        runner = _load_pickled(spec.get("runner")) or ms.runner.LocalRunner(
+            timeout_sec=spec.get("run_timeout_s", 60.0)
+        )
+    logging.getLogger("tvm.s_tir.meta_schedule").info(
+        "gmorph-tvm runner: %s", f"RPCRunner via tracker {spec['rpc']['host']}:{spec['rpc']['port']} key "
+        f"{spec['rpc']['key']!r}, {spec['rpc']['max_workers']} board(s)" if spec.get("rpc") else type(runner).__name__
     )
     crash_task = os.environ.get(CRASH_TASK_ENV)
     emit("ready")

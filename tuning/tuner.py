@@ -39,7 +39,9 @@ from ..frontend.multimodel import MultiModel, bind_weights
 from . import report as rpt
 from .ffi_guard import ensure_ir_json_works
 from .pipeline import DATABASE_FILES, has_database, open_database, prepare
+from .remote import export_spec, runner_spec
 from .report import TaskReport, TuningReport, TuningWarning
+from .target_key import claim_work_dir
 from .tasks import TaskPlan, allocate, extract
 
 def _resolve(target: Any) -> tvm.target.Target:
@@ -187,6 +189,8 @@ def tune(
     task_timeout_s: float | None = None,
     trials_per_round: int = 64,
     population_size: int | None = None,
+    tracker: str | tuple[str, int] | None = None,
+    key: str | None = None,
 ) -> TuningReport:
     """Tune the kernels of ``mod`` with MetaSchedule into the database in ``work_dir``.
 
@@ -202,6 +206,11 @@ def tune(
     ``population_size`` of the evolutionary search defaults to 8x a task's trials within
     [64, 512]: the first round's cost model is untrained, so a large population only costs time
     (sampling and evolving 512 schedules takes ~60 s per task on 2 busy cores).
+
+    ``tracker`` (``"host:port"``) and ``key``: measure on every board registered with that TVM
+    RPC tracker under ``key``, one parallel session per board (see :mod:`.remote`); candidates for
+    a foreign host CPU are linked with its cross compiler. The work dir is stamped with the
+    target: records of another target are never mixed in (see :mod:`.target_key`).
     """
     started = time.monotonic()
     mod = _module_to_tune(mod)
@@ -210,7 +219,11 @@ def tune(
         raise TuningError(f"the number of tuning trials must be >= 0, got {trials}")
     if not 0 <= min_flops_share < 1:
         raise TuningError(f"min_flops_share must be in [0, 1), got {min_flops_share}")
-    if runner is None:
+    if tracker is not None and runner is not None:
+        raise TuningError("give tune() either a runner or a tracker, not both")
+    rpc = runner_spec(tracker, key) if tracker is not None else None
+    board_export = export_spec(target) if rpc is not None else None
+    if runner is None and rpc is None:
         _check_local_runner_can_measure(target)
     ensure_ir_json_works()
     work_dir = Path(work_dir).resolve()
@@ -218,6 +231,7 @@ def tune(
         (work_dir / "logs").mkdir(parents=True, exist_ok=True)
         for name in DATABASE_FILES:  # an empty database is valid: lower() then just uses defaults
             (work_dir / name).touch()
+        claim_work_dir(work_dir, target)
     except OSError as err:
         raise TuningError(f"cannot create the tuning work dir {work_dir}: {err.strerror}") from None
 
@@ -243,6 +257,8 @@ def tune(
         "work_dir": str(work_dir),
         "runner": _pickled(runner, "runner"),
         "builder": _pickled(builder, "builder"),
+        "rpc": rpc,
+        "board_export": board_export,
         "trials_per_round": trials_per_round,
     }
     task_specs = {

@@ -3,7 +3,7 @@
 ``build`` lowers the module for the target with ``gmorph_tvm.tuning.lower`` (default schedules,
 or tuned ones from a tuning database), finishes it with TVM's ``default_build`` relax pipeline in
 ``tvm.compile``, and for CUDA targets compiles the kernels to a fatbin with nvcc (see
-:mod:`gmorph_tvm.artifact.cuda`), so the exported library carries binary device code for the
+:mod:`gmorph_tvm.core.cuda`), so the exported library carries binary device code for the
 requested ``sm_XX`` even when built on a machine without a GPU. Every failure is a :class:`BuildError` naming the tasks and the operator
 involved when they can be told, never a raw TVM trace.
 """
@@ -24,13 +24,13 @@ import tvm
 from tvm import relax
 
 from ..core.manifest import FORMAT, FORMAT_VERSION
-from ..core.targets import TargetLike, is_cuda, resolve_target, target_dict
+from ..core.targets import JETPACK_CUDA, TargetLike, is_cuda, jetpack_of, resolve_target, target_dict
 from ..core.version import __version__
 from ..core.vm import device_for, execute
 from ..errors import ArtifactError, BuildError, GmorphError, one_line
 from ..frontend import MultiModel, TaskInfo, TensorSpec, bind_weights
 from ..tuning import lower_tuned
-from . import cuda as cuda_code
+from ..core import cuda as cuda_code
 from . import tuned_check
 from .export import export_artifact
 
@@ -115,7 +115,7 @@ def build(
     outputs becomes a task ``out0``, ``out1``, ... . ``tuning_db`` is a MetaSchedule work dir
     whose tuned schedules are applied where they match and compute what the default schedule
     computes (checked per kernel on random inputs); a tuned artifact is then compared with the
-    untuned build on random inputs before it is returned (:mod:`gmorph_tvm.build.tuned_check`).
+    untuned build on random inputs before it is returned (:mod:`gmorph_tvm.artifact.tuned_check`).
     Records that fail either check are dropped with a :class:`~gmorph_tvm.tuning.TuningWarning`
     naming the kernel; manifest field ``tuning`` says what was applied, dropped and measured.
     """
@@ -136,12 +136,15 @@ def build(
     if device == "cuda":
         if arch is None:
             raise BuildError(f"CUDA target {target_dict(tgt)} has no 'arch' (e.g. 'sm_87')")
-        cuda_code.check_arch_supported(arch)  # fail before spending time on lowering
+    jetpack = jetpack_of(tgt) if device == "cuda" else None
+    board_cuda = JETPACK_CUDA[jetpack] if jetpack else None  # SASS that board's driver loads
+    if device == "cuda":
+        cuda_code.check_arch_supported(arch, board_cuda)  # fail before spending time on lowering
 
     def lower_and_compile(database: str | Path | None, exclude: Sequence[str] = ()):
         with _stage("lowering", mod, tasks, tgt):
             lowered, applied = _lower(mod, tgt, database, exclude)
-        with _stage("compiling", lowered, tasks, tgt), _cuda_compile_callback(arch):
+        with _stage("compiling", lowered, tasks, tgt), _cuda_compile_callback(arch, board_cuda):
             executable = tvm.compile(lowered, target=tgt, relax_pipeline=_finalize_pipeline(lowered))
         return lowered, executable, applied
 
@@ -167,7 +170,7 @@ def build(
             lowered = untuned[0]
     elif applied is not None:
         tuning_check = tuned_check.ModuleCheck(dropped=dict(applied.dropped), kernel_seconds=applied.seconds)
-    fatbins = _compile_device_code(executable, arch) if device == "cuda" else {}
+    fatbins = _compile_device_code(executable, arch, board_cuda) if device == "cuda" else {}
 
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -186,7 +189,10 @@ def build(
     if tuning_check is not None:
         manifest["tuning"] = tuning_check.to_json()
     if device == "cuda":
-        manifest["cuda"] = {"arch": arch, "device_code": cuda_code.device_code_format(arch)}
+        # toolkit: the CUDA release that made the SASS; cuda_min_driver: the oldest driver that loads it.
+        manifest["cuda"] = {"arch": arch, **cuda_code.device_code_info(arch, board_cuda)}
+        if jetpack:
+            manifest["cuda"].update(jetpack=jetpack, board_cuda=board_cuda)
     return Artifact(executable, tgt, manifest, fatbins)
 
 
@@ -221,7 +227,7 @@ def _finalize_pipeline(mod: tvm.IRModule) -> str | None:
 
 
 @contextmanager
-def _cuda_compile_callback(arch: str | None) -> Iterator[None]:
+def _cuda_compile_callback(arch: str | None, board_cuda: str | None = None) -> Iterator[None]:
     """On a machine with a CUDA driver TVM JIT-compiles kernels through ``tvm_callback_cuda_compile``
     during codegen (NVRTC by default, which needs cuda-bindings); make it produce our fatbin for
     the target arch instead, and put the original back afterwards."""
@@ -232,7 +238,9 @@ def _cuda_compile_callback(arch: str | None) -> Iterator[None]:
 
     name = "tvm_callback_cuda_compile"
     original = tvm.get_global_func(name, allow_missing=True)
-    tvm_ffi.register_global_func(name, lambda code, *_: cuda_code.compile_kernels(str(code), arch), override=True)
+    tvm_ffi.register_global_func(
+        name, lambda code, *_: cuda_code.compile_kernels(str(code), arch, board_cuda), override=True
+    )
     try:
         yield
     finally:
@@ -240,7 +248,7 @@ def _cuda_compile_callback(arch: str | None) -> Iterator[None]:
             tvm_ffi.register_global_func(name, original, override=True)
 
 
-def _compile_device_code(executable: relax.VMExecutable, arch: str) -> dict[str, bytes]:
+def _compile_device_code(executable: relax.VMExecutable, arch: str, board_cuda: str | None = None) -> dict[str, bytes]:
     """nvcc-compile the source of every CUDA module codegen left uncompiled (no CUDA runtime here)."""
     fatbins: dict[str, bytes] = {}
     found = 0
@@ -253,7 +261,7 @@ def _compile_device_code(executable: relax.VMExecutable, arch: str) -> dict[str,
         source = str(module.inspect_source("cuda"))
         if not source:
             raise BuildError("TVM produced a CUDA module without source; cannot compile its kernels")
-        fatbins[cuda_code.source_key(source)] = cuda_code.compile_kernels(source, arch)
+        fatbins[cuda_code.source_key(source)] = cuda_code.compile_kernels(source, arch, board_cuda)
     if not found:
         raise BuildError("the CUDA build produced no CUDA kernels (nothing was offloaded to the GPU)")
     return fatbins

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import tvm
 
 from ..errors import BuildError, GmorphError, one_line
-from . import cuda as cuda_code
+from ..core import cuda as cuda_code
 from ..core.tvm_log import quiet_tvm_warnings
 from ..core.manifest import manifest_path_for, write_json_atomic
 
@@ -103,31 +103,7 @@ def _default_linker(artifact: "Artifact") -> Callable | None:
 
 def _cuda_packer(artifact: "Artifact") -> Callable[..., str]:
     """An ``fpack_imports`` for export_library that embeds fatbins instead of CUDA source."""
-    fatbins = artifact._fatbins
-
-    def pack(mod: tvm.runtime.Module, is_system_lib: bool, symbol_prefix: str, workspace_dir: str) -> str:
-        blob = bytes(tvm.get_global_func("runtime.ModulePackImportsToTensor")(mod).numpy().tobytes())
-        patched, count = cuda_code.patch_library_blob(blob, fatbins)
-        if count == 0:
-            raise BuildError("this CUDA artifact holds no CUDA module to export")
-        llvm_target = _host_target_string(mod)
-        codegen_blob = tvm.get_global_func("codegen.codegen_blob")
-        obj = codegen_blob(patched, is_system_lib, llvm_target, symbol_prefix)
-        out = os.path.join(workspace_dir, f"{symbol_prefix}devc.o")
-        obj.write_to_file(out)
-        return out
-
-    return pack
-
-
-def _host_target_string(root: tvm.runtime.Module) -> str:
-    stack = [root]
-    while stack:
-        module = stack.pop()
-        if module.kind == "llvm":
-            return str(module.get_function("_get_target_string")())
-        stack.extend(module.imports)
-    raise BuildError("this artifact has no host (llvm) module to export")
+    return cuda_code.fatbin_packer(artifact._fatbins)
 
 
 def _check_device_code(library: Path, arch: str) -> None:

@@ -10,7 +10,10 @@ importing the original models. Schema (``format_version`` 1)::
      "inputs": [{"name", "shape", "dtype"}, ...],
      "tasks": [{"name", "inputs", "outputs", "source", "source_sha256"}, ...],
      "weights": {"count": N, "bytes": B},
-     "cuda": {"arch": "sm_87", "device_code": "fatbin" | "cubin"},  # CUDA targets only
+     "cuda": {"arch": "sm_87", "device_code": "fatbin" | "cubin",   # CUDA targets only
+              "toolkit": "12.2",          # CUDA release of the nvcc/ptxas that made the SASS
+              "cuda_min_driver": "12.0",  # oldest CUDA driver that loads it (loader refuses older)
+              "jetpack": "jp6", "board_cuda": "12.2"},  # only for jetson-*:jpN targets
      "created": "2025-01-01T00:00:00+00:00"}
 
 ``main`` returns one flat tuple: every task's outputs in task order.

@@ -24,6 +24,13 @@ _JETSON = {
 }
 
 
+# JetPack releases per board, and the CUDA version of the driver each ships (what
+# cudaDriverGetVersion reports on a stock install): JetPack 4.6 CUDA 10.2, 5.x CUDA 11.4,
+# 6.0 CUDA 12.2 (6.1/6.2: 12.6). "jetson-orin:jp6" picks device code that driver loads.
+JETPACK_CUDA = {"jp4": "10.2", "jp5": "11.4", "jp6": "12.2"}
+JETPACKS = {"jetson-orin": ("jp5", "jp6"), "jetson-xavier": ("jp5",), "jetson-nano": ("jp4",)}
+
+
 def host_cpu() -> str:
     """The LLVM name of this machine's CPU (e.g. ``znver5``)."""
     get_cpu = tvm.get_global_func("target.llvm_get_system_cpu", allow_missing=True)
@@ -41,7 +48,8 @@ def _llvm_host() -> dict[str, Any]:
 
 
 def preset_names() -> list[str]:
-    return ["llvm", "cuda", *sorted(_JETSON), "aarch64"]
+    jetpacks = [f"{board}:{jp}" for board in sorted(_JETSON) for jp in JETPACKS[board]]
+    return ["llvm", "cuda", *sorted(_JETSON), *jetpacks, "aarch64"]
 
 
 def _preset(name: str) -> dict[str, Any]:
@@ -51,10 +59,19 @@ def _preset(name: str) -> dict[str, Any]:
         return {"kind": "cuda", "arch": "sm_90", "host": _llvm_host()}
     if name.startswith("cuda:"):  # e.g. "cuda:sm_87" -> CUDA for that arch, this host
         return {"kind": "cuda", "arch": name.split(":", 1)[1], "host": _llvm_host()}
-    if name in _JETSON:
-        arch, cpu = _JETSON[name]
+    board, _, jetpack = name.partition(":")
+    if board in _JETSON:
+        arch, cpu = _JETSON[board]
         host = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": cpu}
-        return {"kind": "cuda", "arch": arch, "host": host}
+        if not jetpack:
+            return {"kind": "cuda", "arch": arch, "host": host}
+        if jetpack not in JETPACKS[board]:
+            raise TargetError(
+                f"{board} runs JetPack {', '.join(JETPACKS[board])}, not {jetpack!r}; use "
+                + " or ".join(f"'{board}:{jp}'" for jp in JETPACKS[board])
+            )
+        # The tag carries the JetPack choice through Target round trips (tuning, manifest).
+        return {"kind": "cuda", "arch": arch, "tag": name, "host": host}
     if name == "aarch64":
         return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78ae"}
     raise TargetError(
@@ -105,6 +122,13 @@ def resolve_target(target: TargetLike) -> tvm.target.Target:
     except Exception as err:  # TVM raises its own error types with long C++ traces
         first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise TargetError(f"invalid target {spec}: {first}") from None
+
+
+def jetpack_of(target: tvm.target.Target) -> str | None:
+    """``"jp6"`` for a target made from ``"jetson-orin:jp6"`` (its tag), else None."""
+    tag = str(getattr(target, "tag", "") or "")
+    jetpack = tag.partition(":")[2]
+    return jetpack if tag.partition(":")[0] in JETPACKS and jetpack in JETPACK_CUDA else None
 
 
 def is_cuda(target: tvm.target.Target) -> bool:

@@ -14,12 +14,13 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..artifact import cuda as cuda_code
+from ..core import cuda as cuda_code
 from ..core.tvm_log import quiet_tvm_warnings
 from ..core.manifest import input_specs, library_path_for, manifest_path_for, read_manifest, task_infos
 from ..errors import ArtifactError, one_line
 from ..core.specs import check_inputs
 from ..core.vm import InputsLike, device_for, execute, split_outputs  # noqa: F401 (re-exported)
+from .cuda_driver import check_cuda_driver, cuda_driver_version
 
 _MACHINE_ELF = {"x86_64": cuda_code.EM_X86_64, "AMD64": cuda_code.EM_X86_64,
                 "aarch64": cuda_code.EM_AARCH64, "arm64": cuda_code.EM_AARCH64}
@@ -83,6 +84,8 @@ def load(path: str | Path, device: str = "cpu") -> Runner:
         raise ArtifactError(f"manifest {manifest_file} describes {manifest['library']!r}, not {library.name!r}")
     if not library.is_file():
         raise ArtifactError(f"library {library} not found (its manifest is {manifest_file})")
+    if manifest["device"] == "cuda" and str(device).startswith(("cuda", "gpu")):
+        check_cuda_driver(manifest, cuda_driver_version(), str(library))  # before the GPU check
     dev = device_for(manifest, device, str(library))
     _check_host_arch(library, manifest)
     try:

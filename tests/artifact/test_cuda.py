@@ -21,7 +21,7 @@ import torch
 
 import gmorph_tvm
 from gmorph_tvm.artifact import build, describe_device_code, manifest_path_for
-from gmorph_tvm.artifact import cuda as cuda_code
+from gmorph_tvm.core import cuda as cuda_code
 from gmorph_tvm.errors import BuildError
 
 needs_nvcc = pytest.mark.skipif(cuda_code.find_nvcc() is None, reason="nvcc (CUDA toolkit) not installed")
@@ -53,7 +53,9 @@ def test_cuda_so_holds_sm90_fatbin(cuda_artifact, tmp_path):
         assert _elf_machine_and_class(path) == (native, 2)
     manifest = cuda_artifact.manifest
     assert manifest["device"] == "cuda"
-    assert manifest["cuda"] == {"arch": "sm_90", "device_code": "fatbin"}
+    release = cuda_code._nvcc_info(cuda_code.find_nvcc())[0]
+    assert manifest["cuda"] == {"arch": "sm_90", "device_code": "fatbin", "toolkit": release,
+                                "cuda_min_driver": cuda_code.min_driver_for(release)}
     assert manifest["target"]["arch"] == "sm_90"
 
 
@@ -129,7 +131,9 @@ def _nvcc_drops(sm: int) -> None:
 def test_jetson_arch_dropped_by_nvcc_gets_a_cubin(multimodel, preset, sm, tmp_path):
     _nvcc_drops(sm)
     artifact = build(multimodel, preset)
-    assert artifact.manifest["cuda"] == {"arch": f"sm_{sm}", "device_code": "cubin"}
+    ptxas_release = cuda_code.tool_release(cuda_code.find_legacy_ptxas())
+    assert artifact.manifest["cuda"] == {"arch": f"sm_{sm}", "device_code": "cubin", "toolkit": ptxas_release,
+                                         "cuda_min_driver": cuda_code.min_driver_for(ptxas_release)}
     if shutil.which("aarch64-linux-gnu-g++") is None:
         path = artifact.export(tmp_path / f"{preset}.tar")
     else:

@@ -119,7 +119,7 @@ def test_native_runner_reports_manifest_problems(gmorph_run, artifact, tmp_path)
 def test_native_runner_loads_cuda_fatbin_without_jit(gmorph_run, artifact, tmp_path):
     """With a stand-in CUDA driver, the pure C++ runtime loads our CUDA library (the kernels are
     a fatbin) and only fails where a GPU is needed; TVM's plain export needs a JIT compiler."""
-    from gmorph_tvm.artifact import cuda as cuda_code
+    from gmorph_tvm.core import cuda as cuda_code
 
     cc = shutil.which("cc") or shutil.which("gcc")
     if cuda_code.find_nvcc() is None or cc is None:
@@ -157,3 +157,30 @@ def test_native_runner_loads_cuda_fatbin_without_jit(gmorph_run, artifact, tmp_p
     assert "CUDA" in proc.stderr and ("driver" in proc.stderr or "device" in proc.stderr)
     proc = run(plain)
     assert proc.returncode == 1 and "tvm_callback_cuda_compile" in proc.stderr
+
+
+_FAKE_LIBCUDA = 'extern "C" int cuDriverGetVersion(int* v) { *v = VERSION; return 0; }\n'
+
+
+def test_native_runner_refuses_a_cuda_driver_older_than_the_code_needs(gmorph_run, tmp_path):
+    from gmorph_tvm.core import cuda as cuda_code
+
+    if cuda_code.find_nvcc() is None or not any(
+        cuda_code.tool_release(p).startswith("12.") for p in cuda_code.ptxas_candidates()
+    ):
+        pytest.skip("needs nvcc and a CUDA 12 ptxas (bash scripts/fetch_board_runtime.sh)")
+    x = torch.zeros(1, 3, 12, 12)
+    mm = gmorph_tvm.import_models({"cls": Net(5, 0).eval()}, example_inputs=x)
+    library = build(mm, "jetson-orin:jp6").export(tmp_path / "orin.tar")  # cuda_min_driver 12.0
+    np.save(tmp_path / "x.npy", x.numpy())
+    # A JetPack 5 driver (CUDA 11.4), faked: a libcuda.so.1 that only answers cuDriverGetVersion.
+    fake = tmp_path / "driver"
+    fake.mkdir()
+    (fake / "cuda.cc").write_text(_FAKE_LIBCUDA.replace("VERSION", "11040"))
+    subprocess.run([CXX, "-shared", "-fPIC", "-o", str(fake / "libcuda.so.1"), str(fake / "cuda.cc")], check=True)
+    env = dict(os.environ, LD_LIBRARY_PATH=str(fake))
+    proc = subprocess.run([str(gmorph_run), str(library), "--input", f"x={tmp_path / 'x.npy'}", "--device", "cuda"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"gmorph-run: {library} needs a CUDA driver >= 12.0, but this driver is CUDA 11.4; "
+                                   "rebuild for this board's JetPack (e.g. --target jetson-orin:jp5) or upgrade the driver")

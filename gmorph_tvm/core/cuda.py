@@ -43,6 +43,9 @@ import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
+
+import tvm
 
 from ..errors import BuildError
 
@@ -102,6 +105,66 @@ def find_legacy_ptxas() -> str | None:
     return None
 
 
+def cache_dir() -> Path:
+    """Where the set-up keeps downloaded toolchains and runtimes (``$GMORPH_TVM_CACHE``)."""
+    return Path(os.environ.get("GMORPH_TVM_CACHE") or Path.home() / ".cache" / "gmorph-tvm")
+
+
+def ptxas_candidates() -> list[str]:
+    """Every ptxas found: ``$GMORPH_TVM_PTXAS``, the ``nvidia-cuda-nvcc-cu*`` wheel installed here,
+    the ones the set-up unpacked in the cache (``<cache>/nvcc-cu12/...``: the cu11 and cu12 wheels
+    both install into ``nvidia/cuda_nvcc``, so only one can be installed), and nvcc's own."""
+    found = []
+    legacy = find_legacy_ptxas()
+    if legacy:
+        found.append(legacy)
+    if not os.environ.get("GMORPH_TVM_PTXAS"):
+        found.extend(str(p) for p in sorted(cache_dir().glob("nvcc-cu*/nvidia/cuda_nvcc/bin/ptxas")))
+        nvcc = find_nvcc()
+        if nvcc and shutil.which("ptxas", path=str(Path(nvcc).parent)):
+            found.append(str(Path(shutil.which("ptxas", path=str(Path(nvcc).parent)))))
+    unique = []
+    for path in found:
+        if path not in unique and os.access(path, os.X_OK):
+            unique.append(path)
+    return unique
+
+
+@lru_cache(maxsize=16)
+def tool_release(tool: str) -> str:
+    """CUDA release (``"11.8"``) of an nvcc or ptxas binary, from its ``--version``."""
+    try:
+        text = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise BuildError(f"cannot run {tool}: {err}") from None
+    match = re.search(r"release (\d+\.\d+)", text)
+    if not match:
+        raise BuildError(f"{tool} --version names no CUDA release")
+    return match.group(1)
+
+
+def version_tuple(text: str) -> tuple[int, int]:
+    major, _, minor = str(text).partition(".")
+    return int(major), int(minor or 0)
+
+
+def min_driver_for(release: str) -> str:
+    """The oldest CUDA driver that loads SASS made by CUDA ``release`` (see the README's table).
+
+    Drivers are backward compatible (newer drivers load older code). From CUDA 11 on, minor
+    version compatibility lets code from any 11.x / 12.x toolkit run on a driver of the same
+    major release (11.0 / 12.0 and later; PTX JIT excepted, which SASS does not need). Before
+    CUDA 11 a driver loads only code of its own release or older.
+    """
+    major, minor = version_tuple(release)
+    return f"{major}.0" if major >= 11 else f"{major}.{minor}"
+
+
+def driver_accepts(driver: str, release: str) -> bool:
+    """Whether a driver of CUDA version ``driver`` loads SASS made by CUDA ``release``."""
+    return version_tuple(driver) >= version_tuple(min_driver_for(release))
+
+
 def find_nvcc() -> str | None:
     """The nvcc to use: ``$GMORPH_TVM_NVCC``, else ``nvcc`` on PATH, else ``$CUDA_HOME/bin/nvcc``."""
     explicit = os.environ.get("GMORPH_TVM_NVCC")
@@ -138,17 +201,28 @@ def sm_number(arch: str) -> int:
     return int(match.group(1))
 
 
-def check_arch_supported(arch: str) -> str:
+def check_arch_supported(arch: str, board_cuda: str | None = None) -> str:
     """Fail early, with the fix, when nvcc is missing or nothing here can compile for ``arch``.
 
     Returns the nvcc path. Shipping CUDA source instead would only move the failure to the
     device, where it needs a JIT compiler that a deployed C++ runtime does not have.
     """
-    return _device_toolchain(arch)[0]
+    return _device_toolchain(arch, board_cuda)[0]
 
 
-def _device_toolchain(arch: str) -> tuple[str, str | None]:
-    """(nvcc, None) when nvcc compiles ``arch`` itself; (nvcc, legacy ptxas) when it cannot."""
+# What to install for a ptxas of each CUDA major release (the board's driver family).
+_PTXAS_FOR_MAJOR = {
+    12: "the ptxas of CUDA 12.2 (bash scripts/setup.sh puts it in ~/.cache/gmorph-tvm/nvcc-cu12: "
+        "pip install --no-deps --target ~/.cache/gmorph-tvm/nvcc-cu12 nvidia-cuda-nvcc-cu12==12.2.140)",
+    11: "the ptxas of CUDA 11.8 (pip install nvidia-cuda-nvcc-cu11==11.8.89, the 'jetson' extra)",
+    10: "a CUDA 10.2 ptxas (no pip wheel carries one: the x86-64 CUDA 10.2 toolkit's bin/ptxas)",
+}
+
+
+def _device_toolchain(arch: str, board_cuda: str | None = None) -> tuple[str, str | None]:
+    """(nvcc, None) when nvcc compiles ``arch`` itself; (nvcc, ptxas) when another ptxas must make
+    the SASS: ``arch`` is one nvcc dropped, or the board's driver (CUDA ``board_cuda``) is of an
+    older major release than nvcc."""
     sm = sm_number(arch)
     nvcc = find_nvcc()
     if nvcc is None:
@@ -157,6 +231,8 @@ def _device_toolchain(arch: str) -> tuple[str, str | None]:
             "install the CUDA toolkit or point GMORPH_TVM_NVCC at an nvcc binary"
         )
     release, supported = _nvcc_info(nvcc)
+    if board_cuda is not None:
+        return nvcc, _ptxas_for_board(arch, board_cuda, nvcc, release, supported)
     if not supported or sm in supported:
         return nvcc, None
     ptxas = find_legacy_ptxas() if sm < min(supported) else None
@@ -173,14 +249,47 @@ def _device_toolchain(arch: str) -> tuple[str, str | None]:
     )
 
 
-def device_code_format(arch: str) -> str:
-    """What a build for ``arch`` embeds here: ``"fatbin"`` (nvcc) or ``"cubin"`` (PTX + legacy ptxas)."""
-    return "cubin" if _device_toolchain(arch)[1] else "fatbin"
+def _ptxas_for_board(arch: str, board_cuda: str, nvcc: str, release: str, supported: frozenset[int]) -> str | None:
+    """The tool whose SASS a driver of CUDA ``board_cuda`` loads: None for nvcc itself, else a ptxas.
+
+    Among the tools of the board's major release, the newest not newer than the board wins
+    (plain backward compatibility); failing that the oldest newer one (minor version compatibility).
+    """
+    sm = sm_number(arch)
+    major = version_tuple(board_cuda)[0]
+    if version_tuple(release)[0] == major and (not supported or sm in supported):
+        return None
+    same_major = [(tool_release(p), p) for p in ptxas_candidates() if version_tuple(tool_release(p))[0] == major]
+    older = sorted((v for v in same_major if version_tuple(v[0]) <= version_tuple(board_cuda)), key=lambda v: version_tuple(v[0]))
+    newer = sorted((v for v in same_major if version_tuple(v[0]) > version_tuple(board_cuda)), key=lambda v: version_tuple(v[0]))
+    if older:
+        return older[-1][1]
+    if newer:
+        return newer[0][1]
+    hint = _PTXAS_FOR_MAJOR.get(major, f"a CUDA {major}.x ptxas")
+    raise BuildError(
+        f"a board with a CUDA {board_cuda} driver needs {arch} SASS from a CUDA {major}.x ptxas (nvcc {release} "
+        f"here makes code it may refuse); install {hint}, or set GMORPH_TVM_PTXAS to one"
+    )
 
 
-def compile_kernels(source: str, arch: str) -> bytes:
-    """Compile CUDA C ``source`` for ``arch``: a fatbin, or a cubin for archs nvcc dropped."""
-    nvcc, ptxas = _device_toolchain(arch)
+def device_code_format(arch: str, board_cuda: str | None = None) -> str:
+    """What a build for ``arch`` embeds here: ``"fatbin"`` (nvcc) or ``"cubin"`` (PTX + another ptxas)."""
+    return "cubin" if _device_toolchain(arch, board_cuda)[1] else "fatbin"
+
+
+def device_code_info(arch: str, board_cuda: str | None = None) -> dict[str, str]:
+    """Manifest fields of the device code a build makes here: its format, the CUDA release that
+    made its SASS, and the oldest CUDA driver that loads it (:func:`min_driver_for`)."""
+    nvcc, ptxas = _device_toolchain(arch, board_cuda)
+    toolkit = tool_release(ptxas) if ptxas else _nvcc_info(nvcc)[0]
+    return {"device_code": "cubin" if ptxas else "fatbin", "toolkit": toolkit, "cuda_min_driver": min_driver_for(toolkit)}
+
+
+def compile_kernels(source: str, arch: str, board_cuda: str | None = None) -> bytes:
+    """Compile CUDA C ``source`` for ``arch``: a fatbin, or a cubin made by another ptxas (archs
+    nvcc dropped, or the ptxas of the board's CUDA release when ``board_cuda`` is given)."""
+    nvcc, ptxas = _device_toolchain(arch, board_cuda)
     if ptxas is not None:
         return compile_cubin_via_ptx(source, arch, nvcc, ptxas)
     return compile_fatbin(source, arch)
@@ -204,9 +313,10 @@ def compile_fatbin(source: str, arch: str) -> bytes:
 
 
 def compile_cubin_via_ptx(source: str, arch: str, nvcc: str, ptxas: str) -> bytes:
-    """CUDA C -> PTX (nvcc, its lowest virtual arch) -> re-targeted to ``arch`` -> cubin (ptxas)."""
+    """CUDA C -> PTX (nvcc, for ``arch`` or its lowest virtual arch) -> re-targeted to ``arch`` -> cubin (ptxas)."""
     sm = sm_number(arch)
-    lowest = min(_nvcc_info(nvcc)[1])
+    supported = _nvcc_info(nvcc)[1]
+    lowest = sm if sm in supported else min(supported)  # PTX for the arch itself when nvcc has it
     with tempfile.TemporaryDirectory(prefix="gmorph_ptx_") as tmp:
         src, ptx, cubin = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.ptx", Path(tmp) / "kernels.cubin"
         src.write_text(source)
@@ -454,3 +564,35 @@ def elf_machine(path: str | os.PathLike) -> int | None:
     if head[:4] != ELF_MAGIC or len(head) < 20:
         return None
     return struct.unpack_from("<H", head, 18)[0]
+
+
+# ---- packing compiled device code into an exported library --------------------------------
+
+
+def fatbin_packer(fatbins: dict[str, bytes]) -> Callable[..., str]:
+    """An ``fpack_imports`` embedding ``fatbins`` (CUDA source sha256 -> fatbin/cubin) for the
+    CUDA source modules (also used for tuning candidates measured on a board)."""
+
+    def pack(mod: tvm.runtime.Module, is_system_lib: bool, symbol_prefix: str, workspace_dir: str) -> str:
+        blob = bytes(tvm.get_global_func("runtime.ModulePackImportsToTensor")(mod).numpy().tobytes())
+        patched, count = patch_library_blob(blob, fatbins)
+        if count == 0:
+            raise BuildError("this CUDA artifact holds no CUDA module to export")
+        llvm_target = _host_target_string(mod)
+        codegen_blob = tvm.get_global_func("codegen.codegen_blob")
+        obj = codegen_blob(patched, is_system_lib, llvm_target, symbol_prefix)
+        out = os.path.join(workspace_dir, f"{symbol_prefix}devc.o")
+        obj.write_to_file(out)
+        return out
+
+    return pack
+
+
+def _host_target_string(root: tvm.runtime.Module) -> str:
+    stack = [root]
+    while stack:
+        module = stack.pop()
+        if module.kind == "llvm":
+            return str(module.get_function("_get_target_string")())
+        stack.extend(module.imports)
+    raise BuildError("this artifact has no host (llvm) module to export")
