@@ -23,13 +23,13 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..core.manifest import FORMAT, FORMAT_VERSION
+from ..core.manifest import FORMAT, FORMAT_VERSION, SIGNATURE_FUNCTION, encode_signature
 from ..core.targets import TargetLike, is_cuda, resolve_target, target_dict
 from ..core.version import __version__
-from ..core.vm import device_for, execute
+from ..core.vm import VMPool, device_for, execute
 from ..errors import ArtifactError, BuildError, GmorphError, one_line
 from ..frontend import MultiModel, TaskInfo, TensorSpec, bind_weights
-from ..tuning import lower
+from .. import tuning
 from . import cuda as cuda_code
 from .export import export_artifact
 
@@ -92,11 +92,8 @@ class Artifact:
                     f"(this machine is {platform.machine()})"
                 )
             dev = device_for(self._manifest, self.device, f"artifact {self.name!r}")
-            try:
-                self._vm = relax.VirtualMachine(self.executable, dev)
-            except Exception as err:  # noqa: BLE001 - TVM raises its own error types
-                raise ArtifactError(f"cannot run artifact {self.name!r} here: {one_line(err)}") from None
-        return execute(self._vm, self._manifest, inputs, what=f"artifact {self.name!r}")
+            self._vm = VMPool(self.executable, dev, f"artifact {self.name!r}")  # one VM per thread
+        return execute(self._vm.get(), self._manifest, inputs, what=f"artifact {self.name!r}")
 
 
 def build(
@@ -135,8 +132,10 @@ def build(
 
     with _stage("lowering", mod, tasks, tgt):
         lowered = _lower(mod, tgt, tuning_db)
+    signature = {"inputs": [s.to_json() for s in inputs], "tasks": [t.to_json() for t in tasks]}
     with _stage("compiling", lowered, tasks, tgt), _cuda_compile_callback(arch):
-        executable = tvm.compile(lowered, target=tgt, relax_pipeline=_finalize_pipeline(lowered))
+        executable = tvm.compile(_with_signature(lowered, signature), target=tgt,
+                                 relax_pipeline=_finalize_pipeline(lowered))
     fatbins = _compile_device_code(executable, arch) if device == "cuda" else {}
 
     manifest: dict[str, Any] = {
@@ -163,7 +162,19 @@ def build(
 
 def _lower(mod: tvm.IRModule, target: tvm.target.Target, tuning_db: str | Path | None) -> tvm.IRModule:
     # Same lowering as tuning uses, so tuned workloads match what gets compiled.
-    return lower(mod, target, database_dir=tuning_db)
+    return tuning.lower(mod, target, database_dir=tuning_db)  # looked up at call time (tests patch it)
+
+
+def _with_signature(mod: tvm.IRModule, manifest: Mapping[str, Any]) -> tvm.IRModule:
+    """``mod`` plus a VM function ``gmorph_signature() -> uint8[n]``: the JSON signature (inputs,
+    task names, output specs) the loader compares with the manifest, so a library and a manifest
+    that do not belong together are refused before ``main`` runs."""
+    data = np.frombuffer(encode_signature(manifest), dtype="uint8").copy()
+    const = relax.const(data, "uint8")
+    func = relax.Function([], const, const.ty, is_pure=True).with_attr("global_symbol", SIGNATURE_FUNCTION)
+    out = mod.clone()
+    out[SIGNATURE_FUNCTION] = func
+    return out
 
 
 def _finalize_pipeline(mod: tvm.IRModule) -> str | None:
