@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .errors import GmorphError, InputSpecError
+from .errors import GmorphError, InputSpecError, one_line
 
 
 def _parse_shape(text: str) -> tuple[str, list[int]]:
@@ -252,15 +252,18 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    try:
+    command = "gmorph-tvm"
+    try:  # Ctrl-C while the parser imports torch/TVM is one line too, not a traceback
+        parser = _build_parser()
+        args = parser.parse_args(argv)
+        command = f"gmorph-tvm {args.command}"
         return int(args.func(args) or 0)
     except GmorphError as err:
-        print(f"gmorph-tvm {args.command}: error: {err}", file=sys.stderr)
+        text = str(err) if "\n" not in str(err) else one_line(err, limit=2000)
+        print(f"{command}: error: {text}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("gmorph-tvm: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
 
 
