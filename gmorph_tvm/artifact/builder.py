@@ -122,7 +122,11 @@ def build(
         inputs, tasks = _signature_specs(mod)
     else:
         raise BuildError(f"build() takes a MultiModel or a tvm.IRModule, not {type(model).__name__}")
-    name = name or "+".join(t.name for t in tasks)
+    task_names = [t.name for t in tasks]
+    duplicates = sorted({n for n in task_names if task_names.count(n) > 1})
+    if duplicates:
+        raise BuildError(f"task name {duplicates[0]!r} appears more than once; every task needs its own name")
+    name = name or "+".join(task_names)
     device = "cuda" if is_cuda(tgt) else "cpu"
     arch = str(tgt.attrs["arch"]) if device == "cuda" and "arch" in tgt.attrs else None
     if device == "cuda":

@@ -33,7 +33,7 @@ from ..artifact import cuda as cuda_code
 from ..core.tvm_log import quiet_tvm_warnings
 from ..core.manifest import (SIGNATURE_FUNCTION, check_signature, input_specs, library_path_for, manifest_path_for,
                              read_manifest, task_infos)
-from ..errors import ArtifactError, one_line
+from ..errors import ArtifactError, InputSpecError, one_line
 from ..core.specs import check_inputs
 from ..core.vm import InputsLike, VMPool, device_for, execute, split_outputs  # noqa: F401 (re-exported)
 
@@ -213,7 +213,7 @@ def random_inputs(manifest: Mapping[str, Any], seed: int = 0) -> list[np.ndarray
 def time_main(vm: relax.VirtualMachine, dev: tvm.runtime.Device, args: list, *, number: int, repeat: int,
               min_repeat_ms: int = 0) -> dict[str, float | int]:
     if number < 1 or repeat < 1:
-        raise ValueError("number and repeat must be >= 1")
+        raise InputSpecError(f"number and repeat must be >= 1 (given number={number}, repeat={repeat})")
     timer = vm.time_evaluator("main", dev, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
     result = timer(*args)
     results_ms = np.array(result.results, dtype=np.float64) * 1e3
