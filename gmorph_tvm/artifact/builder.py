@@ -29,6 +29,7 @@ from ..core.version import __version__
 from ..core.vm import VMPool, device_for, execute
 from ..errors import ArtifactError, BuildError, GmorphError, one_line
 from ..frontend import MultiModel, TaskInfo, TensorSpec, bind_weights
+from ..passes import index_bounds
 from .. import tuning
 from . import cuda as cuda_code
 from .export import export_artifact
@@ -154,6 +155,7 @@ def build(
         "inputs": [s.to_json() for s in inputs],
         "tasks": [t.to_json() for t in tasks],
         "weights": constant_stats(lowered),
+        "index_bounds": index_bounds(mod),
         "created": None,
     }
     if device == "cuda":

@@ -11,6 +11,7 @@ importing the original models. Schema (``format_version`` 2)::
      "inputs": [{"name", "shape", "dtype"}, ...],
      "tasks": [{"name", "inputs", "outputs", "source", "source_sha256"}, ...],
      "weights": {"count": N, "bytes": B},
+     "index_bounds": {input name: {"low": lo, "high": hi}},  # inputs that index a table (take)
      "cuda": {"arch": "sm_87", "device_code": "fatbin" | "cubin"},  # CUDA targets only
      "created": "2025-01-01T00:00:00+00:00"}
 
@@ -108,6 +109,12 @@ def validate_manifest(data: Any, path: str | Path = "<manifest>") -> None:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ArtifactError(f"manifest {path}: {kind} name {duplicates[0]!r} appears more than once")
+    bounds = data.get("index_bounds", {})
+    if not isinstance(bounds, dict) or not all(
+        isinstance(v, dict) and all(isinstance(v.get(k), int) and not isinstance(v.get(k), bool) for k in ("low", "high"))
+        for v in bounds.values()
+    ):
+        raise ArtifactError(f"manifest {path}: field 'index_bounds' must map input names to {{'low': int, 'high': int}}")
     for spec in [*specs, *(o for t in tasks for o in t.outputs)]:
         if any(d < 0 for d in spec.shape):
             raise ArtifactError(f"manifest {path}: tensor {spec.name!r} has a negative dimension {list(spec.shape)}")

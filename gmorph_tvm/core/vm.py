@@ -18,9 +18,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..errors import ArtifactError, RuntimeInputError, one_line
+from ..errors import ArtifactError, one_line
 from .manifest import input_specs, task_infos
-from .specs import check_inputs
+from .specs import check_index_bounds, check_inputs
 
 InputsLike = Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray
 
@@ -64,22 +64,17 @@ class VMPool:
         return vm
 
 
-# Messages of the run-time checks the build inserts (see passes/check_take_bounds.py).
-INDEX_ERROR_MARK = "index out of range"
-
-
 def execute(vm: relax.VirtualMachine, manifest: Mapping[str, Any], inputs: InputsLike, *, what: str,
             device: tvm.runtime.Device | None = None) -> dict[str, np.ndarray | list[np.ndarray]]:
     """Check ``inputs`` against the manifest, run ``main`` and split its outputs by task."""
-    arrays = check_inputs(input_specs(manifest), inputs)
+    specs = input_specs(manifest)
+    arrays = check_inputs(specs, inputs)
+    check_index_bounds(manifest.get("index_bounds") or {}, specs, arrays)
     dev = device if device is not None else (tvm.cpu() if manifest["device"] == "cpu" else tvm.cuda())
     try:
         result = vm["main"](*[tvm.runtime.tensor(a, dev) for a in arrays])
     except Exception as err:  # noqa: BLE001 - TVM raises its own error types
-        line = one_line(err)
-        if INDEX_ERROR_MARK in line:
-            raise RuntimeInputError(f"{what}: {line[line.index(INDEX_ERROR_MARK) - 0:]}") from err
-        raise ArtifactError(f"running {what} failed: {line}") from err
+        raise ArtifactError(f"running {what} failed: {one_line(err)}") from err
     return split_outputs(manifest, result, what)
 
 
