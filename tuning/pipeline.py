@@ -26,6 +26,7 @@ import tvm
 from tvm import relax
 
 from ..errors import TuningError
+from ..passes import LegalizeNaNSafe
 from .ffi_guard import ensure_ir_json_works
 
 DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
@@ -40,6 +41,7 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     passes = [
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
+        LegalizeNaNSafe(),  # NaN in -> NaN out for relu/clip/max/min (then "zero" has nothing left to legalise)
         relax.get_pipeline("zero"),
     ]
     if not is_gpu_target(target):

@@ -335,6 +335,7 @@ def _import_onnx(task: str, model, examples: tuple | None, shapes, dtypes, used:
         onnx.checker.check_model(proto)
     except Exception as err:
         raise ModelImportError(f"model {task!r}: {where} is not a valid ONNX model: {_one_line(err)}") from None
+    proto = _clip_as_max_min(proto)
 
     initializers = {init.name for init in proto.graph.initializer}
     graph_inputs = [i for i in proto.graph.input if i.name not in initializers]
@@ -379,6 +380,50 @@ def _import_onnx(task: str, model, examples: tuple | None, shapes, dtypes, used:
     weights = list(zip(_onnx_weight_names([p.name for p in weight_params], proto), weight_values))
     return _finish(task, func, num_input, inputs, weights, {}, "onnx", hashlib.sha256(raw).hexdigest(),
                    input_names=[inp.name for inp in graph_inputs])
+
+
+def _clip_as_max_min(proto):
+    """A copy of ``proto`` where each Clip with known, non-NaN bounds is ``Min(Max(x, lo), hi)``.
+
+    TVM's Clip converter emits its own TIR ``maximum``/``minimum`` functions, which merging the
+    model into one module cannot carry ("There is no definition of I.GlobalVar('maximum')") and
+    which turn NaN into a bound; ONNX Max/Min become ``relax.maximum``/``minimum``, legalised
+    NaN-propagating like onnxruntime's Clip. Bounds given by a graph computation, or NaN (which
+    ONNX reads as "no bound"), leave the node as it is.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    known = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            known[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+
+    def rewritable(node) -> bool:
+        bounds = [b for b in list(node.input)[1:3] if b]
+        return (node.op_type == "Clip" and not node.attribute and bounds and all(b in known for b in bounds)
+                and not any(np.isnan(known[b]).any() for b in bounds))
+
+    if not any(rewritable(n) for n in proto.graph.node):
+        return proto
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    nodes = []
+    for index, node in enumerate(copy.graph.node):
+        if not rewritable(node):
+            nodes.append(node)
+            continue
+        inputs = list(node.input) + ["", ""]
+        current = inputs[0]
+        for op, bound in (("Max", inputs[1]), ("Min", inputs[2])):
+            if bound:
+                out = f"{node.output[0]}__gmorph_clip_{op.lower()}_{index}"
+                nodes.append(onnx.helper.make_node(op, [current, bound], [out]))
+                current = out
+        nodes.append(onnx.helper.make_node("Identity", [current], [node.output[0]]))
+    del copy.graph.node[:]
+    copy.graph.node.extend(nodes)
+    return copy
 
 
 def _sanitize(name: str) -> str:
