@@ -137,7 +137,8 @@ def build(
 
     with _stage("lowering", mod, tasks, tgt):
         lowered = _lower(mod, tgt, tuning_db)
-    signature = {"inputs": [s.to_json() for s in inputs], "tasks": [t.to_json() for t in tasks]}
+    bounds = index_bounds(mod)
+    signature = {"inputs": [s.to_json() for s in inputs], "tasks": [t.to_json() for t in tasks], "index_bounds": bounds}
     with _stage("compiling", lowered, tasks, tgt), _cuda_compile_callback(arch):
         executable = tvm.compile(_with_signature(lowered, signature), target=tgt,
                                  relax_pipeline=_finalize_pipeline(lowered))
@@ -155,7 +156,7 @@ def build(
         "inputs": [s.to_json() for s in inputs],
         "tasks": [t.to_json() for t in tasks],
         "weights": constant_stats(lowered),
-        "index_bounds": index_bounds(mod),
+        "index_bounds": bounds,
         "created": None,
     }
     if device == "cuda":

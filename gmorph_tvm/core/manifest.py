@@ -129,11 +129,12 @@ def task_infos(manifest: Mapping[str, Any]) -> list[TaskInfo]:
 
 
 def signature_of(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """What the library computes, as embedded in it at build time: inputs, then every task's name
-    and output specs in ``main``'s output order."""
+    """What the library computes, as embedded in it at build time: inputs, every task (name,
+    inputs, output specs, source) in ``main``'s output order, and the index bounds."""
     return {
         "inputs": [s.to_json() for s in input_specs(manifest)],
-        "tasks": [{"name": t.name, "outputs": [o.to_json() for o in t.outputs]} for t in task_infos(manifest)],
+        "tasks": [t.to_json() for t in task_infos(manifest)],
+        "index_bounds": {k: dict(v) for k, v in (manifest.get("index_bounds") or {}).items()},
     }
 
 
@@ -166,9 +167,13 @@ def _first_difference(expected: dict[str, Any], found: dict[str, Any]) -> str:
     if names != found_names:
         return f"the manifest lists tasks {names}, the library computes {found_names}"
     for want, got in zip(expected["tasks"], found["tasks"]):
-        if want != got:
+        if want.get("outputs") != got.get("outputs"):
             return (f"task {want['name']!r}: the manifest lists outputs {describe(want['outputs'])}, "
                     f"the library returns {describe(got.get('outputs', []))}")
+        if want != got:
+            return f"task {want['name']!r}: its inputs or source differ"
+    if expected.get("index_bounds") != found.get("index_bounds"):
+        return f"index bounds {expected.get('index_bounds')} in the manifest, {found.get('index_bounds')} in the library"
     return "their signatures differ"
 
 
