@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .errors import GmorphError, InputSpecError
+from .errors import GmorphError, InputSpecError, one_line
 
 
 def _parse_shape(text: str) -> tuple[str, list[int]]:
@@ -29,10 +30,36 @@ def _parse_shape(text: str) -> tuple[str, list[int]]:
     name, sep, dims = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=D1,D2,..., got {text!r}")
+    parts = [d.strip() for d in dims.replace("x", ",").split(",")]
+    if parts == [""]:
+        raise argparse.ArgumentTypeError(f"empty shape in {text!r}: give every dimension, e.g. {name}=1,3,32,32")
     try:
-        return name, [int(d) for d in dims.replace("x", ",").split(",") if d]
+        shape = [int(d) for d in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad shape in {text!r}: dimensions must be integers") from None
+    if any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"bad shape in {text!r}: dimensions must be positive")
+    return name, shape
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _unique(pairs: Sequence[tuple[str, object]] | None, what: str) -> dict:
+    """NAME=VALUE options as a dict; a NAME given twice is an error, not "last one wins"."""
+    out: dict = {}
+    for name, value in pairs or []:
+        if name in out:
+            raise InputSpecError(f"{what} {name!r} is given twice")
+        out[name] = value
+    return out
 
 
 def _parse_input_map(text: str) -> tuple[str, str]:
@@ -63,6 +90,9 @@ def _task_names(models: Sequence[str], names: str | None) -> list[str]:
         out = [n.strip() for n in names.split(",")]
         if len(out) != len(models):
             raise InputSpecError(f"--names gives {len(out)} name(s) for {len(models)} model(s)")
+        duplicates = sorted({n for n in out if out.count(n) > 1})
+        if duplicates:
+            raise InputSpecError(f"--names gives task name {duplicates[0]!r} more than once; every model needs its own")
         return out
     out = []
     for path in models:
@@ -104,7 +134,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.tracker and not args.key:
         raise InputSpecError("--tracker needs --key (the device key the boards registered with)")
     names = _task_names(args.models, args.names)
-    shapes = dict(args.input_shape or [])
+    shapes = _unique(args.input_shape, "--input-shape for input")
     _progress(f"importing {len(names)} model(s): {', '.join(names)}")
     mm = import_models(dict(zip(names, args.models)), input_shapes=shapes or None,
                        input_map=dict(args.input_map or []) or None)
@@ -135,16 +165,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from .runtime import load
 
+    save_dir = _output_dir(args.save_outputs) if args.save_outputs else None
     runner = load(args.artifact, device=args.device)
-    inputs = {name: _load_npy(name, path) for name, path in args.input or []}
+    inputs = {name: _load_npy(name, path) for name, path in _unique(args.input, "--input").items()}
     if not inputs:
         raise InputSpecError(
             "no inputs given; pass --input NAME=FILE.npy for "
             + ", ".join(f"{s['name']} {s['dtype']}{s['shape']}" for s in runner.manifest["inputs"])
         )
     outputs = runner(inputs)
-    if args.save_outputs:
-        Path(args.save_outputs).mkdir(parents=True, exist_ok=True)
     for task, value in outputs.items():
         arrays = value if isinstance(value, list) else [value]
         for i, arr in enumerate(arrays):
@@ -152,9 +181,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
             flat = np.asarray(arr).ravel()
             head = ", ".join(f"{v:.5g}" for v in flat[:6])
             print(f"{label}: {arr.dtype}{list(arr.shape)} [{head}{', ...' if flat.size > 6 else ''}] sum={flat.sum():.6g}")
-            if args.save_outputs:
-                np.save(Path(args.save_outputs) / f"{label.replace(':', '_')}.npy", arr)
+            if save_dir is not None:
+                target = save_dir / f"{label.replace(':', '_')}.npy"
+                try:
+                    np.save(target, arr)
+                except OSError as err:
+                    raise InputSpecError(f"--save-outputs: cannot write {target}: {err.strerror}") from err
     return 0
+
+
+def _output_dir(text: str) -> Path:
+    """The --save-outputs directory, created; checked before the (maybe slow) run."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise InputSpecError(f"--save-outputs {text}: exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputSpecError(f"--save-outputs {text}: cannot create the directory ({err.strerror})") from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputSpecError(f"--save-outputs {text}: the directory is not writable")
+    return path
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -260,8 +307,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracker", type=_parse_hostport, metavar="HOST:PORT", help="a TVM RPC tracker")
     p.add_argument("--key", help="device key registered with the tracker")
     p.add_argument("--compare", nargs="+", metavar="ARTIFACT", help="other artifacts to time alongside")
-    p.add_argument("--number", type=int, default=20)
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--number", type=_positive_int, default=20, help="calls per measurement (>= 1)")
+    p.add_argument("--repeat", type=_positive_int, default=5, help="measurements (>= 1)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="the bundled end-to-end demo: import, fuse, tune, build, run, compare")
@@ -282,15 +329,18 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    try:
+    command = "gmorph-tvm"
+    try:  # Ctrl-C while the parser imports torch/TVM is one line too, not a traceback
+        parser = _build_parser()
+        args = parser.parse_args(argv)
+        command = f"gmorph-tvm {args.command}"
         return int(args.func(args) or 0)
     except GmorphError as err:
-        print(f"gmorph-tvm {args.command}: error: {err}", file=sys.stderr)
+        text = str(err) if "\n" not in str(err) else one_line(err, limit=2000)
+        print(f"{command}: error: {text}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("gmorph-tvm: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -58,3 +58,16 @@ def randomize_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
         if isinstance(sub, (nn.BatchNorm1d, nn.BatchNorm2d)):
             randomize_batch_norm(sub, gen)
     return model.eval()
+
+
+def onnx_model(nodes, inputs, outputs, initializers=(), opset: int = 17):
+    """A tiny ONNX ModelProto: ``inputs``/``outputs`` are (name, elem_type, shape) triples, shape
+    entries None or a string for symbolic dims; ``initializers`` are (name, numpy array) pairs."""
+    from onnx import helper, numpy_helper
+
+    def info(name, elem, shape):
+        return helper.make_tensor_value_info(name, elem, shape)
+
+    graph = helper.make_graph(list(nodes), "g", [info(*i) for i in inputs], [info(*o) for o in outputs],
+                              [numpy_helper.from_array(np.asarray(a), n) for n, a in initializers])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])

@@ -28,6 +28,7 @@ import tvm
 from tvm import relax
 
 from ..errors import TuningError
+from ..passes import LegalizeNaNSafe
 from ..passes.fold_pad_into_conv import FoldPadIntoConv
 from .ffi_guard import ensure_ir_json_works
 from .verify import VerifiedTuning, verified_database
@@ -47,6 +48,7 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         FoldPadIntoConv(),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
+        LegalizeNaNSafe(),  # NaN in -> NaN out for relu/clip/max/min (then "zero" has nothing left to legalise)
         relax.get_pipeline("zero"),
     ]
     if not is_gpu_target(target):

@@ -23,14 +23,15 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..core.manifest import FORMAT, FORMAT_VERSION
+from ..core.manifest import FORMAT, FORMAT_VERSION, SIGNATURE_FUNCTION, encode_signature
 from ..core.targets import JETPACK_CUDA, TargetLike, is_cuda, jetpack_of, resolve_target, target_dict
 from ..core.version import __version__
-from ..core.vm import device_for, execute
+from ..core.vm import VMPool, device_for, execute
 from ..errors import ArtifactError, BuildError, GmorphError, one_line
 from ..frontend import MultiModel, TaskInfo, TensorSpec, bind_weights
-from ..tuning import lower_tuned
 from ..core import cuda as cuda_code
+from ..passes import index_bounds
+from ..tuning import lower_tuned
 from . import tuned_check
 from .export import export_artifact
 
@@ -93,11 +94,8 @@ class Artifact:
                     f"(this machine is {platform.machine()})"
                 )
             dev = device_for(self._manifest, self.device, f"artifact {self.name!r}")
-            try:
-                self._vm = relax.VirtualMachine(self.executable, dev)
-            except Exception as err:  # noqa: BLE001 - TVM raises its own error types
-                raise ArtifactError(f"cannot run artifact {self.name!r} here: {one_line(err)}") from None
-        return execute(self._vm, self._manifest, inputs, what=f"artifact {self.name!r}")
+            self._vm = VMPool(self.executable, dev, f"artifact {self.name!r}")  # one VM per thread
+        return execute(self._vm.get(), self._manifest, inputs, what=f"artifact {self.name!r}")
 
 
 def build(
@@ -130,7 +128,11 @@ def build(
         inputs, tasks = _signature_specs(mod)
     else:
         raise BuildError(f"build() takes a MultiModel or a tvm.IRModule, not {type(model).__name__}")
-    name = name or "+".join(t.name for t in tasks)
+    task_names = [t.name for t in tasks]
+    duplicates = sorted({n for n in task_names if task_names.count(n) > 1})
+    if duplicates:
+        raise BuildError(f"task name {duplicates[0]!r} appears more than once; every task needs its own name")
+    name = name or "+".join(task_names)
     device = "cuda" if is_cuda(tgt) else "cpu"
     arch = str(tgt.attrs["arch"]) if device == "cuda" and "arch" in tgt.attrs else None
     if device == "cuda":
@@ -141,11 +143,15 @@ def build(
     if device == "cuda":
         cuda_code.check_arch_supported(arch, board_cuda)  # fail before spending time on lowering
 
+    bounds = index_bounds(mod)
+    signature = {"inputs": [s.to_json() for s in inputs], "tasks": [t.to_json() for t in tasks], "index_bounds": bounds}
+
     def lower_and_compile(database: str | Path | None, exclude: Sequence[str] = ()):
         with _stage("lowering", mod, tasks, tgt):
             lowered, applied = _lower(mod, tgt, database, exclude)
         with _stage("compiling", lowered, tasks, tgt), _cuda_compile_callback(arch, board_cuda):
-            executable = tvm.compile(lowered, target=tgt, relax_pipeline=_finalize_pipeline(lowered))
+            executable = tvm.compile(_with_signature(lowered, signature), target=tgt,
+                                     relax_pipeline=_finalize_pipeline(lowered))
         return lowered, executable, applied
 
     lowered, executable, applied = lower_and_compile(tuning_db)
@@ -184,6 +190,7 @@ def build(
         "inputs": [s.to_json() for s in inputs],
         "tasks": [t.to_json() for t in tasks],
         "weights": constant_stats(lowered),
+        "index_bounds": bounds,
         "created": None,
     }
     if tuning_check is not None:
@@ -202,6 +209,18 @@ def build(
 def _lower(mod: tvm.IRModule, target: tvm.target.Target, tuning_db: str | Path | None, exclude: Sequence[str] = ()):
     # Same lowering as tuning uses, so tuned workloads match what gets compiled.
     return lower_tuned(mod, target, database_dir=tuning_db, exclude=exclude)
+
+
+def _with_signature(mod: tvm.IRModule, manifest: Mapping[str, Any]) -> tvm.IRModule:
+    """``mod`` plus a VM function ``gmorph_signature() -> uint8[n]``: the JSON signature (inputs,
+    task names, output specs) the loader compares with the manifest, so a library and a manifest
+    that do not belong together are refused before ``main`` runs."""
+    data = np.frombuffer(encode_signature(manifest), dtype="uint8").copy()
+    const = relax.const(data, "uint8")
+    func = relax.Function([], const, const.ty, is_pure=True).with_attr("global_symbol", SIGNATURE_FUNCTION)
+    out = mod.clone()
+    out[SIGNATURE_FUNCTION] = func
+    return out
 
 
 def _finalize_pipeline(mod: tvm.IRModule) -> str | None:

@@ -3,7 +3,10 @@
 The library and the manifest are first written into a temporary directory next to the
 destination, then renamed into place, so an export that fails (unwritable directory, linker
 error, missing cross compiler) leaves neither a partial library nor a manifest describing a
-library that is not there.
+library that is not there. The two renames are one step: when the manifest cannot be put in
+place the library that was already renamed is rolled back (the previous one restored, or the new
+one removed). SIGTERM during an export raises SystemExit(143) so the temporary directory is
+removed on the way out. The manifest records the library's sha256, which the loader checks.
 
 CUDA artifacts go through our own import packer (``fpack_imports``): TVM's packer would embed
 the CUDA module as generated source; ours splices in the fatbin compiled at build time and then
@@ -16,17 +19,20 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import tvm
 
 from ..errors import BuildError, GmorphError, one_line
 from ..core import cuda as cuda_code
 from ..core.tvm_log import quiet_tvm_warnings
-from ..core.manifest import manifest_path_for, write_json_atomic
+from ..core.manifest import manifest_path_for, sha256_of_file, write_json_atomic
 
 if TYPE_CHECKING:
     from .builder import Artifact
@@ -44,10 +50,15 @@ def export_artifact(artifact: "Artifact", path: Path, *, fcompile: Callable | No
         raise BuildError(f"cannot export to {path}: directory {directory} does not exist")
     if fcompile is None and path.suffix == ".so":
         fcompile = _default_linker(artifact)
+    with _terminate_as_exit():
+        return _export_staged(artifact, path, directory, fcompile)
+
+
+def _export_staged(artifact: "Artifact", path: Path, directory: Path, fcompile: Callable | None) -> Path:
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{path.stem}.export-", dir=directory))
     except OSError as err:
-        raise BuildError(f"cannot export to {path}: directory {directory} is not writable ({err.strerror})") from None
+        raise BuildError(f"cannot export to {path}: directory {directory} is not writable ({err.strerror})") from err
     try:
         staged_lib = staging / path.name
         work = staging / "work"
@@ -61,7 +72,7 @@ def export_artifact(artifact: "Artifact", path: Path, *, fcompile: Callable | No
         except GmorphError:
             raise
         except Exception as err:  # noqa: BLE001 - compilers/TVM raise many types
-            raise BuildError(f"exporting {path.name} failed: {one_line(err)}") from None
+            raise BuildError(f"exporting {path.name} failed: {one_line(err)}") from err
         if not staged_lib.is_file():
             raise BuildError(f"exporting {path.name} failed: the linker wrote no file")
         if artifact.device == "cuda":
@@ -69,18 +80,66 @@ def export_artifact(artifact: "Artifact", path: Path, *, fcompile: Callable | No
 
         manifest = artifact.manifest
         manifest["library"] = path.name
+        manifest["library_sha256"] = sha256_of_file(staged_lib)
         manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         manifest_path = manifest_path_for(path)
         staged_manifest = staging / manifest_path.name
-        write_json_atomic(staged_manifest, manifest)
         try:
-            os.replace(staged_lib, path)
-            os.replace(staged_manifest, manifest_path)
+            write_json_atomic(staged_manifest, manifest)
         except OSError as err:
-            raise BuildError(f"cannot write {path}: {err.strerror}") from None
+            raise BuildError(f"cannot write manifest {manifest_path}: {err.strerror}") from err
+        _install_pair(staged_lib, path, staged_manifest, manifest_path, staging)
         return path
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _install_pair(staged_lib: Path, path: Path, staged_manifest: Path, manifest_path: Path, staging: Path) -> None:
+    """Rename library and manifest into place; undo the library when the manifest fails."""
+    backup = staging / f"previous{path.suffix}"
+    had_previous = path.is_file()
+    if had_previous:
+        try:
+            os.link(path, backup)
+        except OSError:
+            shutil.copy2(path, backup)
+    try:
+        os.replace(staged_lib, path)
+    except OSError as err:
+        raise BuildError(f"cannot write {path}: {err.strerror}") from err
+    try:
+        os.replace(staged_manifest, manifest_path)
+    except OSError as err:
+        try:
+            if had_previous:
+                os.replace(backup, path)
+            else:
+                path.unlink()
+        except OSError:
+            pass
+        state = "the previous library was put back" if had_previous else "the new library was removed"
+        raise BuildError(f"cannot write manifest {manifest_path}: {err.strerror} ({state})") from err
+
+
+@contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """While exporting, SIGTERM raises SystemExit(143) so ``finally`` blocks clean up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except (ValueError, OSError):  # not settable here (e.g. an embedded interpreter)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _default_linker(artifact: "Artifact") -> Callable | None:

@@ -2,14 +2,16 @@
 
 Written beside the library as ``<dir>/<stem>.manifest.json``. It lets a runner (Python or the
 C++ ``gmorph-run``) check inputs by name/shape/dtype and name the outputs by task without
-importing the original models. Schema (``format_version`` 1)::
+importing the original models. Schema (``format_version`` 2)::
 
-    {"format": "gmorph-tvm-artifact", "format_version": 1, "package_version": "0.1.0",
-     "library": "model.so", "target": {...TVM target dict...}, "device": "cpu" | "cuda",
+    {"format": "gmorph-tvm-artifact", "format_version": 2, "package_version": "0.1.0",
+     "library": "model.so", "library_sha256": "<hex digest of the library file>",
+     "target": {...TVM target dict...}, "device": "cpu" | "cuda",
      "host_triple": "x86_64-linux-gnu",
      "inputs": [{"name", "shape", "dtype"}, ...],
      "tasks": [{"name", "inputs", "outputs", "source", "source_sha256"}, ...],
      "weights": {"count": N, "bytes": B},
+     "index_bounds": {input name: {"low": lo, "high": hi}},  # inputs that index a table (take)
      "cuda": {"arch": "sm_87", "device_code": "fatbin" | "cubin",   # CUDA targets only
               "toolkit": "12.2",          # CUDA release of the nvcc/ptxas that made the SASS
               "cuda_min_driver": "12.0",  # oldest CUDA driver that loads it (loader refuses older)
@@ -17,11 +19,18 @@ importing the original models. Schema (``format_version`` 1)::
      "created": "2025-01-01T00:00:00+00:00"}
 
 ``main`` returns one flat tuple: every task's outputs in task order.
+
+Version 2 added ``library_sha256``; the library also embeds its own signature (inputs, task
+names, output specs) as the VM function ``gmorph_signature``, so a loader can tell a manifest
+that does not describe its library (another build, edited tasks or shapes) before running it.
+Version-1 manifests (no checksum) are refused with a message saying to rebuild.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,7 +38,9 @@ from ..errors import ArtifactError
 from .specs import TaskInfo, TensorSpec
 
 FORMAT = "gmorph-tvm-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SIGNATURE_FUNCTION = "gmorph_signature"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 MANIFEST_SUFFIX = ".manifest.json"
 LIBRARY_SUFFIXES = (".so", ".tar", ".dylib", ".dll")
 
@@ -71,6 +82,11 @@ def validate_manifest(data: Any, path: str | Path = "<manifest>") -> None:
     if data.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a gmorph-tvm manifest (format {data.get('format')!r})")
     version = data.get("format_version")
+    if version == 1:
+        raise ArtifactError(
+            f"manifest {path} has format_version 1 (no library checksum, written by gmorph-tvm < 0.2); "
+            "rebuild the artifact with this gmorph-tvm"
+        )
     if version != FORMAT_VERSION:
         raise ArtifactError(
             f"manifest {path} has format_version {version!r}; this gmorph-tvm reads version {FORMAT_VERSION}"
@@ -78,13 +94,33 @@ def validate_manifest(data: Any, path: str | Path = "<manifest>") -> None:
     for key, kind in (("library", str), ("device", str), ("inputs", list), ("tasks", list), ("target", dict)):
         if not isinstance(data.get(key), kind):
             raise ArtifactError(f"manifest {path}: field {key!r} is missing or not a {kind.__name__}")
+    library = data["library"]
+    if not library or library != Path(library).name or library in (".", ".."):
+        raise ArtifactError(
+            f"manifest {path}: field 'library' must be the library's file name beside the manifest, not {library!r}"
+        )
+    if not isinstance(data.get("library_sha256"), str) or not _SHA256.fullmatch(data["library_sha256"]):
+        raise ArtifactError(f"manifest {path}: field 'library_sha256' is missing or not a sha256 hex digest")
     if data["device"] not in ("cpu", "cuda"):
         raise ArtifactError(f"manifest {path}: unknown device {data['device']!r}")
     try:
-        input_specs(data)
-        task_infos(data)
+        specs = input_specs(data)
+        tasks = task_infos(data)
     except (KeyError, TypeError, ValueError) as err:
-        raise ArtifactError(f"manifest {path}: malformed inputs/tasks ({type(err).__name__}: {err})") from None
+        raise ArtifactError(f"manifest {path}: malformed inputs/tasks ({type(err).__name__}: {err})") from err
+    for kind, names in (("input", [s.name for s in specs]), ("task", [t.name for t in tasks])):
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ArtifactError(f"manifest {path}: {kind} name {duplicates[0]!r} appears more than once")
+    bounds = data.get("index_bounds", {})
+    if not isinstance(bounds, dict) or not all(
+        isinstance(v, dict) and all(isinstance(v.get(k), int) and not isinstance(v.get(k), bool) for k in ("low", "high"))
+        for v in bounds.values()
+    ):
+        raise ArtifactError(f"manifest {path}: field 'index_bounds' must map input names to {{'low': int, 'high': int}}")
+    for spec in [*specs, *(o for t in tasks for o in t.outputs)]:
+        if any(d < 0 for d in spec.shape):
+            raise ArtifactError(f"manifest {path}: tensor {spec.name!r} has a negative dimension {list(spec.shape)}")
 
 
 def input_specs(manifest: Mapping[str, Any]) -> list[TensorSpec]:
@@ -93,6 +129,63 @@ def input_specs(manifest: Mapping[str, Any]) -> list[TensorSpec]:
 
 def task_infos(manifest: Mapping[str, Any]) -> list[TaskInfo]:
     return [TaskInfo.from_json(t) for t in manifest["tasks"]]
+
+
+def signature_of(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """What the library computes, as embedded in it at build time: inputs, every task (name,
+    inputs, output specs, source) in ``main``'s output order, and the index bounds."""
+    return {
+        "inputs": [s.to_json() for s in input_specs(manifest)],
+        "tasks": [t.to_json() for t in task_infos(manifest)],
+        "index_bounds": {k: dict(v) for k, v in (manifest.get("index_bounds") or {}).items()},
+    }
+
+
+def encode_signature(manifest: Mapping[str, Any]) -> bytes:
+    return json.dumps(signature_of(manifest), sort_keys=True, separators=(",", ":")).encode()
+
+
+def check_signature(manifest: Mapping[str, Any], embedded: bytes, library: str | Path, manifest_file: str | Path) -> None:
+    """ArtifactError naming both files when the library's embedded signature is not the manifest's."""
+    try:
+        found = json.loads(embedded.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"library {library} holds a corrupt signature (its manifest is {manifest_file})") from err
+    expected = signature_of(manifest)
+    if found == expected:
+        return
+    raise ArtifactError(
+        f"manifest {manifest_file} does not describe library {library}: {_first_difference(expected, found)}"
+    )
+
+
+def _first_difference(expected: dict[str, Any], found: dict[str, Any]) -> str:
+    def describe(entries: list) -> str:
+        return ", ".join(f"{e['name']}: {e['dtype']}{e['shape']}" for e in entries)
+
+    if expected.get("inputs") != found.get("inputs"):
+        return f"the manifest lists inputs {describe(expected['inputs'])}, the library reads {describe(found.get('inputs', []))}"
+    names = [t["name"] for t in expected["tasks"]]
+    found_names = [t.get("name") for t in found.get("tasks", [])]
+    if names != found_names:
+        return f"the manifest lists tasks {names}, the library computes {found_names}"
+    for want, got in zip(expected["tasks"], found["tasks"]):
+        if want.get("outputs") != got.get("outputs"):
+            return (f"task {want['name']!r}: the manifest lists outputs {describe(want['outputs'])}, "
+                    f"the library returns {describe(got.get('outputs', []))}")
+        if want != got:
+            return f"task {want['name']!r}: its inputs or source differ"
+    if expected.get("index_bounds") != found.get("index_bounds"):
+        return f"index bounds {expected.get('index_bounds')} in the manifest, {found.get('index_bounds')} in the library"
+    return "their signatures differ"
+
+
+def sha256_of_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:

@@ -92,3 +92,20 @@ def check_inputs(
             raise RuntimeInputError(f"input {spec.name!r}: expected dtype {spec.dtype}, given {arr.dtype}")
         arrays.append(np.ascontiguousarray(arr))
     return arrays
+
+
+def check_index_bounds(bounds: Mapping[str, Mapping[str, int]], specs: Sequence[TensorSpec],
+                       arrays: Sequence[np.ndarray]) -> None:
+    """Refuse index inputs outside the range their tables accept (``bounds``: name -> low/high)."""
+    for spec, arr in zip(specs, arrays):
+        limits = bounds.get(spec.name)
+        if limits is None or arr.size == 0:
+            continue
+        low, high = int(limits["low"]), int(limits["high"])
+        bad = (arr < low) | (arr >= high)
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise RuntimeInputError(
+                f"input {spec.name!r}: index {arr[where]} at {list(where)} is out of range; it indexes a table of "
+                f"{high} entries (valid {low}..{high - 1})"
+            )

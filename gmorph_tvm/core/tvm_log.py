@@ -2,7 +2,9 @@
 
 TVM 0.27 logs ``Warning: Scope Saving:`` / ``Scope Loaded:`` from C++ once per memory scope
 whenever a VM executable is saved or loaded. They say nothing to a user, so while exporting or
-loading we point file descriptor 2 at a temp file and replay every other line afterwards.
+loading we point file descriptor 2 at a temp file and replay every other line afterwards. The
+same goes for ``BlockBuilder destroyed with remaining blocks!``, which follows any failed import
+or pass (the builder of the failed conversion being freed) and says nothing the error did not.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import sys
 import tempfile
 from typing import Iterator
 
-_NOISE = re.compile(r"executable\.cc:\d+: Warning: Scope (Saving|Loaded):")
+_NOISE = re.compile(r"executable\.cc:\d+: Warning: Scope (Saving|Loaded):"
+                    r"|block_builder\.cc:\d+: Warning: BlockBuilder destroyed with remaining blocks!")
 
 
 @contextlib.contextmanager

@@ -1,17 +1,26 @@
 """Calling a built ``main`` the way its manifest describes: the device, input checks, and the
-split of the flat output tuple into tasks. Shared by in-process artifacts and loaded runners."""
+split of the flat output tuple into tasks (each output checked against the manifest's shape and
+dtype). Shared by in-process artifacts and loaded runners.
+
+A ``relax.VirtualMachine`` keeps its registers, frames and the last call's results inside the
+object, so one VM called from several threads crashes or mixes results. :class:`VMPool` gives
+every calling thread its own VM, created on first use, over the same executable or loaded
+module; VMs made from one executable share its constant pool, so weights are not copied per
+thread.
+"""
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import tvm
 from tvm import relax
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, one_line
 from .manifest import input_specs, task_infos
-from .specs import check_inputs
+from .specs import check_index_bounds, check_inputs
 
 InputsLike = Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray
 
@@ -34,12 +43,38 @@ def device_for(manifest: Mapping[str, Any], device: str, what: str) -> tvm.runti
     return dev
 
 
+class VMPool:
+    """One ``relax.VirtualMachine`` per calling thread over one executable or loaded module."""
+
+    def __init__(self, module: Any, device: tvm.runtime.Device, what: str):
+        self.module = module
+        self.device = device
+        self._what = what
+        self._local = threading.local()
+
+    def get(self) -> relax.VirtualMachine:
+        """This thread's VM (created on the first call from the thread)."""
+        vm = getattr(self._local, "vm", None)
+        if vm is None:
+            try:
+                vm = relax.VirtualMachine(self.module, self.device)
+            except Exception as err:  # noqa: BLE001 - TVM raises its own error types
+                raise ArtifactError(f"cannot run {self._what} here: {one_line(err)}") from err
+            self._local.vm = vm
+        return vm
+
+
 def execute(vm: relax.VirtualMachine, manifest: Mapping[str, Any], inputs: InputsLike, *, what: str,
             device: tvm.runtime.Device | None = None) -> dict[str, np.ndarray | list[np.ndarray]]:
     """Check ``inputs`` against the manifest, run ``main`` and split its outputs by task."""
-    arrays = check_inputs(input_specs(manifest), inputs)
+    specs = input_specs(manifest)
+    arrays = check_inputs(specs, inputs)
+    check_index_bounds(manifest.get("index_bounds") or {}, specs, arrays)
     dev = device if device is not None else (tvm.cpu() if manifest["device"] == "cpu" else tvm.cuda())
-    result = vm["main"](*[tvm.runtime.tensor(a, dev) for a in arrays])
+    try:
+        result = vm["main"](*[tvm.runtime.tensor(a, dev) for a in arrays])
+    except Exception as err:  # noqa: BLE001 - TVM raises its own error types
+        raise ArtifactError(f"running {what} failed: {one_line(err)}") from err
     return split_outputs(manifest, result, what)
 
 
@@ -54,5 +89,11 @@ def split_outputs(manifest: Mapping[str, Any], result: Any, what: str = "artifac
     for task in tasks:
         arrays = [flat[index + i].numpy() for i in range(len(task.outputs))]
         index += len(task.outputs)
+        for spec, array in zip(task.outputs, arrays):
+            if tuple(array.shape) != spec.shape or str(array.dtype) != spec.dtype:
+                raise ArtifactError(
+                    f"{what}: output {spec.name!r} of task {task.name!r} is {array.dtype}{list(array.shape)} "
+                    f"but its manifest says {spec.dtype}{list(spec.shape)}"
+                )
         out[task.name] = arrays[0] if len(arrays) == 1 else arrays
     return out

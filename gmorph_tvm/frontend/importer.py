@@ -17,10 +17,12 @@ inputs read the same tensor under different names; a warning points out inputs t
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import io
 import os
 import re
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from ..core.tvm_log import quiet_tvm_warnings
 from ..errors import InputSpecError, ModelImportError
 from ..core.provenance import PROVENANCE_ATTR, encode_provenance
 from . import onnx_convert, onnx_fold
@@ -85,16 +88,30 @@ def import_models(
         ``shared`` (e.g. ``{"ocr_cls.input.1": "x"}`` when a model kept torch's default name).
         Inputs of the same name, shape and dtype are shared without it.
     """
+    if not isinstance(models, Mapping):
+        raise ModelImportError(
+            f"import_models takes a mapping task name -> model, not a {type(models).__name__} "
+            "(e.g. import_models({'age': 'age.onnx', 'gender': 'gender.onnx'}))"
+        )
     if not models:
         raise ModelImportError("import_models needs at least one model")
-    imported = []
-    for task, model in models.items():
+    seen: dict[str, str] = {}
+    for task in models:
         if not isinstance(task, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", task):
             raise ModelImportError(
                 f"task name {task!r} is not valid: use letters, digits, '_' or '-', starting with a letter"
             )
+        key = task.replace("-", "_")  # the task's function name in the merged module
+        if key in seen:
+            raise ModelImportError(f"task names {seen[key]!r} and {task!r} collide; give every task a distinct name")
+        seen[key] = task
+    shapes = _check_input_shapes(input_shapes, list(models))
+    used: set[str] = set()
+    imported = []
+    for task, model in models.items():
         imported.append(_import_one(task, model, _examples_for(task, example_inputs),
-                                    _task_shapes(task, input_shapes, input_map), input_dtypes))
+                                    _task_shapes(task, shapes, input_map), input_dtypes, used))
+    _check_shapes_used(shapes, used, list(models), input_map)
     return _merge(imported, _check_input_map(imported, input_map))
 
 
@@ -130,6 +147,52 @@ def _check_input_map(tasks: list[_ImportedTask], input_map: Mapping[str, str] | 
     return out
 
 
+def _check_input_shapes(shapes: Mapping[str, Any] | None, tasks: list[str]) -> dict[str, Any]:
+    """``input_shapes`` validated: every shape a non-empty list of positive ints."""
+    if shapes is None:
+        return {}
+    if not isinstance(shapes, Mapping):
+        raise InputSpecError(f"input_shapes must map input names to shapes, not a {type(shapes).__name__}")
+
+    def check(name: str, shape: Any, where: str) -> list[int]:
+        if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+            raise InputSpecError(f"{where}{name!r} must be a list of dimensions, not {shape!r}")
+        dims = list(shape)
+        if not dims:
+            raise InputSpecError(f"{where}{name!r} is an empty shape; give every dimension (e.g. [1, 3, 32, 32])")
+        if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dims):
+            raise InputSpecError(f"{where}{name!r} = {dims!r}: dimensions must be integers")
+        if any(d <= 0 for d in dims):
+            raise InputSpecError(f"{where}{name!r} = {[int(d) for d in dims]}: dimensions must be positive")
+        return [int(d) for d in dims]
+
+    out: dict[str, Any] = {}
+    for key, value in shapes.items():
+        if isinstance(value, Mapping):
+            if key not in tasks:
+                raise InputSpecError(f"input_shapes names task {key!r}, but the tasks are {', '.join(tasks)}")
+            out[key] = {name: check(name, shape, f"input_shapes[{key!r}]") for name, shape in value.items()}
+        else:
+            out[key] = check(key, value, "input_shapes ")
+    return out
+
+
+def _check_shapes_used(
+    shapes: Mapping[str, Any], used: set[str], tasks: list[str], input_map: Mapping[str, str] | None = None
+) -> None:
+    for key, shared in (input_map or {}).items():  # a shape given under a shared name counts as used
+        if str(key).replace(".", "/", 1) in used or str(key).partition(".")[2] in used:
+            used.add(str(shared))
+    for key, value in shapes.items():
+        names = [f"{key}/{n}" for n in value] if isinstance(value, Mapping) else [key]
+        for name in names:
+            if name not in used:
+                raise InputSpecError(
+                    f"input_shapes gives a shape for {name.replace('/', ' input ')!r}, but no ONNX model has an "
+                    "input of that name"
+                )
+
+
 # ---- per-frontend import -------------------------------------------------------------------
 
 
@@ -145,7 +208,7 @@ def _examples_for(task: str, example_inputs: ExampleInputs | None) -> tuple | No
     return tuple(ex) if isinstance(ex, (tuple, list)) else (ex,)
 
 
-def _import_one(task: str, model: Any, examples: tuple | None, shapes: dict, dtypes) -> _ImportedTask:
+def _import_one(task: str, model: Any, examples: tuple | None, shapes: dict, dtypes, used: set[str]) -> _ImportedTask:
     try:
         import torch
 
@@ -158,7 +221,7 @@ def _import_one(task: str, model: Any, examples: tuple | None, shapes: dict, dty
     if type(model).__name__ == "ExportedProgram":
         return _import_torch(task, model, examples, shapes)
     if isinstance(model, (str, os.PathLike)) or type(model).__name__ == "ModelProto":
-        return _import_onnx(task, model, examples, shapes, dtypes)
+        return _import_onnx(task, model, examples, shapes, dtypes, used)
     raise ModelImportError(
         f"model {task!r}: unsupported model type {type(model).__name__}; "
         "expected a torch.nn.Module, an ONNX file path or an onnx.ModelProto"
@@ -206,6 +269,26 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
     """An error message collapsed to one line (for checkers whose context follows the cause)."""
     text = " ".join(ln.strip() for ln in str(err).strip().splitlines() if ln.strip())
     return (text[:limit] + "...") if len(text) > limit else text or type(err).__name__
+
+
+@contextlib.contextmanager
+def _frontend_call():
+    """A TVM frontend call: its warnings and the converter's own prints (``Error converting
+    operator ...``) kept off the user's terminal; the error itself says what failed."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _release_frames(err: BaseException) -> None:
+    """Free the failed frontend's frames now (its BlockBuilder with unfinished blocks among them),
+    with TVM's follow-on ``BlockBuilder destroyed with remaining blocks!`` warning filtered, so a
+    failed import leaves nothing behind and the next import starts clean."""
+    with quiet_tvm_warnings():
+        traceback.clear_frames(err.__traceback__)
+        gc.collect()
+    while relax.BlockBuilder._stack:  # noqa: SLF001 - a scope the frontend left open
+        relax.BlockBuilder._stack.pop()  # noqa: SLF001
 
 
 def _unsupported_ops(err: BaseException) -> str | None:
@@ -299,20 +382,20 @@ def _import_exported(task: str, exported, source_hash: str) -> _ImportedTask:
     from tvm.relax.frontend.torch import from_exported_program
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _frontend_call():
             mod = from_exported_program(exported, keep_params_as_input=True, unwrap_unit_return_tuple=True)
     except Exception as err:
         ops = _unsupported_ops(err)
+        _release_frames(err)
         if ops:
             raise ModelImportError(
                 f"model {task!r}: torch op(s) not supported by TVM's PyTorch frontend: {ops}; "
                 "try exporting to ONNX (torch.onnx.export) and importing the .onnx file"
-            ) from None
+            ) from err
         raise ModelImportError(
             f"model {task!r}: TVM could not import the exported program: {_short(err)}; "
             "try static shapes (--input-shape NAME=D1,D2,...) or an ONNX export of the model"
-        ) from None
+        ) from err
 
     # Original names of the parameters (p_conv1_weight -> conv1.weight) and buffers.
     sig = exported.graph_signature
@@ -369,7 +452,9 @@ def _read_onnx(task: str, path: Path):
     return proto, digest.hexdigest()
 
 
-def _import_onnx(task: str, model, examples: tuple | None, task_shapes: Mapping[str, Any], dtypes) -> _ImportedTask:
+def _import_onnx(
+    task: str, model, examples: tuple | None, task_shapes: Mapping[str, Any], dtypes, used: set[str]
+) -> _ImportedTask:
     import onnx
 
     if isinstance(model, (str, os.PathLike)):
@@ -383,6 +468,7 @@ def _import_onnx(task: str, model, examples: tuple | None, task_shapes: Mapping[
         onnx.checker.check_model(proto)
     except Exception as err:
         raise ModelImportError(f"model {task!r}: {where} is not a valid ONNX model: {_one_line(err)}") from None
+    proto = _clip_as_max_min(proto)
 
     initializers = {init.name for init in proto.graph.initializer}
     graph_inputs = [i for i in proto.graph.input if i.name not in initializers]
@@ -390,9 +476,10 @@ def _import_onnx(task: str, model, examples: tuple | None, task_shapes: Mapping[
     for pos, inp in enumerate(graph_inputs):
         tensor_type = inp.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor_type.shape.dim]
         if inp.name in task_shapes:
-            dims = [int(d) for d in task_shapes[inp.name]]
+            used.update((f"{task}/{inp.name}", inp.name))
+            dims = _override_shape(task, inp.name, dims, task_shapes[inp.name], tensor_type.HasField("shape"))
         elif examples is not None and pos < len(examples) and None in dims:
             dims = list(np.shape(examples[pos]))
         if None in dims or any(d <= 0 for d in dims):
@@ -406,23 +493,25 @@ def _import_onnx(task: str, model, examples: tuple | None, task_shapes: Mapping[
     folded = onnx_fold.prepare(proto, shape_dict, f"model {task!r}")
     shapes_flag = " ".join(f"--input-shape {n}={','.join(map(str, d))}" for n, d in shape_dict.items())
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
+        with _frontend_call():
             mod = onnx_convert.convert(folded, shape_dict, dtype_dict)
     except onnx_convert.UnsupportedOps as err:
+        _release_frames(err)
         raise ModelImportError(
             f"model {task!r}: operator(s) not supported by TVM's ONNX frontend: {err} (nor by gmorph-tvm's "
             "converters); try re-exporting with another opset or without these ops"
-        ) from None
+        ) from err
     except onnx_convert.NodeConversionError as err:
+        _release_frames(err)
         raise ModelImportError(
             f"model {task!r}: TVM cannot convert ONNX node {err.node!r} ({err.op_type}) of {where}: "
             f"{_short(err.cause)}; check the static input shapes ({shapes_flag}) or re-export with another opset"
-        ) from None
+        ) from err
     except Exception as err:
+        _release_frames(err)
         raise ModelImportError(
             f"model {task!r}: TVM could not import {where}: {_short(err)}; check the static input shapes ({shapes_flag})"
-        ) from None
+        ) from err
 
     func = mod["main"]
     num_input = int(func.attrs["num_input"]) if "num_input" in func.attrs else len(graph_inputs)
@@ -431,16 +520,123 @@ def _import_onnx(task: str, model, examples: tuple | None, task_shapes: Mapping[
         TensorSpec(inp.name, _spec_of(p).shape, _spec_of(p).dtype)
         for inp, p in zip(graph_inputs, list(func.params)[:num_input])
     ]
-    sanitized = {_sanitize(init.name): init.name for init in folded.graph.initializer}
     weight_params = list(func.params)[num_input:]
     weight_values = list(func.attrs["params"]) if "params" in func.attrs else []
-    weights = [(sanitized.get(p.name, p.name), v) for p, v in zip(weight_params, weight_values)]
+    weights = list(zip(_onnx_weight_names([p.name for p in weight_params], folded), weight_values))
     return _finish(task, mod, num_input, inputs, weights, {}, "onnx", source_hash,
                    input_names=[inp.name for inp in graph_inputs])
 
 
+def _clip_as_max_min(proto):
+    """A copy of ``proto`` where each Clip with known, non-NaN bounds is ``Min(Max(x, lo), hi)``.
+
+    TVM's Clip converter emits its own TIR ``maximum``/``minimum`` functions, which merging the
+    model into one module cannot carry ("There is no definition of I.GlobalVar('maximum')") and
+    which turn NaN into a bound; ONNX Max/Min become ``relax.maximum``/``minimum``, legalised
+    NaN-propagating like onnxruntime's Clip. Bounds given by a graph computation, or NaN (which
+    ONNX reads as "no bound"), leave the node as it is.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    known = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            known[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+
+    def rewritable(node) -> bool:
+        bounds = [b for b in list(node.input)[1:3] if b]
+        return (node.op_type == "Clip" and not node.attribute and bounds and all(b in known for b in bounds)
+                and not any(np.isnan(known[b]).any() for b in bounds))
+
+    if not any(rewritable(n) for n in proto.graph.node):
+        return proto
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    nodes = []
+    for index, node in enumerate(copy.graph.node):
+        if not rewritable(node):
+            nodes.append(node)
+            continue
+        inputs = list(node.input) + ["", ""]
+        current = inputs[0]
+        for op, bound in (("Max", inputs[1]), ("Min", inputs[2])):
+            if bound:
+                out = f"{node.output[0]}__gmorph_clip_{op.lower()}_{index}"
+                nodes.append(onnx.helper.make_node(op, [current, bound], [out]))
+                current = out
+        nodes.append(onnx.helper.make_node("Identity", [current], [node.output[0]]))
+    del copy.graph.node[:]
+    copy.graph.node.extend(nodes)
+    return copy
+
+
 def _sanitize(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", name).lstrip("_") or name
+
+
+def _onnx_weight_names(param_names: list[str], proto) -> list[str]:
+    """The ONNX initializer name of each weight parameter, distinct and independent of hashing.
+
+    TVM names a parameter after its initializer (possibly sanitised); names that sanitise alike
+    (``w.1``/``w_1``, ``_w``/``w``) are resolved by exact match first, then in file order, and any
+    clash left over gets a numeric suffix, so the same file always gives the same names.
+    """
+    initializers = [init.name for init in proto.graph.initializer]
+    exact = set(initializers)
+    by_sanitized: dict[str, list[str]] = {}
+    for name in initializers:
+        by_sanitized.setdefault(_sanitize(name), []).append(name)
+    taken = {n for n in param_names if n in exact}
+    out: list[str] = []
+    used: set[str] = set()
+    for name in param_names:
+        if name in exact and name not in used:
+            choice = name
+        else:
+            free = [n for n in by_sanitized.get(_sanitize(name), []) if n not in taken and n not in used]
+            choice = free[0] if free else name
+        base, k = choice, 1
+        while choice in used:
+            k += 1
+            choice = f"{base}_{k}"
+        used.add(choice)
+        out.append(choice)
+    return out
+
+
+def _unknown_hint(task_shapes: Mapping[str, Any], graph_inputs) -> str:
+    names = {i.name for i in graph_inputs}
+    unknown = [n for n in task_shapes if n not in names]
+    if not unknown:
+        return ""
+    return (f" (input_shapes names {unknown[0]!r}, which is not an input of this model; its inputs are "
+            f"{', '.join(sorted(names))})")
+
+
+def _override_shape(task: str, name: str, declared: list, given: list[int], has_shape: bool) -> list[int]:
+    """``given`` checked against the ONNX declaration: same rank, and static dims kept.
+
+    Overriding a static dimension is an error, not a warning: the exporter bakes static sizes into
+    the graph (Reshape targets, Slice ends, weight shapes), so another size silently breaks it.
+    """
+    if has_shape and len(given) != len(declared):
+        raise InputSpecError(
+            f"model {task!r}: input {name!r} has rank {len(declared)} ({_dims_text(declared)}) but "
+            f"input_shapes gives {len(given)} dimensions {given}"
+        )
+    for axis, (want, got) in enumerate(zip(declared, given)):
+        if want is not None and want != got:
+            raise InputSpecError(
+                f"model {task!r}: input {name!r} has the static shape {_dims_text(declared)} in the ONNX file; "
+                f"input_shapes cannot change dimension {axis} from {want} to {got} (only symbolic dimensions "
+                "can be set; re-export the model for another shape)"
+            )
+    return list(given)
+
+
+def _dims_text(dims: list) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
 def _spec_of(var: relax.Var) -> TensorSpec:

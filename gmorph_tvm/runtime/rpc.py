@@ -36,7 +36,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..core.manifest import input_specs, library_path_for, manifest_path_for, read_manifest
+from ..core.manifest import input_specs, library_path_for, manifest_path_for, read_manifest, signature_of
 from ..errors import ArtifactError, GmorphError, one_line
 from ..core.specs import check_inputs
 from .loader import InputsLike, load, random_inputs, split_outputs, time_main
@@ -153,13 +153,15 @@ class _Rows(list):
     def add(self, library: Path, manifest: dict[str, Any], where: str, timing: dict[str, Any],
             outputs: dict[str, Any]) -> None:
         if not self:
-            self._first = (timing["median_ms"], outputs)
-        first_median, first_outputs = self._first
+            self._first = (timing["median_ms"], outputs, signature_of(manifest))
+        first_median, first_outputs, first_signature = self._first
+        # A speedup only means something between artifacts that compute the same thing.
+        comparable = signature_of(manifest) == first_signature
         self.append({
             "artifact": library.name, "target": _target_label(manifest), "device": manifest["device"],
-            "remote": where, **timing,
-            "speedup": first_median / timing["median_ms"] if timing["median_ms"] > 0 else None,
-            "max_abs_diff": _max_abs_diff(first_outputs, outputs),
+            "remote": where, **timing, "comparable": comparable,
+            "speedup": first_median / timing["median_ms"] if comparable and timing["median_ms"] > 0 else None,
+            "max_abs_diff": _max_abs_diff(first_outputs, outputs) if comparable else None,
         })
 
 
@@ -185,6 +187,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [header, "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         speedup = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
+        if row.get("comparable") is False:
+            speedup = "not comparable (other inputs/tasks)"
         diff = f"{row['max_abs_diff']:.2e}" if row.get("max_abs_diff") is not None else "-"
         lines.append(
             f"| {row['artifact']} | {row['target']} | {row['device']}@{row['remote']} | {row['median_ms']:.4f} | "

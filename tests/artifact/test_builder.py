@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from torch import nn
 
 import gmorph_tvm
 from helpers import TinyCNN
+from gmorph_tvm.core.manifest import encode_signature
 from gmorph_tvm.artifact import Artifact, build, manifest_path_for
 from gmorph_tvm.errors import BuildError, TargetError
 
@@ -70,7 +72,8 @@ def test_manifest_content(exported, multimodel):
     assert manifest_file == exported.with_name("two_cnns.manifest.json")
     manifest = json.loads(manifest_file.read_text())
     assert manifest["format"] == "gmorph-tvm-artifact"
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
+    assert manifest["library_sha256"] == hashlib.sha256(exported.read_bytes()).hexdigest()
     assert manifest["package_version"] == gmorph_tvm.__version__
     assert manifest["library"] == "two_cnns.so"
     assert manifest["device"] == "cpu"
@@ -90,6 +93,9 @@ def test_weight_count_matches_vm_constant_pool(artifact):
     pool = re.search(r"Constant pool \(# \d+\): \[(.*)\]\n", stats).group(1)
     pool = re.sub(r'"[^"]*"', "", pool)  # drop string constants (error messages)
     tensors = re.findall(r"(?<!shapetuple)\[[\d, ]+\]", pool)
+    signature = f"[{len(encode_signature(artifact.manifest))}]"  # the embedded signature, not a weight
+    assert signature in tensors
+    tensors.remove(signature)
     assert len(tensors) == artifact.manifest["weights"]["count"]
 
 

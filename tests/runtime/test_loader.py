@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -151,8 +152,19 @@ def test_missing_library(copy):
 
 def test_corrupt_library(copy):
     copy.write_bytes(b"\x7fELF not really a library")
+    with pytest.raises(ArtifactError, match=r"library .*fuse\.so \(sha256 .*\) is not the one manifest .*fuse\.manifest\.json"):
+        load(copy)
+    _edit_manifest(copy, library_sha256=hashlib.sha256(copy.read_bytes()).hexdigest())
     with pytest.raises(ArtifactError, match=r"cannot load .*fuse\.so"):
         load(copy)
+
+
+def _edit_manifest(library: Path, **fields) -> dict:
+    path = manifest_path_for(library)
+    manifest = json.loads(path.read_text())
+    manifest.update(fields)
+    path.write_text(json.dumps(manifest))
+    return manifest
 
 
 def test_wrong_device_kind(copy):
