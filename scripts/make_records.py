@@ -57,7 +57,7 @@ def set_modules(name: str) -> list[tuple[str, tvm.IRModule]]:
     return mods
 
 
-def tune_set(name: str, target: tvm.target.Target, work: Path, per_task: int) -> float:
+def tune_set(name: str, target: tvm.target.Target, work: Path, per_task: int, population: int) -> float:
     started = time.perf_counter()
     for label, mod in set_modules(name):
         plans = extract(prepare(mod, target), target)
@@ -66,7 +66,7 @@ def tune_set(name: str, target: tvm.target.Target, work: Path, per_task: int) ->
         trials = per_task * len(selected)
         _say(f"{name}/{label}: {len(selected)} of {len(plans)} tasks x {per_task} trials")
         report = tune(mod, target, trials=trials, work_dir=work, min_trials_per_task=per_task,
-                      shipped_records=False, progress=False)
+                      shipped_records=False, progress=False, population_size=population)
         _say(f"{name}/{label}: {len(report.tuned)} tuned, {report.trials_run} trials in {report.seconds:.0f} s")
     return time.perf_counter() - started
 
@@ -75,6 +75,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", default="demo,B1,C1,B8,C8,A1,A8")
     parser.add_argument("--trials-per-task", type=int, default=64)
+    parser.add_argument("--population", type=int, default=64,
+                        help="evolutionary-search population (one round per task: its cost model is untrained, "
+                        "so a large population costs minutes per task and buys little)")
     parser.add_argument("--mcpu", help="tune for this CPU (default: this machine's)")
     parser.add_argument("--work-dir", default=str(ROOT / "out" / "records"))
     parser.add_argument("--out", default=str(RECORDS_ROOT), help="records root (default: the package's)")
@@ -88,10 +91,11 @@ def main(argv=None) -> int:
     done = []
     for name in args.sets.split(","):
         work = Path(args.work_dir) / str(cls) / name
-        seconds = tune_set(name, target, work, args.trials_per_task)
+        seconds = tune_set(name, target, work, args.trials_per_task, args.population)
         done.append(work)
         index = package([work], out, tuned_on=spec,
-                        sets={name: {"trials_per_task": args.trials_per_task, "tuning_s": round(seconds)}})
+                        sets={name: {"trials_per_task": args.trials_per_task, "population": args.population,
+                                     "tuning_s": round(seconds)}})
         size = sum(f.stat().st_size for f in out.iterdir())
         _say(f"{name} done in {seconds:.0f} s; {out}: {len(index['workloads'])} workloads, {size / 1e6:.2f} MB")
     return 0
