@@ -38,14 +38,14 @@ import tvm
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import lossless  # noqa: E402  (the benchmark sets)
+import lossless
 
-from gmorph_tvm import import_models  # noqa: E402
-from gmorph_tvm.artifact import build, resolve_target  # noqa: E402
-from gmorph_tvm.data import fashion_mnist  # noqa: E402
-from gmorph_tvm.pipeline import fuse_lossless  # noqa: E402
-from gmorph_tvm.runtime import load  # noqa: E402
-from gmorph_tvm.zoo import pretrained  # noqa: E402
+from gmorph_tvm import import_models
+from gmorph_tvm.artifact import build, resolve_target
+from gmorph_tvm.data import fashion_mnist
+from gmorph_tvm.pipeline import fuse_lossless
+from gmorph_tvm.runtime import load
+from gmorph_tvm.zoo import pretrained
 
 TINY_US = 20.0  # kernels under this are "tiny": launch and wake-up costs are of their order
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -59,7 +59,7 @@ class Row:
     spread_pct: float | None = None
 
     @classmethod
-    def timed(cls, system: str, timing: Timing, weight_bytes: int | None = None, **kw) -> "Row":
+    def timed(cls, system: str, timing: Timing, weight_bytes: int | None = None, **kw) -> Row:
         return cls(system, timing.median_ms, weight_bytes, spread_pct=timing.spread_pct, **kw)
 
 
@@ -108,7 +108,7 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def torch_sampler(models: Mapping[str, "torch.nn.Module"], inputs: Mapping[str, Sequence], *,  # noqa: F821
+def torch_sampler(models: Mapping[str, torch.nn.Module], inputs: Mapping[str, Sequence], *,  # noqa: F821
                   threads: int, min_time_s: float = 0.02) -> Sampler:
     """Running every model once, one after another, in PyTorch eager mode on ``threads`` threads."""
     import torch
@@ -181,7 +181,7 @@ def tvm_sampler(runners: Sequence, inputs: Mapping[str, np.ndarray], *, min_time
 
 
 # Back-compatible one-system helpers (medians in ms).
-def time_torch_eager(models: Mapping[str, "torch.nn.Module"], inputs: Mapping[str, Sequence], *,  # noqa: F821
+def time_torch_eager(models: Mapping[str, torch.nn.Module], inputs: Mapping[str, Sequence], *,  # noqa: F821
                      threads: int | None = None, repeat: int = 30) -> float:
     """Median ms of running every model once, one after another, in PyTorch eager mode."""
     import torch
@@ -197,7 +197,7 @@ def time_onnxruntime(paths: Mapping[str, str], inputs: Mapping[str, Mapping[str,
     return measure({"ort": sampler}, samples=repeat, gap_s=0.0)["ort"].median_ms
 
 
-def torch_weight_bytes(models: Mapping[str, "torch.nn.Module"]) -> int:  # noqa: F821
+def torch_weight_bytes(models: Mapping[str, torch.nn.Module]) -> int:  # noqa: F821
     """Bytes of every parameter and buffer, counted once per model (what separate models hold)."""
     return sum(sum(t.numel() * t.element_size() for t in m.state_dict().values()) for m in models.values())
 

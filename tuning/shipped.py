@@ -15,6 +15,7 @@ class, or records only for other TVM versions): the note the callers print.
 from __future__ import annotations
 
 import json
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,7 +172,7 @@ def package(work_dirs: list[Path], out_dir: Path, *, tuned_on: dict[str, Any], s
                 best[key] = (top, max(trials, best.get(key, (None, 0))[1]))
             else:
                 best[key] = (best[key][0], max(trials, best[key][1]))
-    staging = out_dir.with_name(out_dir.name + ".new")
+    staging = out_dir.with_name(f"{out_dir.name}.new{os.getpid()}")
     if staging.exists():
         for f in staging.iterdir():
             f.unlink()

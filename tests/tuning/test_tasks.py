@@ -5,12 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from gmorph_tvm.tuning import allocate, extract, prepare
+from gmorph_tvm.tuning.tasks import (
+    MIN_USEFUL_TRIALS,
+    SKIPPED_BUDGET,
+    SKIPPED_FILTER,
+    SKIPPED_SHARE,
+    TaskPlan,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tvm import relax
-
-from gmorph_tvm.tuning import allocate, extract, prepare
-from gmorph_tvm.tuning.tasks import MIN_USEFUL_TRIALS, SKIPPED_BUDGET, SKIPPED_FILTER, SKIPPED_SHARE, TaskPlan
 
 TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
 
