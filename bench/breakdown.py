@@ -65,6 +65,7 @@ class Breakdown:
     single_thread_gain_ms: float | None = None
     spread_pct: float = 0.0
     top: list[tuple[str, float, int]] = field(default_factory=list)  # (kernel, ms per run, calls)
+    vm_builtins: int | None = None  # TVM: VM builtin calls per run (allocation, checks, tuples)
 
     @property
     def overhead_ms(self) -> float:
@@ -84,12 +85,16 @@ def _config_threads(n: int) -> None:
     tvm.get_global_func("runtime.config_threadpool")(1, n)
 
 
-def _capture_calls(runner, args) -> list[tuple[str, list]]:
-    """Every kernel the VM calls in one run of ``main``, with the arguments it passed."""
+def _capture_calls(runner, args) -> tuple[list[tuple[str, list]], int]:
+    """Every kernel the VM calls in one run of ``main``, with the arguments it passed, and the
+    number of VM builtin calls (allocation, shape checks, tuple handling) around them."""
     calls: list[tuple[str, list]] = []
+    builtins = [0]
 
     def instrument(func, name, before_run, ret_value, *call_args):
-        if before_run and not str(name).startswith("vm.builtin."):
+        if before_run and str(name).startswith("vm.builtin."):
+            builtins[0] += 1
+        elif before_run:
             calls.append((str(name), list(call_args)))
         return 0
 
@@ -98,7 +103,7 @@ def _capture_calls(runner, args) -> list[tuple[str, list]]:
         runner.vm["main"](*args)
     finally:
         runner.vm.set_instrument(lambda *a: 0)
-    return calls
+    return calls, builtins[0]
 
 
 def _kernel_us(lib, name: str, args: list, dev) -> float:
@@ -109,7 +114,7 @@ def _kernel_us(lib, name: str, args: list, dev) -> float:
 def tvm_breakdown(system: str, paths: list[str], feed: dict[str, np.ndarray], cores: int) -> Breakdown:
     per_kernel: dict[str, list[float]] = defaultdict(list)
     total_ms, kernel_us, single_gain_us, samples = 0.0, 0.0, 0.0, []
-    count = 0
+    count, vm_calls = 0, 0
     for path in paths:
         runner = load(path)
         names = [s["name"] for s in runner.manifest["inputs"]]
@@ -119,7 +124,8 @@ def tvm_breakdown(system: str, paths: list[str], feed: dict[str, np.ndarray], co
         total_ms += timing["median_ms"]
         samples.append(timing["std_ms"] / timing["median_ms"] if timing["median_ms"] else 0.0)
         lib = tvm.runtime.load_module(path).imports[0]
-        calls = _capture_calls(runner, args)
+        calls, builtins = _capture_calls(runner, args)
+        vm_calls += builtins
         for name, call_args in calls:
             multi = _kernel_us(lib, name, call_args, runner.device)
             _config_threads(1)
@@ -131,9 +137,11 @@ def tvm_breakdown(system: str, paths: list[str], feed: dict[str, np.ndarray], co
             count += 1
     flat = [t for ts in per_kernel.values() for t in ts]
     top = sorted(((n, sum(ts) / 1e3, len(ts)) for n, ts in per_kernel.items()), key=lambda r: -r[1])[:6]
-    return Breakdown(system, total_ms, kernel_us / 1e3, count, sum(t < TINY_US for t in flat),
-                     sum(t for t in flat if t < TINY_US) / 1e3, single_gain_us / 1e3,
-                     100 * max(samples, default=0.0), top)
+    bd = Breakdown(system, total_ms, kernel_us / 1e3, count, sum(t < TINY_US for t in flat),
+                   sum(t for t in flat if t < TINY_US) / 1e3, single_gain_us / 1e3,
+                   100 * max(samples, default=0.0), top)
+    bd.vm_builtins = vm_calls
+    return bd
 
 
 def ort_breakdown(system: str, onnx_paths: list[str], feed: dict[str, np.ndarray], spinning: bool,
@@ -188,12 +196,14 @@ def ort_breakdown(system: str, onnx_paths: list[str], feed: dict[str, np.ndarray
 
 def render(title: str, rows: list[Breakdown]) -> str:
     lines = [f"**{title}**", "",
-             "| system | total ms | kernels ms | overhead ms | kernels | tiny (<20 us) | tiny ms | 1-thread gain ms |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| system | total ms | kernels ms | overhead ms | kernels | VM builtins | tiny (<20 us) | tiny ms "
+             "| 1-thread gain ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         gain = f"{r.single_thread_gain_ms:.3f}" if r.single_thread_gain_ms is not None else "-"
+        builtins = str(r.vm_builtins) if r.vm_builtins is not None else "-"
         lines.append(f"| {r.system} | {r.total_ms:.3f} | {r.kernel_ms:.3f} | {r.overhead_ms:.3f} | {r.kernels} | "
-                     f"{r.tiny} | {r.tiny_ms:.3f} | {gain} |")
+                     f"{builtins} | {r.tiny} | {r.tiny_ms:.3f} | {gain} |")
     lines += ["", "Largest kernels (ms per run, calls):", ""]
     for r in rows:
         lines.append(f"- {r.system}: " + "; ".join(f"{n} {ms:.3f} ({c})" for n, ms, c in r.top[:4]))

@@ -29,7 +29,8 @@ from ..core.version import __version__
 from ..core.vm import device_for, execute
 from ..errors import ArtifactError, BuildError, GmorphError, one_line
 from ..frontend import MultiModel, TaskInfo, TensorSpec, bind_weights
-from ..tuning import lower
+from .. import tuning
+from ..tuning.shipped import lookup as lookup_shipped
 from . import cuda as cuda_code
 from .export import export_artifact
 
@@ -105,6 +106,7 @@ def build(
     *,
     tuning_db: str | Path | None = None,
     name: str | None = None,
+    shipped_records: bool = True,
 ) -> Artifact:
     """Compile ``model`` for ``target`` (a preset such as ``"llvm"``, ``"cuda"``, ``"jetson-orin"``,
     a TVM target dict, or a ``tvm.target.Target``).
@@ -112,7 +114,9 @@ def build(
     For a MultiModel the weights are bound as constants first (``model.bound_module()``). A bare
     IRModule is compiled as is; its inputs come from ``main``'s parameters and each of its
     outputs becomes a task ``out0``, ``out1``, ... . ``tuning_db`` is a MetaSchedule work dir
-    whose tuned schedules are applied where they match.
+    whose tuned schedules are applied where they match; then the tuning records shipped with
+    gmorph-tvm for the target's CPU class, unless ``shipped_records`` is False (the manifest's
+    ``tuning`` says which were used).
     """
     tgt = resolve_target(target)
     if isinstance(model, MultiModel):
@@ -134,7 +138,8 @@ def build(
         cuda_code.check_arch_supported(arch)  # fail before spending time on lowering
 
     with _stage("lowering", mod, tasks, tgt):
-        lowered = _lower(mod, tgt, tuning_db)
+        # Same lowering as tuning uses, so tuned workloads match what gets compiled.
+        lowered = tuning.lower(mod, tgt, database_dir=tuning_db, shipped_records=shipped_records)
     with _stage("compiling", lowered, tasks, tgt), _cuda_compile_callback(arch):
         executable = tvm.compile(lowered, target=tgt, relax_pipeline=_finalize_pipeline(lowered))
     fatbins = _compile_device_code(executable, arch) if device == "cuda" else {}
@@ -151,6 +156,10 @@ def build(
         "inputs": [s.to_json() for s in inputs],
         "tasks": [t.to_json() for t in tasks],
         "weights": constant_stats(lowered),
+        "tuning": {
+            "database": str(tuning_db) if tuning_db is not None else None,
+            "shipped": lookup_shipped(tgt).key if shipped_records else None,
+        },
         "created": None,
     }
     if device == "cuda":
@@ -159,11 +168,6 @@ def build(
 
 
 # ---- lowering ------------------------------------------------------------------------------
-
-
-def _lower(mod: tvm.IRModule, target: tvm.target.Target, tuning_db: str | Path | None) -> tvm.IRModule:
-    # Same lowering as tuning uses, so tuned workloads match what gets compiled.
-    return lower(mod, target, database_dir=tuning_db)
 
 
 def _finalize_pipeline(mod: tvm.IRModule) -> str | None:
