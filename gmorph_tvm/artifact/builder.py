@@ -23,13 +23,13 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from .. import tuning
 from ..core.manifest import FORMAT, FORMAT_VERSION
 from ..core.targets import TargetLike, is_cuda, resolve_target, target_dict
 from ..core.version import __version__
 from ..core.vm import device_for, execute
 from ..errors import ArtifactError, BuildError, GmorphError, one_line
 from ..frontend import MultiModel, TaskInfo, TensorSpec, bind_weights
-from .. import tuning
 from ..tuning.shipped import lookup as lookup_shipped
 from . import cuda as cuda_code
 from .export import export_artifact

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gmorph_tvm.tuning.shipped import lookup as lookup_shipped
+from helpers import TinyCNN
 from torch import nn
 
 import gmorph_tvm
-from helpers import TinyCNN
 from gmorph_tvm.artifact import Artifact, build, manifest_path_for, resolve_target
-from gmorph_tvm.tuning.shipped import lookup as lookup_shipped
 from gmorph_tvm.errors import BuildError, TargetError
 
 
@@ -197,9 +197,8 @@ class Flat(nn.Module):
 
 def test_errors_name_the_op_or_kernel_and_its_task(monkeypatch, x):
     """A failure inside TVM is reported with the op/kernel it mentions and the tasks using it."""
-    import tvm
-
     import gmorph_tvm.tuning as tuning
+    import tvm
 
     mm = gmorph_tvm.import_models({"shape": TinyCNN(4, 0).eval(), "flat": Flat().eval()}, example_inputs=x)
     real_lower = tuning.lower
