@@ -15,6 +15,7 @@ machine: ``--mcpu`` must name a CPU of a class this machine can run.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import sys
 import time
 from pathlib import Path
@@ -57,10 +58,20 @@ def set_modules(name: str) -> list[tuple[str, tvm.IRModule]]:
     return [*mods, ("separate", mm.bound_module())]
 
 
+def publish(work: Path, out: Path, spec: dict, sets: dict) -> dict:
+    """Package ``work`` into ``out`` under a lock: several make_records may run at once."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".make_records.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return package([work], out, tuned_on=spec, sets=sets)
+
+
 def tune_set(name: str, target: tvm.target.Target, work: Path, per_task: int, population: int,
-             reuse_shipped: bool) -> float:
+             reuse_shipped: bool, out: Path, spec: dict) -> float:
     started = time.perf_counter()
     for label, mod in set_modules(name):
+        if (work / "database_workload.json").is_file():  # what is done is shipped to the other runs
+            publish(work, out, spec, {})
         plans = extract(prepare(mod, target), target)
         # What tune() would tune with a budget of per_task trials per task.
         selected = allocate(plans, per_task * len(plans), min_trials_per_task=per_task)
@@ -71,6 +82,7 @@ def tune_set(name: str, target: tvm.target.Target, work: Path, per_task: int, po
                       shipped_records=reuse_shipped, progress=False, population_size=population)
         _say(f"{name}/{label}: {len(report.tuned)} tuned ({len(report.shipped)} already shipped), "
              f"{report.trials_run} trials in {report.seconds:.0f} s")
+        publish(work, out, spec, {})
     return time.perf_counter() - started
 
 
@@ -101,8 +113,8 @@ def main(argv=None) -> int:
     reuse = Path(args.out).resolve() == RECORDS_ROOT.resolve()
     for name in args.sets.split(","):
         work = Path(args.work_dir) / str(cls) / name
-        seconds = tune_set(name, target, work, args.trials_per_task, args.population, reuse)
-        index = package([work], out, tuned_on=spec,
+        seconds = tune_set(name, target, work, args.trials_per_task, args.population, reuse, out, spec)
+        index = publish(work, out, spec,
                         sets={name: {"trials_per_task": args.trials_per_task, "population": args.population,
                                      "tuning_s": round(seconds)}})
         size = sum(f.stat().st_size for f in out.iterdir())

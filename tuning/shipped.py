@@ -132,16 +132,20 @@ def lookup(target: tvm.target.Target, root: Path | None = None) -> Lookup:
 
 
 def _mean_s(record) -> float:
+    """Mean measured seconds; inf for a candidate that failed to build or run (MetaSchedule
+    stores those with no times, or 1e10 s)."""
     secs = [float(s) for s in (record.run_secs or [])]
-    return sum(secs) / len(secs) if secs else float("inf")
+    mean = sum(secs) / len(secs) if secs else float("inf")
+    return mean if mean < 1e9 else float("inf")
 
 
 def package(work_dirs: list[Path], out_dir: Path, *, tuned_on: dict[str, Any], sets: dict[str, Any]) -> dict[str, Any]:
     """Write the best record per workload of the tuning databases in ``work_dirs`` (and of the
     records already in ``out_dir``) to ``out_dir`` with its ``index.json``; returns the index.
 
-    A workload's ``trials`` is the most valid measurements any one database holds for it: what
-    :func:`gmorph_tvm.tuning.tune` compares with the trials it plans.
+    A workload's ``trials`` is the most candidates any one database measured for it (failed
+    ones included: they were trials): what :func:`gmorph_tvm.tuning.tune` compares with the
+    trials it plans.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -160,11 +164,11 @@ def package(work_dirs: list[Path], out_dir: Path, *, tuned_on: dict[str, Any], s
         )
         per_workload: dict[str, list] = {}
         for record in db.get_all_tuning_records():
-            if _mean_s(record) == float("inf"):
-                continue
             per_workload.setdefault(str(record.workload.as_json()[0]), []).append(record)
         for key, records in per_workload.items():
             top = min(records, key=_mean_s)
+            if _mean_s(top) == float("inf"):
+                continue  # nothing valid: the kernel keeps its default schedule
             trials = len(records)
             if source == out_dir:
                 trials = int(old_index.get("workloads", {}).get(key, {}).get("trials", trials))

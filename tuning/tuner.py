@@ -8,7 +8,8 @@ raises or times out, that kernel is reported with a :class:`TuningWarning` namin
 has no records, so it keeps its default schedule; a fresh worker carries on with the other tasks.
 
 Trials already in the database count towards each task's budget, so re-running with the same
-work dir and budget tunes nothing again, and a larger budget only runs the difference.
+work dir and budget tunes nothing again, and a larger budget only runs the difference (when
+that is at least one measured batch, ``MIN_USEFUL_TRIALS``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .ffi_guard import ensure_ir_json_works
 from .pipeline import DATABASE_FILES, has_database, open_database, prepare
 from .report import TaskReport, TuningReport, TuningWarning
 from .shipped import lookup as lookup_shipped
-from .tasks import TaskPlan, allocate, extract
+from .tasks import MIN_USEFUL_TRIALS, TaskPlan, allocate, extract
 
 def _resolve(target: Any) -> tvm.target.Target:
     return resolve_target(target)
@@ -232,9 +233,12 @@ def tune(
     for plan in selected:
         reused = min(existing.get(plan.name, 0), plan.trials)
         reports[plan.name].records_reused = reused
-        if reused >= plan.trials:
+        # A top-up of less than one measured batch costs a whole search round (minutes) for
+        # next to nothing: records that close to the plan count as enough.
+        enough = plan.trials - MIN_USEFUL_TRIALS + 1 if plan.trials > MIN_USEFUL_TRIALS else plan.trials
+        if reused >= enough:
             reports[plan.name].status = rpt.REUSED
-        elif shipped is not None and shipped.trials(plan.workload) >= plan.trials:
+        elif shipped is not None and shipped.trials(plan.workload) >= enough:
             reports[plan.name].status = rpt.SHIPPED
         else:
             to_run.append((plan, plan.trials - reused))
