@@ -34,7 +34,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from gmorph_tvm import import_models  # noqa: E402
-from gmorph_tvm.benchmark import Row, time_onnxruntime, time_torch_eager, torch_weight_bytes  # noqa: E402
+from gmorph_tvm.benchmark import (  # noqa: E402
+    Row,
+    measure,
+    onnxruntime_sampler,
+    torch_sampler,
+    torch_weight_bytes,
+    tvm_sampler,
+)
 from gmorph_tvm.artifact import build, resolve_target  # noqa: E402
 from gmorph_tvm.pipeline import fuse_lossless  # noqa: E402
 from gmorph_tvm.runtime import load  # noqa: E402
@@ -145,12 +152,8 @@ def peak_mb(kind: str, path: str, inputs: dict[str, np.ndarray], workdir: Path) 
     return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"])
 
 
-def _tvm_ms(runners, feed) -> float:
-    return sum(r.benchmark({k: v for k, v in feed.items() if k in {s["name"] for s in r.manifest["inputs"]}},
-                           number=20, repeat=7)["median_ms"] for r in runners)
-
-
-def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, memory: bool) -> tuple[list[Row], dict]:
+def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, memory: bool,
+              samples: int = 31) -> tuple[list[Row], dict]:
     target = resolve_target("llvm")
     models, args, names = load_set(set_name, n, batch)
     feed = {name: a.numpy() for name, a in zip(names, args)}
@@ -214,28 +217,37 @@ def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, mem
     flops_unique = module_flops(variants["stitch"].bound_module())
     ideal = flops_sep / flops_unique if flops_unique else float("nan")
 
-    _say("timing")
-    torch.set_num_threads(os.cpu_count() or 1)
+    _say("timing (interleaved)")
+    cores = os.cpu_count() or 1
     inputs = {t: args for t in models}
+    feeds = {t: feed for t in models}
     mem_inputs = {f"{i}_{n}": a for i, (n, a) in enumerate(feed.items())}
     torch_models_path = workdir / "models.pt"
     torch.save(models, torch_models_path)
-    rows = [
-        Row("PyTorch eager, model by model", time_torch_eager(models, inputs), torch_weight_bytes(models),
-            peak_mb("torch", str(torch_models_path), mem_inputs, workdir) if memory else None),
-        Row("ONNX Runtime, model by model", time_onnxruntime(onnx_paths, {t: feed for t in models}),
-            sum(Path(p).stat().st_size for p in onnx_paths.values()),
-            peak_mb("ort", json.dumps(list(onnx_paths.values())), feed, workdir) if memory else None),
-    ]
     sep_runners = [load(p) for p in sep_paths]
-    rows.append(Row("TVM, compiled separately", _tvm_ms(sep_runners, feed),
-                    sum(r.manifest["weights"]["bytes"] for r in sep_runners),
-                    peak_mb("tvm", json.dumps(sep_paths), feed, workdir) if memory else None))
+    fused_runners = {label: [load(p) for p in paths] for label, paths in fused_paths.items()}
+    systems = {
+        "PyTorch eager, 1 thread": torch_sampler(models, inputs, threads=1),
+        f"PyTorch eager, {cores} threads": torch_sampler(models, inputs, threads=cores),
+        "ONNX Runtime, default sessions": onnxruntime_sampler(onnx_paths, feeds),
+        "ONNX Runtime, allow_spinning=0": onnxruntime_sampler(onnx_paths, feeds, spinning=False),
+        "TVM, compiled separately": tvm_sampler(sep_runners, feed),
+        **{f"gmorph-tvm fused: {label}": tvm_sampler(runners, feed) for label, runners in fused_runners.items()},
+    }
+    timings = measure(systems, samples=samples)
+    torch_bytes = torch_weight_bytes(models)
+    onnx_bytes = sum(Path(p).stat().st_size for p in onnx_paths.values())
+    torch_peak = peak_mb("torch", str(torch_models_path), mem_inputs, workdir) if memory else None
+    ort_peak = peak_mb("ort", json.dumps(list(onnx_paths.values())), feed, workdir) if memory else None
+    rows = [Row.timed(name, timings[name], torch_bytes, peak_mb=torch_peak) for name in list(systems)[:2]]
+    rows += [Row.timed(name, timings[name], onnx_bytes, peak_mb=ort_peak) for name in list(systems)[2:4]]
+    rows.append(Row.timed("TVM, compiled separately", timings["TVM, compiled separately"],
+                          sum(r.manifest["weights"]["bytes"] for r in sep_runners),
+                          peak_mb=peak_mb("tvm", json.dumps(sep_paths), feed, workdir) if memory else None))
     for label, paths in fused_paths.items():
-        runners = [load(p) for p in paths]
-        rows.append(Row(f"gmorph-tvm fused: {label}", _tvm_ms(runners, feed),
-                        sum(r.manifest["weights"]["bytes"] for r in runners),
-                        peak_mb("tvm", json.dumps(paths), feed, workdir) if memory else None))
+        name = f"gmorph-tvm fused: {label}"
+        rows.append(Row.timed(name, timings[name], sum(r.manifest["weights"]["bytes"] for r in fused_runners[label]),
+                              peak_mb=peak_mb("tvm", json.dumps(paths), feed, workdir) if memory else None))
     info = {"ideal_speedup_vs_tvm_separate": ideal, "max_rel_error": worst, "tuning_s": tuning_s,
             "flops_separate": flops_sep, "flops_unique": flops_unique}
     return rows, info
@@ -251,22 +263,26 @@ def _grouped(mm):
 
 
 def render(set_name: str, batch: int, rows: list[Row], info: dict) -> str:
-    torch_ms = rows[0].median_ms
+    torch_ms = rows[1].median_ms  # PyTorch on all cores
     sep_ms = next(r.median_ms for r in rows if r.system.startswith("TVM, compiled separately"))
+    ort_ms = min(r.median_ms for r in rows if r.system.startswith("ONNX Runtime"))
     lines = [
         f"**Set {set_name}, batch {batch}** — ideal speedup over TVM separately (unique FLOPs): "
         f"{info['ideal_speedup_vs_tvm_separate']:.2f}x; max relative error vs PyTorch {info['max_rel_error']:.1e}; "
         f"tuning {info['tuning_s']:.0f} s",
         "",
-        "| system | median ms | vs PyTorch | vs TVM separate | % of ideal | weights MB | peak MB |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| system | median ms | ± | vs PyTorch (all cores) | vs best ONNX Runtime | vs TVM separate | % of ideal "
+        "| weights MB | peak MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         vs_sep = sep_ms / r.median_ms
         pct = f"{100 * vs_sep / info['ideal_speedup_vs_tvm_separate']:.0f}%" if r.system.startswith("gmorph") else ""
         weights = f"{r.weight_bytes / 1e6:.2f}" if r.weight_bytes is not None else "-"
         peak = f"{r.peak_mb:.1f}" if r.peak_mb is not None else "-"
-        lines.append(f"| {r.system} | {r.median_ms:.3f} | {torch_ms / r.median_ms:.2f}x | {vs_sep:.2f}x | {pct} | {weights} | {peak} |")
+        spread = f"{r.spread_pct:.0f}%" if r.spread_pct is not None else "-"
+        lines.append(f"| {r.system} | {r.median_ms:.3f} | {spread} | {torch_ms / r.median_ms:.2f}x | "
+                     f"{ort_ms / r.median_ms:.2f}x | {vs_sep:.2f}x | {pct} | {weights} | {peak} |")
     return "\n".join(lines)
 
 
@@ -277,6 +293,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", type=int, default=8, help="models per set")
     parser.add_argument("--trials", type=int, default=64, help="MetaSchedule trials per module (0: untuned)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    parser.add_argument("--samples", type=int, default=31, help="interleaved timing samples per system")
     parser.add_argument("--out", help="also append the tables to this markdown file")
     parser.add_argument("--work-dir", help="keep artifacts and tuning records here (per set and batch), so "
                         "a re-run reuses the tuning; default: a temporary directory")
@@ -288,10 +305,12 @@ def main(argv=None) -> int:
             if args.work_dir:  # kept: a re-run reuses the tuning records
                 work = Path(args.work_dir) / f"{set_name}{batch}"
                 work.mkdir(parents=True, exist_ok=True)
-                rows, info = bench_one(set_name, batch, args.models, args.trials, work, not args.no_memory)
+                rows, info = bench_one(set_name, batch, args.models, args.trials, work, not args.no_memory,
+                                       args.samples)
             else:
                 with tempfile.TemporaryDirectory(prefix=f"lossless_{set_name}{batch}_") as tmp:
-                    rows, info = bench_one(set_name, batch, args.models, args.trials, Path(tmp), not args.no_memory)
+                    rows, info = bench_one(set_name, batch, args.models, args.trials, Path(tmp),
+                                           not args.no_memory, args.samples)
             table = render(set_name, batch, rows, info)
             print(table + "\n", flush=True)
             tables.append(table)

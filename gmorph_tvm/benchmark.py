@@ -1,20 +1,49 @@
 """Side-by-side measurement of what users run today against gmorph-tvm artifacts.
 
-Every system is timed the way its users would run it, on the same inputs:
-PyTorch eager model by model (``torch.inference_mode``), ONNX Runtime sessions model by model,
-the models compiled separately by TVM (one artifact each, run one after another), and the fused
-artifact(s). TVM artifacts are timed with TVM's ``time_evaluator`` (no Python in the loop), the
-others with ``time.perf_counter`` around a full pass over all models; medians are reported.
+Every system is timed the way its users would run it at its best, on the same inputs: PyTorch
+eager model by model (``torch.inference_mode``) with a stated thread count, ONNX Runtime
+sessions model by model (default sessions, and sessions with
+``session.intra_op.allow_spinning=0``: several default sessions run back to back spin their idle
+thread pools against each other), the models compiled separately by TVM (one artifact each, run
+one after another), and the fused artifact(s). TVM artifacts are timed with TVM's
+``time_evaluator`` (no Python in the loop), the others with ``time.perf_counter`` around a full
+pass over all models.
+
+:func:`measure` takes one sample of every system in turn, many rounds over (interleaved), with
+a short pause between systems so one's spinning threads have gone quiet before the next runs:
+a slow phase of a busy machine then hits every system alike. Each :class:`Timing` keeps its
+samples; tables report the median and the spread (half the 10-90 percentile range).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
+
+# A sample: seconds per call of one full pass, timed over enough calls to last ``min_time_s``.
+Sampler = Callable[[], float]
+
+
+@dataclass
+class Timing:
+    """Samples (ms per full pass) of one system."""
+
+    samples_ms: list[float]
+
+    @property
+    def median_ms(self) -> float:
+        return float(statistics.median(self.samples_ms))
+
+    @property
+    def spread_pct(self) -> float:
+        """Half the 10-90 percentile range, in % of the median."""
+        p10, p90 = np.percentile(self.samples_ms, [10, 90])
+        return float(50.0 * (p90 - p10) / self.median_ms) if self.median_ms else 0.0
 
 
 @dataclass
@@ -27,27 +56,61 @@ class Row:
     peak_mb: float | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
+    spread_pct: float | None = None
+
+    @classmethod
+    def timed(cls, system: str, timing: Timing, weight_bytes: int | None = None, **kw) -> Row:
+        return cls(system, timing.median_ms, weight_bytes, spread_pct=timing.spread_pct, **kw)
 
 
-def time_callable(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 30, min_time_s: float = 0.2) -> float:
-    """Median wall time of ``fn()`` in milliseconds (each sample runs ``fn`` enough times to last)."""
+def loop_sampler(fn: Callable[[], object], *, min_time_s: float = 0.02, warmup: int = 3) -> Sampler:
+    """A sampler timing ``fn()`` calls in a loop long enough to last about ``min_time_s``."""
     for _ in range(warmup):
         fn()
     start = time.perf_counter()
     fn()
-    single = max(time.perf_counter() - start, 1e-6)
-    number = max(1, int(min_time_s / 10 / single))
-    samples = []
-    for _ in range(repeat):
+    number = max(1, int(min_time_s / max(time.perf_counter() - start, 1e-6)))
+
+    def sample() -> float:
         start = time.perf_counter()
         for _ in range(number):
             fn()
-        samples.append((time.perf_counter() - start) / number)
-    return statistics.median(samples) * 1e3
+        return (time.perf_counter() - start) / number
+
+    return sample
 
 
-def time_torch_eager(models: Mapping[str, "torch.nn.Module"], inputs: Mapping[str, Sequence], **kw) -> float:  # noqa: F821
-    """Median ms of running every model once, one after another, in PyTorch eager mode."""
+def measure(samplers: Mapping[str, Sampler], *, samples: int = 31, gap_s: float = 0.005) -> dict[str, Timing]:
+    """Interleaved samples of every system: ``samples`` rounds of one sample each."""
+    out: dict[str, list[float]] = {name: [] for name in samplers}
+    for _ in range(samples):
+        for name, sample in samplers.items():
+            out[name].append(sample() * 1e3)
+            time.sleep(gap_s)
+    return {name: Timing(values) for name, values in out.items()}
+
+
+def time_callable(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 30, min_time_s: float = 0.2) -> float:
+    """Median wall time of ``fn()`` in milliseconds (each sample runs ``fn`` enough times to last)."""
+    sampler = loop_sampler(fn, min_time_s=min_time_s / 10, warmup=warmup)
+    return measure({"fn": sampler}, samples=repeat, gap_s=0.0)["fn"].median_ms
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def torch_sampler(models: Mapping[str, torch.nn.Module], inputs: Mapping[str, Sequence], *,  # noqa: F821
+                  threads: int, min_time_s: float = 0.02) -> Sampler:
+    """Running every model once, one after another, in PyTorch eager mode on ``threads`` threads."""
     import torch
 
     calls = [(m.eval(), tuple(torch.as_tensor(x) for x in inputs[name])) for name, m in models.items()]
@@ -57,43 +120,113 @@ def time_torch_eager(models: Mapping[str, "torch.nn.Module"], inputs: Mapping[st
             for model, args in calls:
                 model(*args)
 
-    return time_callable(run_all, **kw)
+    with torch_threads(threads):
+        inner = loop_sampler(run_all, min_time_s=min_time_s)
+
+    def sample() -> float:
+        with torch_threads(threads):
+            return inner()
+
+    return sample
 
 
-def time_onnxruntime(paths: Mapping[str, str], inputs: Mapping[str, Mapping[str, np.ndarray]], **kw) -> float:
-    """Median ms of running every ONNX model once with its own ONNX Runtime session."""
+def onnxruntime_sessions(paths: Mapping[str, str], *, spinning: bool = True, threads: int | None = None):
+    """One ONNX Runtime CPU session per model; ``spinning=False`` sets
+    ``session.intra_op.allow_spinning=0`` (idle pool threads sleep instead of spinning)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    sessions = [
-        (ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]), inputs[name])
-        for name, path in paths.items()
-    ]
+    sessions = {}
+    for name, path in paths.items():
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sessions[name] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return sessions
+
+
+def onnxruntime_sampler(paths: Mapping[str, str], inputs: Mapping[str, Mapping[str, np.ndarray]], *,
+                        spinning: bool = True, threads: int | None = None, min_time_s: float = 0.02) -> Sampler:
+    """Running every ONNX model once with its own session, one after another."""
+    sessions = onnxruntime_sessions(paths, spinning=spinning, threads=threads)
+    feeds = [(sess, {i.name: inputs[name][i.name] for i in sess.get_inputs()}) for name, sess in sessions.items()]
 
     def run_all():
-        for sess, feed in sessions:
+        for sess, feed in feeds:
             sess.run(None, feed)
 
-    return time_callable(run_all, **kw)
+    return loop_sampler(run_all, min_time_s=min_time_s)
 
 
-def torch_weight_bytes(models: Mapping[str, "torch.nn.Module"]) -> int:  # noqa: F821
+def tvm_sampler(runners: Sequence, inputs: Mapping[str, np.ndarray], *, min_time_s: float = 0.02) -> Sampler:
+    """Running every artifact's ``main`` once, one after another, timed by ``time_evaluator``."""
+    import tvm
+
+    prepared = []
+    for runner in runners:
+        names = [s["name"] for s in runner.manifest["inputs"]]
+        args = [tvm.runtime.tensor(inputs[n], runner.device) for n in names]
+        for _ in range(3):
+            runner.vm["main"](*args)
+        start = time.perf_counter()
+        runner.vm["main"](*args)
+        number = max(1, int(min_time_s / len(runners) / max(time.perf_counter() - start, 1e-6)))
+        prepared.append((runner.vm.time_evaluator("main", runner.device, number=number, repeat=1), args))
+
+    def sample() -> float:
+        return sum(float(timer(*args).results[0]) for timer, args in prepared)
+
+    return sample
+
+
+# Back-compatible one-system helpers (medians in ms).
+def time_torch_eager(models: Mapping[str, torch.nn.Module], inputs: Mapping[str, Sequence], *,  # noqa: F821
+                     threads: int | None = None, repeat: int = 30) -> float:
+    """Median ms of running every model once, one after another, in PyTorch eager mode."""
+    import torch
+
+    sampler = torch_sampler(models, inputs, threads=threads or torch.get_num_threads())
+    return measure({"torch": sampler}, samples=repeat, gap_s=0.0)["torch"].median_ms
+
+
+def time_onnxruntime(paths: Mapping[str, str], inputs: Mapping[str, Mapping[str, np.ndarray]], *,
+                     spinning: bool = True, repeat: int = 30) -> float:
+    """Median ms of running every ONNX model once with its own ONNX Runtime session."""
+    sampler = onnxruntime_sampler(paths, inputs, spinning=spinning)
+    return measure({"ort": sampler}, samples=repeat, gap_s=0.0)["ort"].median_ms
+
+
+def torch_weight_bytes(models: Mapping[str, torch.nn.Module]) -> int:  # noqa: F821
     """Bytes of every parameter and buffer, counted once per model (what separate models hold)."""
     return sum(sum(t.numel() * t.element_size() for t in m.state_dict().values()) for m in models.values())
 
 
-def format_table(rows: Sequence[Row], *, baseline: str | None = None, title: str | None = None) -> str:
-    """A markdown table: system, median latency, speedup vs ``baseline``, weights (and peak memory,
-    notes when any row has them)."""
+def format_table(rows: Sequence[Row], *, baseline: str | None = None, title: str | None = None,
+                 compare: str | None = None) -> str:
+    """A markdown table: system, median latency (± spread when rows have one), speedup vs
+    ``baseline``, speedup vs ``compare`` (when given), weights (and peak memory, notes when any
+    row has them)."""
     base = next((r.median_ms for r in rows if r.system == baseline), rows[0].median_ms if rows else 1.0)
+    other = next((r.median_ms for r in rows if r.system == compare), None) if compare else None
+    with_spread = any(r.spread_pct is not None for r in rows)
     with_peak = any(r.peak_mb is not None for r in rows)
     with_note = any(r.note for r in rows)
-    header = "| system | median ms | speedup | weights MB |" + (" peak MB |" if with_peak else "") + (" note |" if with_note else "")
-    rule = "|---|---:|---:|---:|" + ("---:|" if with_peak else "") + ("---|" if with_note else "")
+    header = ("| system | median ms |" + (" ± |" if with_spread else "") + " speedup |"
+              + (f" vs {compare} |" if other else "") + " weights MB |"
+              + (" peak MB |" if with_peak else "") + (" note |" if with_note else ""))
+    rule = ("|---|---:|" + ("---:|" if with_spread else "") + "---:|" + ("---:|" if other else "") + "---:|"
+            + ("---:|" if with_peak else "") + ("---|" if with_note else ""))
     lines = ([f"**{title}**", ""] if title else []) + [header, rule]
     for r in rows:
         weights = f"{r.weight_bytes / 1e6:.2f}" if r.weight_bytes is not None else "-"
-        line = f"| {r.system} | {r.median_ms:.3f} | {base / r.median_ms:.2f}x | {weights} |"
+        line = f"| {r.system} | {r.median_ms:.3f} |"
+        if with_spread:
+            line += f" {r.spread_pct:.0f}% |" if r.spread_pct is not None else " - |"
+        line += f" {base / r.median_ms:.2f}x |"
+        if other:
+            line += f" {other / r.median_ms:.2f}x |"
+        line += f" {weights} |"
         if with_peak:
             line += f" {r.peak_mb:.1f} |" if r.peak_mb is not None else " - |"
         if with_note:

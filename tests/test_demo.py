@@ -2,15 +2,43 @@
 
 from __future__ import annotations
 
-from gmorph_tvm.benchmark import Row, format_table
+import re
+
+import pytest
+
+from gmorph_tvm.benchmark import Row, format_table, measure
 from gmorph_tvm.demo import run_demo
 
 
 def test_demo_builds_checks_and_prints_table(tmp_path, capsys):
-    assert run_demo(out_dir=tmp_path, tune_trials=0, batch=2, num_tasks=2) == 0
+    assert run_demo(out_dir=tmp_path, tune_trials=0, batch=2, num_tasks=2, samples=5) == 0
     out = capsys.readouterr().out
     assert "| gmorph-tvm fused |" in out and "| TVM, models compiled separately |" in out
+    assert "| PyTorch eager, 1 thread |" in out and "| ONNX Runtime, allow_spinning=0 |" in out
+    assert "vs TVM, models compiled separately |" in out
+    # Both bundled tasks are far better than chance on the 256 test images (coarse4 > 90 %).
+    accuracy = re.search(r"coarse4\s+([\d.]+)%\s+first image: '(\w+)'", out)
+    assert accuracy is not None and float(accuracy.group(1)) > 90, out
+    assert "on 256 Fashion-MNIST test images" in out
     assert (tmp_path / "fused.so").is_file() and (tmp_path / "fused.manifest.json").is_file()
+
+
+def test_interleaved_timing_reports_median_and_spread():
+    samples = iter([0.001, 0.002, 0.003, 0.004, 0.005] * 2)
+    timings = measure({"a": lambda: next(samples), "b": lambda: next(samples)}, samples=5, gap_s=0.0)
+    # Round-robin: a gets samples 1, 3, 5, 2, 4 ms; b gets 2, 4, 1, 3, 5 ms.
+    assert timings["a"].samples_ms == pytest.approx([1, 3, 5, 2, 4])
+    assert timings["b"].samples_ms == pytest.approx([2, 4, 1, 3, 5])
+    assert timings["a"].median_ms == pytest.approx(3.0)
+    assert timings["a"].spread_pct == pytest.approx(50 * (4.6 - 1.4) / 3.0)
+    table = format_table([Row.timed("a", timings["a"], 1_000_000)], baseline="a")
+    assert "| a | 3.000 | 53% | 1.00x | 1.00 |" in table
+
+
+def test_format_table_compares_against_a_second_row():
+    rows = [Row("torch", 8.0, 1), Row("separate", 4.0, 1), Row("fused", 1.0, 1)]
+    table = format_table(rows, baseline="torch", compare="separate")
+    assert "| fused | 1.000 | 8.00x | 4.00x | 0.00 |" in table and "vs separate" in table
 
 
 def test_format_table_speedups_are_relative_to_baseline():

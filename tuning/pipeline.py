@@ -13,14 +13,17 @@ finishes the module for ``tvm.compile``:
 * CUDA: kernels without tuning records get dlight's default GPU schedules (every kernel must be
   thread-bound to compile); tuned ones keep their records.
 
-Both must see the same module: workloads are matched by structural hash. Records are applied
-only after they are checked against the default schedule (:mod:`.verify`).
+Both must see the same module: workloads are matched by structural hash. Records shipped with
+gmorph-tvm for the target's class (:mod:`.shipped`) are applied too, after the user's database:
+a kernel the user's database has a record for gets the user's. Every record, the user's or a
+shipped one, is applied only after it is checked against the default schedule (:mod:`.verify`).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -31,6 +34,7 @@ from ..errors import TuningError
 from ..passes import LegalizeNaNSafe
 from ..passes.fold_pad_into_conv import FoldPadIntoConv
 from .ffi_guard import ensure_ir_json_works
+from .shipped import lookup as lookup_shipped
 from .verify import VerifiedTuning, verified_database
 
 DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
@@ -100,19 +104,51 @@ def _default_gpu_schedules() -> tvm.transform.Pass:
     )
 
 
+class ShippedRecordsNote(UserWarning):
+    """Shipped tuning records exist but do not apply to this target (class or TVM version)."""
+
+
+def record_databases(
+    target: tvm.target.Target, database_dir: str | os.PathLike | None, shipped_records: bool = True
+):
+    """The database to apply (user's first, then the shipped records for ``target``), or None.
+
+    Warns with :class:`ShippedRecordsNote` when shipped records exist but not for this target.
+    """
+    directories = [Path(database_dir)] if database_dir is not None else []
+    if shipped_records:
+        shipped = lookup_shipped(target)
+        if shipped.directory is not None:
+            directories.append(shipped.directory)
+        elif "ignored" in shipped.note or "(shipped:" in shipped.note:
+            warnings.warn(shipped.note, ShippedRecordsNote, stacklevel=3)
+    if not directories:
+        return None
+    if any(_uses_tensor_intrinsics(d) for d in directories if has_database(d)):
+        importlib.import_module("tvm.s_tir.tensor_intrin")  # slow: only when needed
+    databases = [open_database(d) for d in directories]
+    if len(databases) == 1:
+        return databases[0]
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.database.OrderedUnionDatabase(*databases)
+
+
 def lower(
     mod: tvm.IRModule,
     target: tvm.target.Target,
     *,
     database_dir: str | os.PathLike | None = None,
+    shipped_records: bool = True,
 ) -> tvm.IRModule:
     """Lower a Relax module with bound weights for ``tvm.compile(result, target=target)``.
 
-    Kernels with records in ``database_dir`` get their tuned schedules if they compute what the
-    default schedule computes (see :func:`lower_tuned`); the others keep default ones (dlight on
-    GPUs, plain loops on CPUs). ``main`` keeps its signature.
+    Kernels with records in ``database_dir``, then kernels with records shipped for the target's
+    class (``shipped_records``), get their tuned schedules if they compute what the default
+    schedule computes (see :func:`lower_tuned`); the others keep default ones (dlight on GPUs,
+    plain loops on CPUs). ``main`` keeps its signature.
     """
-    return lower_tuned(mod, target, database_dir=database_dir)[0]
+    return lower_tuned(mod, target, database_dir=database_dir, shipped_records=shipped_records)[0]
 
 
 def lower_tuned(
@@ -120,6 +156,7 @@ def lower_tuned(
     target: tvm.target.Target,
     *,
     database_dir: str | os.PathLike | None = None,
+    shipped_records: bool = True,
     exclude: Sequence[str] = (),
 ) -> tuple[tvm.IRModule, VerifiedTuning | None]:
     """:func:`lower`, also saying which kernels got tuned schedules (None without a database).
@@ -132,10 +169,8 @@ def lower_tuned(
     lowered = prepare(mod, target)
     applied = None
     with target:
-        if database_dir is not None:
-            database = open_database(database_dir)
-            if _uses_tensor_intrinsics(Path(database_dir)):
-                importlib.import_module("tvm.s_tir.tensor_intrin")  # slow: only when needed
+        database = record_databases(target, database_dir, shipped_records)
+        if database is not None:
             checked, applied = verified_database(database, lowered, target, exclude=exclude)
             with checked:
                 lowered = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(lowered)

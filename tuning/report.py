@@ -8,6 +8,7 @@ from typing import Any
 # Outcomes of a task that was meant to be tuned (skips use the statuses in tasks.py).
 TUNED = "tuned"
 REUSED = "reused"  # the database already held the planned number of trials
+SHIPPED = "shipped"  # a record shipped with gmorph-tvm (tuning/records/) covers the planned trials
 CRASHED = "crashed"  # the tuning process died (signal / exit) inside this task
 FAILED = "failed"  # MetaSchedule raised; nothing usable recorded
 TIMED_OUT = "timed out"
@@ -43,10 +44,16 @@ class TuningReport:
     trials: int
     seconds: float = 0.0
     tasks: list[TaskReport] = field(default_factory=list)
+    shipped_note: str = ""  # which shipped records applied, or why none did
 
     @property
     def tuned(self) -> list[str]:
-        return [t.name for t in self.tasks if t.status in (TUNED, REUSED)]
+        return [t.name for t in self.tasks if t.status in (TUNED, REUSED, SHIPPED)]
+
+    @property
+    def shipped(self) -> list[str]:
+        """Tasks left to shipped records (not tuned in this run)."""
+        return [t.name for t in self.tasks if t.status == SHIPPED]
 
     @property
     def fallbacks(self) -> list[str]:

@@ -2,11 +2,14 @@
 
 MetaSchedule's ``extract_tasks`` already merges structurally equal kernels into one task whose
 ``weight`` is its number of calls, so a kernel shared by several fused models (or repeated inside
-one) is tuned once. Each task's cost is its FLOPs times its calls; tasks below
-``min_flops_share`` of the total are left to default schedules, and the budget is split in
-proportion to FLOPs share with a floor per tuned task (MetaSchedule needs a handful of trials to
-find anything at all). When the floor does not fit, it shrinks to ``MIN_USEFUL_TRIALS``; beyond
-that the smallest tasks are dropped first.
+one) is tuned once. A task's cost is a roofline estimate of its time times its calls: its FLOPs,
+or ``BYTE_FLOPS`` per byte it reads and writes when that is more (memory-bound kernels:
+depthwise convs, pooling, elementwise work do a few FLOPs per byte, so FLOPs alone under-serve
+them). Tasks below ``min_flops_share`` of the total cost are left to default schedules, and the
+budget is split in proportion to cost share with a floor per tuned task (MetaSchedule needs a
+handful of trials to find anything at all). When the floor does not fit, it shrinks to
+``MIN_USEFUL_TRIALS`` (one measured batch); beyond that the smallest tasks are dropped first,
+each with a note saying so: no tuned task gets fewer than ``MIN_USEFUL_TRIALS`` trials.
 """
 
 from __future__ import annotations
@@ -19,11 +22,15 @@ import tvm
 # Task statuses (TaskPlan.status / TaskReport.status).
 PLANNED = "planned"
 SKIPPED_FILTER = "skipped: op_names"
-SKIPPED_SHARE = "skipped: FLOPs share"
+SKIPPED_SHARE = "skipped: cost share"
 SKIPPED_BUDGET = "skipped: budget"
 
 # Fewest trials worth a search round: one batch of the first (cost-model-free) round.
 MIN_USEFUL_TRIALS = 8
+# Machine balance of the cost estimate: FLOPs a byte of memory traffic is worth. A tuned dense
+# 3x3 conv does hundreds of FLOPs per byte moved, a 3x3 depthwise conv about 2, a max pool < 1;
+# CPUs sustain roughly 5-20 FLOPs per byte of cache/DRAM bandwidth.
+BYTE_FLOPS = 8.0
 
 
 @dataclass
@@ -34,13 +41,20 @@ class TaskPlan:
     workload: tvm.IRModule  # the PrimFunc module MetaSchedule tunes
     calls: int  # how many call sites share this kernel
     flops: float  # per call
-    share: float = 0.0  # of the module's total FLOPs
+    share: float = 0.0  # of the module's total estimated cost (see module docstring)
     trials: int = 0
     status: str = PLANNED
+    bytes: float = 0.0  # read and written per call (all buffers once)
+    note: str = ""  # why a task is not tuned
 
     @property
     def total_flops(self) -> float:
         return self.flops * self.calls
+
+    @property
+    def cost(self) -> float:
+        """Roofline estimate of all calls, in FLOP-equivalents."""
+        return max(self.flops, BYTE_FLOPS * self.bytes) * self.calls
 
 
 def kernel_flops(workload: tvm.IRModule) -> float:
@@ -53,6 +67,25 @@ def kernel_flops(workload: tvm.IRModule) -> float:
         return 0.0
 
 
+def kernel_bytes(workload: tvm.IRModule) -> float:
+    """Bytes of every buffer a kernel takes (inputs, weights and outputs), each counted once."""
+    total = 0.0
+    for _, func in workload.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        for buf in func.params:  # buffer parameters carry their shape and dtype
+            if not hasattr(buf, "shape"):
+                continue
+            try:
+                elems = 1
+                for dim in buf.shape:
+                    elems *= int(dim)
+            except TypeError:  # symbolic shape: unknown traffic
+                continue
+            total += elems * tvm.DataType(str(buf.dtype)).bits / 8
+    return total
+
+
 def extract(prepared: tvm.IRModule, target: tvm.target.Target) -> list[TaskPlan]:
     """The distinct kernels of a prepared module (one per structural-equality class)."""
     from tvm.s_tir import meta_schedule as ms
@@ -60,10 +93,11 @@ def extract(prepared: tvm.IRModule, target: tvm.target.Target) -> list[TaskPlan]
     plans = []
     for task in ms.relax_integration.extract_tasks(prepared, target, module_equality="structural"):
         workload = task.dispatched[0]
-        plans.append(TaskPlan(task.task_name, workload, int(task.weight), kernel_flops(workload)))
-    total = sum(p.total_flops for p in plans)
+        plans.append(TaskPlan(task.task_name, workload, int(task.weight), kernel_flops(workload),
+                              bytes=kernel_bytes(workload)))
+    total = sum(p.cost for p in plans)
     for plan in plans:
-        plan.share = plan.total_flops / total if total > 0 else 0.0
+        plan.share = plan.cost / total if total > 0 else 0.0
     return plans
 
 
@@ -82,11 +116,12 @@ def allocate(
     """
     candidates = []
     for plan in plans:
-        plan.trials = 0
+        plan.trials, plan.note = 0, ""
         if op_names and not any(op in plan.name for op in op_names):
             plan.status = SKIPPED_FILTER
         elif plan.share <= 0 or plan.share < min_flops_share:
             plan.status = SKIPPED_SHARE
+            plan.note = f"{plan.share:.1%} of the estimated cost, under min_flops_share {min_flops_share:.1%}"
         else:
             plan.status = PLANNED
             candidates.append(plan)
@@ -97,7 +132,10 @@ def allocate(
     if candidates and floor * len(candidates) > trials:
         floor = max(min(MIN_USEFUL_TRIALS, floor), trials // len(candidates))
     while candidates and floor * len(candidates) > trials:
-        candidates.pop().status = SKIPPED_BUDGET
+        dropped = candidates.pop()
+        dropped.status = SKIPPED_BUDGET
+        dropped.note = (f"{trials} trials cannot give every task {floor} (one measured batch); "
+                        f"raise trials to at least {floor * (len(candidates) + 1)} to tune it")
     if not candidates:
         return []
     spare = trials - floor * len(candidates)

@@ -2,7 +2,7 @@
 
 ``tune`` prepares the module exactly as :func:`gmorph_tvm.tuning.lower` will, extracts its
 distinct kernels (identical kernels of different models are one task), splits the trial budget
-by FLOPs share, and runs the search in a worker subprocess (``_worker.py``) that appends to a JSON
+by estimated cost share (FLOPs, or memory traffic where that dominates), and runs the search in a worker subprocess (``_worker.py``) that appends to a JSON
 database in ``work_dir``. If the worker dies inside a task (segfault, abort, OOM) or the task
 raises or times out, that kernel is reported with a :class:`TuningWarning` naming it and simply
 has no records, so it keeps its default schedule; a fresh worker carries on with the other tasks.
@@ -13,7 +13,8 @@ different values is not stored, and the task's report counts it (``records_rejec
 :class:`TuningWarning`).
 
 Trials already in the database count towards each task's budget, so re-running with the same
-work dir and budget tunes nothing again, and a larger budget only runs the difference.
+work dir and budget tunes nothing again, and a larger budget only runs the difference (when
+that is at least one measured batch, ``MIN_USEFUL_TRIALS``).
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from .ffi_guard import ensure_ir_json_works
 from .pipeline import DATABASE_FILES, has_database, open_database, prepare
 from .remote import export_spec, runner_spec
 from .report import TaskReport, TuningReport, TuningWarning
+from .shipped import lookup as lookup_shipped
 from .target_key import claim_work_dir
-from .tasks import TaskPlan, allocate, extract
+from .tasks import MIN_USEFUL_TRIALS, TaskPlan, allocate, extract
 
 def _resolve(target: Any) -> tvm.target.Target:
     return resolve_target(target)
@@ -191,6 +193,7 @@ def tune(
     population_size: int | None = None,
     tracker: str | tuple[str, int] | None = None,
     key: str | None = None,
+    shipped_records: bool = True,
 ) -> TuningReport:
     """Tune the kernels of ``mod`` with MetaSchedule into the database in ``work_dir``.
 
@@ -198,7 +201,7 @@ def tune(
     :class:`~gmorph_tvm.MultiModel`, tuned as its ``bound_module()``), or a Relax IRModule (weights
     kept as parameters with attrs ``params`` are bound as constants first).
     ``target``: preset name, dict or ``tvm.target.Target``. ``trials``: total measurements over
-    all tasks, split by FLOPs share; tasks under ``min_flops_share`` or not matching ``op_names``
+    all tasks, split by estimated cost share (FLOPs or memory traffic); tasks under ``min_flops_share`` or not matching ``op_names``
     (substrings of task names) are left untuned. ``runner``/``builder``: MetaSchedule runner /
     builder objects (e.g. an ``RPCRunner`` for a remote board); they must be picklable with
     cloudpickle. Never raises for a crash inside one task: see :class:`TuningWarning`.
@@ -240,15 +243,22 @@ def tune(
         plans, trials, op_names=op_names, min_flops_share=min_flops_share, min_trials_per_task=min_trials_per_task
     )
     reports = {
-        p.name: TaskReport(p.name, p.calls, p.flops, p.share, p.status, trials_planned=p.trials) for p in plans
+        p.name: TaskReport(p.name, p.calls, p.flops, p.share, p.status, trials_planned=p.trials, message=p.note)
+        for p in plans
     }
     existing = _records_in_database(work_dir, selected)
+    shipped = lookup_shipped(target) if shipped_records else None
     to_run: list[tuple[TaskPlan, int]] = []
     for plan in selected:
         reused = min(existing.get(plan.name, 0), plan.trials)
         reports[plan.name].records_reused = reused
-        if reused >= plan.trials:
+        # A top-up of less than one measured batch costs a whole search round (minutes) for
+        # next to nothing: records that close to the plan count as enough.
+        enough = plan.trials - MIN_USEFUL_TRIALS + 1 if plan.trials > MIN_USEFUL_TRIALS else plan.trials
+        if reused >= enough:
             reports[plan.name].status = rpt.REUSED
+        elif shipped is not None and shipped.trials(plan.workload) >= enough:
+            reports[plan.name].status = rpt.SHIPPED
         else:
             to_run.append((plan, plan.trials - reused))
 
@@ -275,6 +285,7 @@ def tune(
         _run_workers(task_specs, base_spec, work_dir, reports, progress, task_timeout_s)
 
     result = TuningReport(_target_spec(target), str(work_dir), trials, tasks=list(reports.values()))
+    result.shipped_note = shipped.note if shipped is not None else "shipped tuning records not used"
     result.seconds = time.monotonic() - started
     return result
 

@@ -32,6 +32,7 @@ from ..frontend import MultiModel, TaskInfo, TensorSpec, bind_weights
 from ..core import cuda as cuda_code
 from ..passes import index_bounds
 from ..tuning import lower_tuned
+from ..tuning.shipped import lookup as lookup_shipped
 from . import tuned_check
 from .export import export_artifact
 
@@ -104,6 +105,7 @@ def build(
     *,
     tuning_db: str | Path | None = None,
     name: str | None = None,
+    shipped_records: bool = True,
 ) -> Artifact:
     """Compile ``model`` for ``target`` (a preset such as ``"llvm"``, ``"cuda"``, ``"jetson-orin"``,
     a TVM target dict, or a ``tvm.target.Target``).
@@ -111,11 +113,13 @@ def build(
     For a MultiModel the weights are bound as constants first (``model.bound_module()``). A bare
     IRModule is compiled as is; its inputs come from ``main``'s parameters and each of its
     outputs becomes a task ``out0``, ``out1``, ... . ``tuning_db`` is a MetaSchedule work dir
-    whose tuned schedules are applied where they match and compute what the default schedule
-    computes (checked per kernel on random inputs); a tuned artifact is then compared with the
-    untuned build on random inputs before it is returned (:mod:`gmorph_tvm.artifact.tuned_check`).
-    Records that fail either check are dropped with a :class:`~gmorph_tvm.tuning.TuningWarning`
-    naming the kernel; manifest field ``tuning`` says what was applied, dropped and measured.
+    whose tuned schedules are applied where they match; then the tuning records shipped with
+    gmorph-tvm for the target's CPU class, unless ``shipped_records`` is False. Every record
+    applied must compute what the default schedule computes (checked per kernel on random
+    inputs); a tuned artifact is then compared with the untuned build on random inputs before it
+    is returned (:mod:`gmorph_tvm.artifact.tuned_check`). Records that fail either check are
+    dropped with a :class:`~gmorph_tvm.tuning.TuningWarning` naming the kernel; manifest field
+    ``tuning`` says which databases were used and what was applied, dropped and measured.
     """
     tgt = resolve_target(target)
     if isinstance(model, MultiModel):
@@ -146,9 +150,9 @@ def build(
     bounds = index_bounds(mod)
     signature = {"inputs": [s.to_json() for s in inputs], "tasks": [t.to_json() for t in tasks], "index_bounds": bounds}
 
-    def lower_and_compile(database: str | Path | None, exclude: Sequence[str] = ()):
+    def lower_and_compile(database: str | Path | None, exclude: Sequence[str] = (), shipped: bool = True):
         with _stage("lowering", mod, tasks, tgt):
-            lowered, applied = _lower(mod, tgt, database, exclude)
+            lowered, applied = _lower(mod, tgt, database, exclude, shipped_records and shipped)
         with _stage("compiling", lowered, tasks, tgt), _cuda_compile_callback(arch, board_cuda):
             executable = tvm.compile(_with_signature(lowered, signature), target=tgt,
                                      relax_pipeline=_finalize_pipeline(lowered))
@@ -166,7 +170,7 @@ def build(
         untuned: list = []
 
         def compile_untuned():
-            untuned[:] = lower_and_compile(None)[:2]
+            untuned[:] = lower_and_compile(None, shipped=False)[:2]
             return untuned[1]
 
         executable, tuning_check = tuned_check.verify_tuned_build(
@@ -193,8 +197,11 @@ def build(
         "index_bounds": bounds,
         "created": None,
     }
-    if tuning_check is not None:
-        manifest["tuning"] = tuning_check.to_json()
+    manifest["tuning"] = {
+        "database": str(tuning_db) if tuning_db is not None else None,
+        "shipped": lookup_shipped(tgt).key if shipped_records else None,
+        **(tuning_check.to_json() if tuning_check is not None else {}),
+    }
     if device == "cuda":
         # toolkit: the CUDA release that made the SASS; cuda_min_driver: the oldest driver that loads it.
         manifest["cuda"] = {"arch": arch, **cuda_code.device_code_info(arch, board_cuda)}
@@ -206,9 +213,10 @@ def build(
 # ---- lowering ------------------------------------------------------------------------------
 
 
-def _lower(mod: tvm.IRModule, target: tvm.target.Target, tuning_db: str | Path | None, exclude: Sequence[str] = ()):
+def _lower(mod: tvm.IRModule, target: tvm.target.Target, tuning_db: str | Path | None, exclude: Sequence[str] = (),
+           shipped_records: bool = True):
     # Same lowering as tuning uses, so tuned workloads match what gets compiled.
-    return lower_tuned(mod, target, database_dir=tuning_db, exclude=exclude)
+    return lower_tuned(mod, target, database_dir=tuning_db, shipped_records=shipped_records, exclude=exclude)
 
 
 def _with_signature(mod: tvm.IRModule, manifest: Mapping[str, Any]) -> tvm.IRModule:

@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gmorph_tvm.tuning.shipped import lookup as lookup_shipped
+from helpers import TinyCNN
 from torch import nn
 
 import gmorph_tvm
 from helpers import TinyCNN
 from gmorph_tvm.core.manifest import encode_signature
-from gmorph_tvm.artifact import Artifact, build, manifest_path_for
+from gmorph_tvm.artifact import Artifact, build, manifest_path_for, resolve_target
 from gmorph_tvm.errors import BuildError, TargetError
 
 
@@ -86,6 +88,9 @@ def test_manifest_content(exported, multimodel):
     assert re.match(r"\d{4}-\d\d-\d\dT", manifest["created"])
     # Two CNNs of 4 parameters each, nothing shared: 8 constants holding every weight byte.
     assert manifest["weights"] == {"count": 8, "bytes": multimodel.weight_bytes}
+    # Which tuning records were applied: none of the user's, the shipped ones for this host's class.
+    shipped_key = lookup_shipped(resolve_target("llvm")).key
+    assert {k: manifest["tuning"][k] for k in ("database", "shipped")} == {"database": None, "shipped": shipped_key}
 
 
 def test_weight_count_matches_vm_constant_pool(artifact):
@@ -208,7 +213,7 @@ def test_errors_name_the_op_or_kernel_and_its_task(monkeypatch, x):
 
     real_lower, real_lower_tuned = tuning.lower, builder.lower_tuned
 
-    def failing_lower(mod, target, database_dir=None, exclude=()):
+    def failing_lower(mod, target, **kwargs):
         raise tvm.error.InternalError("Check failed: (ok) is false: cannot legalize relax.nn.conv2d\n  File \"x.cc\"")
 
     monkeypatch.setattr(builder, "lower_tuned", failing_lower)

@@ -1,14 +1,21 @@
-"""Task extraction (dedup of identical kernels, FLOPs shares) and trial-budget allocation."""
+"""Task extraction (dedup of identical kernels, cost shares) and trial-budget allocation."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import tvm
-from tvm import relax
-
 from gmorph_tvm.tuning import allocate, extract, prepare
-from gmorph_tvm.tuning.tasks import SKIPPED_BUDGET, SKIPPED_FILTER, SKIPPED_SHARE, TaskPlan
+from gmorph_tvm.tuning.tasks import (
+    MIN_USEFUL_TRIALS,
+    SKIPPED_BUDGET,
+    SKIPPED_FILTER,
+    SKIPPED_SHARE,
+    TaskPlan,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tvm import relax
 
 TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
 
@@ -103,3 +110,56 @@ def test_op_names_filter_and_zero_budget():
     assert [p.name for p in tuned] == ["fused_matmul_add"] and tuned[0].trials == 32
     assert plans[0].status == SKIPPED_FILTER
     assert allocate(plans, 0) == []
+
+
+def _dense_and_depthwise_module(channels: int = 128, size: int = 16) -> tvm.IRModule:
+    """A dense 3x3 conv next to a 3x3 depthwise conv of the same width (as in MobileNet blocks)."""
+    rng = np.random.default_rng(0)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, channels, size, size), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            dense = bb.emit(relax.op.nn.conv2d(x, _const(rng, channels, channels, 3, 3), padding=1))
+            depthwise = relax.op.nn.conv2d(dense, _const(rng, channels, 1, 3, 3), padding=1, groups=channels)
+            out = bb.emit_output(bb.emit(depthwise))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_depthwise_conv_is_weighted_by_memory_traffic_not_flops():
+    plans = extract(prepare(_dense_and_depthwise_module(), TARGET), TARGET)
+    depthwise = next(p for p in plans if p.flops < 1e6)
+    flops_share = depthwise.total_flops / sum(p.total_flops for p in plans)
+    assert flops_share < 0.01  # by FLOPs alone it would be left untuned
+    # It reads and writes 2 activations of 128x16x16 floats and its weights.
+    assert depthwise.bytes == pytest.approx(4 * (2 * 128 * 16 * 16 + 128 * 9), rel=0.05)
+    assert depthwise.share > 0.01
+    tuned = allocate(plans, 64, min_trials_per_task=16)
+    assert depthwise in tuned and depthwise.trials >= 16
+
+
+def test_tasks_dropped_for_budget_say_why_and_how_many_trials_would_do():
+    plans = [_plan("a", 0.5), _plan("b", 0.3), _plan("c", 0.2)]
+    allocate(plans, 20, min_trials_per_task=16)
+    assert plans[2].status == SKIPPED_BUDGET and "at least 24" in plans[2].note
+    allocate(plans, 20, min_flops_share=0.25)
+    assert plans[2].status == SKIPPED_SHARE and "min_flops_share" in plans[2].note
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shares=st.lists(st.floats(0.001, 1.0), min_size=1, max_size=40),
+    trials=st.integers(0, 3000),
+    floor=st.integers(1, 128),
+)
+def test_every_tuned_task_gets_a_measured_batch_or_a_note(shares, trials, floor):
+    total = sum(shares)
+    plans = [_plan(f"t{i}", s / total) for i, s in enumerate(shares)]
+    tuned = allocate(plans, trials, min_flops_share=0.0, min_trials_per_task=floor)
+    if tuned:
+        assert sum(p.trials for p in tuned) == trials
+    for plan in plans:
+        if plan in tuned:
+            assert plan.trials >= min(MIN_USEFUL_TRIALS, floor, trials)
+        else:
+            assert plan.trials == 0 and plan.status == SKIPPED_BUDGET and plan.note

@@ -150,6 +150,18 @@ def test_rerun_with_the_same_budget_reuses_the_database(session):
     assert report.trials_run == 0
 
 
+@pytest.mark.slow  # shares the ~1.5 min tuning session
+def test_a_top_up_smaller_than_one_batch_is_not_run(session):
+    _, _, _, tuned, work_dir = session
+    report = tune(
+        _two_conv_module(), TARGET, trials=TRIALS_PER_TASK + 5, work_dir=work_dir, op_names=[tuned],
+        min_trials_per_task=TRIALS_PER_TASK, progress=False,
+    )
+    task = next(t for t in report.tasks if t.name == tuned)
+    assert task.status == REUSED and task.trials_planned == TRIALS_PER_TASK + 5
+    assert report.trials_run == 0
+
+
 def test_bad_arguments_are_tuning_errors(tmp_path):
     with pytest.raises(TuningError, match="trials must be >= 0"):
         tune(_two_conv_module(), TARGET, trials=-1, work_dir=tmp_path, progress=False)

@@ -1,0 +1,126 @@
+"""Tune the bundled demo and benchmark models and ship their best records in tuning/records/.
+
+    python scripts/make_records.py --sets demo,B1,C1,B8,C8,A1,A8 --trials-per-task 64
+    python scripts/make_records.py --sets demo --mcpu haswell      # the x86_64-avx2 class
+
+Sets: ``demo`` (what ``gmorph-tvm demo`` builds: 4 Fashion-MNIST tasks, batch 1, separate and
+fused) and ``<A|B|C><batch>`` (what ``bench/lossless.py`` builds: separate, stitch,
+stitch+merge, grouped). Each set is tuned into ``<work-dir>/<class>/<set>`` with every task
+that ``tune`` would tune getting ``--trials-per-task`` trials (a re-run continues where it
+stopped); after each set the best record per workload of all sets done so far is written to
+``tuning/records/<class>/<tvm version>/`` (see gmorph_tvm.tuning.shipped). Measured on this
+machine: ``--mcpu`` must name a CPU of a class this machine can run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import lossless
+import tvm
+from gmorph_tvm.tuning import allocate, extract, prepare, tune
+from gmorph_tvm.tuning.shipped import RECORDS_ROOT, package, target_class
+
+from gmorph_tvm import import_models
+from gmorph_tvm.core.targets import target_dict
+from gmorph_tvm.data import fashion_mnist
+from gmorph_tvm.pipeline import fuse_lossless
+from gmorph_tvm.zoo import pretrained
+
+
+def _say(msg: str) -> None:
+    print(f"[records] {msg}", file=sys.stderr, flush=True)
+
+
+def set_modules(name: str) -> list[tuple[str, tvm.IRModule]]:
+    """The weight-bound modules a set tunes, labelled."""
+    if name == "demo":
+        models = pretrained.fmnist_backbone_set(4)
+        x = fashion_mnist.load_split("test", limit=256).images[:1].contiguous()
+        mm = import_models(models, x)
+        return [("separate", mm.bound_module()), ("fused", fuse_lossless(mm).bound_module())]
+    set_name, batch = name[0], int(name[1:])
+    models, args, _ = lossless.load_set(set_name, 8, batch)
+    mm = import_models(models, args)
+    mods = [
+        ("stitch", fuse_lossless(mm, merge="never").bound_module()),
+        ("stitch+merge", fuse_lossless(mm, merge="auto").bound_module()),
+    ]
+    mods += [(f"group{i}", part.bound_module()) for i, part in enumerate(lossless._grouped(mm))]
+    # Last: at batch 1 set B's separate models are the demo's, already shipped when it ran first.
+    return [*mods, ("separate", mm.bound_module())]
+
+
+def publish(work: Path, out: Path, spec: dict, sets: dict) -> dict:
+    """Package ``work`` into ``out`` under a lock: several make_records may run at once."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".make_records.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return package([work], out, tuned_on=spec, sets=sets)
+
+
+def tune_set(name: str, target: tvm.target.Target, work: Path, per_task: int, population: int,
+             reuse_shipped: bool, out: Path, spec: dict) -> float:
+    started = time.perf_counter()
+    for label, mod in set_modules(name):
+        if (work / "database_workload.json").is_file():  # what is done is shipped to the other runs
+            publish(work, out, spec, {})
+        plans = extract(prepare(mod, target), target)
+        # What tune() would tune with a budget of per_task trials per task.
+        selected = allocate(plans, per_task * len(plans), min_trials_per_task=per_task)
+        trials = per_task * len(selected)
+        _say(f"{name}/{label}: {len(selected)} of {len(plans)} tasks x {per_task} trials")
+        # Kernels already shipped (by an earlier set) with enough trials are not tuned again.
+        report = tune(mod, target, trials=trials, work_dir=work, min_trials_per_task=per_task,
+                      shipped_records=reuse_shipped, progress=False, population_size=population)
+        _say(f"{name}/{label}: {len(report.tuned)} tuned ({len(report.shipped)} already shipped), "
+             f"{report.trials_run} trials in {report.seconds:.0f} s")
+        publish(work, out, spec, {})
+    return time.perf_counter() - started
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", default="demo,B1,C1,B8,C8,A1,A8")
+    parser.add_argument("--trials-per-task", type=int, default=64)
+    parser.add_argument("--population", type=int, default=64,
+                        help="evolutionary-search population (one round per task: its cost model is untrained, "
+                        "so a large population costs minutes per task and buys little)")
+    parser.add_argument("--mcpu", help="tune for this CPU (default: this machine's)")
+    parser.add_argument("--work-dir", default=str(ROOT / "out" / "records"))
+    parser.add_argument("--out", default=str(RECORDS_ROOT), help="records root (default: the package's)")
+    parser.add_argument("--package-only", action="store_true",
+                        help="only (re)package the sets' work dirs found under --work-dir")
+    args = parser.parse_args(argv)
+    spec = target_dict("llvm")
+    if args.mcpu:
+        spec["mcpu"] = args.mcpu
+    target = tvm.target.Target(spec)
+    cls = target_class(target)
+    out = Path(args.out) / str(cls) / str(tvm.__version__)
+    if args.package_only:
+        works = sorted(p for p in (Path(args.work_dir) / str(cls)).iterdir() if (p / "database_workload.json").is_file())
+        index = package(works, out, tuned_on=spec, sets={})
+        _say(f"packaged {', '.join(p.name for p in works)}: {len(index['workloads'])} workloads")
+        return 0
+    reuse = Path(args.out).resolve() == RECORDS_ROOT.resolve()
+    for name in args.sets.split(","):
+        work = Path(args.work_dir) / str(cls) / name
+        seconds = tune_set(name, target, work, args.trials_per_task, args.population, reuse, out, spec)
+        index = publish(work, out, spec,
+                        sets={name: {"trials_per_task": args.trials_per_task, "population": args.population,
+                                     "tuning_s": round(seconds)}})
+        size = sum(f.stat().st_size for f in out.iterdir())
+        _say(f"{name} done in {seconds:.0f} s; {out}: {len(index['workloads'])} workloads, {size / 1e6:.2f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
