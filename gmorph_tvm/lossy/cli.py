@@ -20,7 +20,7 @@ from pathlib import Path
 from ..errors import SearchError
 from .data import MultiTaskData
 from .distill import DistillConfig
-from .driver import search
+from .driver import SearchConfig, search
 from .latency import TimingConfig
 from . import tasks
 
@@ -110,13 +110,14 @@ def run_search_cli(args: argparse.Namespace) -> int:
     target = json.loads(args.target) if args.target.strip().startswith("{") else args.target
     if args.clock == "cpu":
         torch.set_num_threads(1)
-    result = search(
-        models, data, max_accuracy_drop=args.max_drop, budget=args.budget, predictor=args.predictor,
+    config = SearchConfig(
+        max_accuracy_drop=args.max_drop, budget=args.budget, predictor=args.predictor,
         sampler=args.sampler, seed=args.seed, work_dir=args.work_dir, resume=not args.fresh, target=target,
         distill_config=DistillConfig(max_epochs=args.epochs, train_samples=args.train_samples),
         timing=TimingConfig(clock=args.clock), time_budget_s=args.time_budget, tune_trials=args.tune_trials,
         progress=not args.quiet, log=lambda m: print(f"[gmorph-tvm] {m}", file=sys.stderr),
     )  # fmt: skip
+    result = search(models, data, config)
     counts = result.report["counts"]
     print(f"plan: {result.plan.key()}")
     print(f"latency: {result.latency_ms:.4f} ms ({result.report['chosen']['speedup_vs_unfused']:.2f}x vs unfused)")
