@@ -132,6 +132,7 @@ def build(
         if arch is None:
             raise BuildError(f"CUDA target {target_dict(tgt)} has no 'arch' (e.g. 'sm_87')")
         cuda_code.check_arch_supported(arch)  # fail before spending time on lowering
+        cuda_code.check_library_blob_format()  # ... also when export could not embed the compiled code
 
     with _stage("lowering", mod, tasks, tgt):
         lowered = _lower(mod, tgt, tuning_db)

@@ -9,6 +9,16 @@ loaded -- not on a bare Jetson with a C++ runtime. nvcc needs no GPU, so we comp
 to a fatbin (SASS for ``sm_XX`` plus PTX for ``compute_XX``) at build time and splice it into
 the library blob at export time (see :func:`patch_library_blob`).
 
+Why not a public TVM API: in TVM 0.27 codegen calls ``tvm_callback_cuda_compile`` only when the
+CUDA runtime factory ``ffi.Module.create.cuda`` is registered (none is called without it; checked
+with a recording callback), that factory and the matching loader live in libtvm_runtime_cuda.so,
+which needs libcuda.so.1, and the codegen's fallback module (which stores whatever it is given) is
+"never registered as an FFI factory" (``cuda_fallback_module.cc``). So without a driver no public
+call makes TVM hold a fatbin, and the blob that ``export_library(fpack_imports=...)`` hands us is
+rewritten here. Its layout is private to TVM: :func:`check_library_blob_format` refuses TVM
+versions it was not verified on, and :func:`patch_library_blob` checks that the blob it parsed
+re-serialises to the same bytes before changing it (tests/artifact/test_library_blob.py).
+
 Architectures the installed nvcc dropped (CUDA 13 has nothing below sm_75: Jetson Xavier sm_72,
 Nano sm_53) take a second route, :func:`compile_cubin_via_ptx`: nvcc emits PTX for its lowest
 virtual architecture, the PTX is re-targeted to ``sm_XX`` and assembled by an older ``ptxas``
@@ -43,6 +53,9 @@ import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+import tvm
+import tvm_ffi
 
 from ..errors import BuildError
 
@@ -263,6 +276,27 @@ def source_key(source: str) -> str:
 
 # ---- the exported library's module blob ----------------------------------------------------
 
+# (apache-tvm, apache-tvm-ffi) release prefixes whose library blob and CUDA module layout the
+# functions below were verified against (the module docstring; tests/artifact/test_library_blob.py).
+# A new release may change the private layout: verify it, then add it here.
+BLOB_FORMAT_VERIFIED = (("0.27.", "0.1."),)
+
+
+def check_library_blob_format(tvm_version: str | None = None, ffi_version: str | None = None) -> None:
+    """Refuse (one BuildError line) to rewrite the library blob of a TVM release it was not verified on."""
+    tvm_version = tvm.__version__ if tvm_version is None else tvm_version
+    ffi_version = tvm_ffi.__version__ if ffi_version is None else ffi_version
+    for tvm_prefix, ffi_prefix in BLOB_FORMAT_VERIFIED:
+        if tvm_version.startswith(tvm_prefix) and ffi_version.startswith(ffi_prefix):
+            return
+    known = ", ".join(f"apache-tvm {t}x with apache-tvm-ffi {f}x" for t, f in BLOB_FORMAT_VERIFIED)
+    raise BuildError(
+        f"embedding compiled CUDA code rewrites TVM's private library-blob layout, verified only for {known}; "
+        f"this is apache-tvm {tvm_version} with apache-tvm-ffi {ffi_version}: install apache-tvm==0.27.0.post1 "
+        "(or verify gmorph_tvm/artifact/cuda.py against this release and add it to BLOB_FORMAT_VERIFIED)"
+    )
+
+
 
 class _Reader:
     def __init__(self, data: bytes, offset: int = 0):
@@ -353,13 +387,23 @@ def patch_library_blob(blob: bytes, fatbins: dict[str, bytes]) -> tuple[bytes, i
     Returns the new blob and how many CUDA modules it holds. A CUDA module whose source has no
     fatbin is an error: exporting it would silently ship JIT-only code.
     """
-    indptr, children, modules = parse_library_blob(blob)
+    check_library_blob_format()
+    try:
+        indptr, children, modules = parse_library_blob(blob)
+        same = serialize_library_blob(indptr, children, modules) == blob
+    except (ValueError, struct.error) as err:
+        raise BuildError(f"TVM's library blob does not have the layout this TVM release had: {err}") from err
+    if not same:
+        raise BuildError("TVM's library blob does not re-serialise to the same bytes: its layout changed")
     cuda_modules = 0
     for module in modules:
         if module.kind != "cuda":
             continue
         cuda_modules += 1
-        fmt, fmap, code = split_cuda_module(module.payload)
+        try:
+            fmt, fmap, code = split_cuda_module(module.payload)
+        except (ValueError, struct.error, UnicodeDecodeError) as err:
+            raise BuildError(f"a CUDA module in TVM's library blob has an unknown layout: {err}") from err
         if fmt == "cuda":
             key = source_key(code.decode())
             if key not in fatbins:
