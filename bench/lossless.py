@@ -34,8 +34,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from gmorph_tvm import import_models  # noqa: E402
-from gmorph_tvm.benchmark import Row, time_onnxruntime, time_torch_eager, torch_weight_bytes  # noqa: E402
 from gmorph_tvm.artifact import build, resolve_target  # noqa: E402
+from gmorph_tvm.benchmark import Row, time_onnxruntime, time_torch_eager, torch_weight_bytes  # noqa: E402
 from gmorph_tvm.pipeline import fuse_lossless  # noqa: E402
 from gmorph_tvm.runtime import load  # noqa: E402
 
@@ -202,7 +202,7 @@ def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, mem
         ]
 
     worst = 0.0
-    for label, paths in fused_paths.items():
+    for paths in fused_paths.values():
         outs = {}
         for r in map(load, paths):
             outs.update(r({k: v for k, v in feed.items() if k in {s["name"] for s in r.manifest["inputs"]}}))

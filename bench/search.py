@@ -48,12 +48,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
 
     from gmorph_tvm import import_models
-    from gmorph_tvm.passes import stitch
     from gmorph_tvm.lossy import DistillConfig, SearchConfig, TimingConfig, search, tasks
+    from gmorph_tvm.lossy.graph import LayerGraph
     from gmorph_tvm.lossy.latency import compile_multimodel, time_artifact, time_torch_eager
     from gmorph_tvm.lossy.mutate import build_fused, to_multimodel
-    from gmorph_tvm.lossy.graph import LayerGraph
     from gmorph_tvm.lossy.plan import FusionPlan
+    from gmorph_tvm.passes import stitch
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)

@@ -10,11 +10,12 @@ others with ``time.perf_counter`` around a full pass over all models; medians ar
 from __future__ import annotations
 
 import statistics
-import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
+
+from .core.timing import seconds_per_call
 
 
 @dataclass
@@ -33,20 +34,12 @@ def time_callable(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 30
     """Median wall time of ``fn()`` in milliseconds (each sample runs ``fn`` enough times to last)."""
     for _ in range(warmup):
         fn()
-    start = time.perf_counter()
-    fn()
-    single = max(time.perf_counter() - start, 1e-6)
+    single = max(seconds_per_call(fn, 1)[0], 1e-6)
     number = max(1, int(min_time_s / 10 / single))
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        samples.append((time.perf_counter() - start) / number)
-    return statistics.median(samples) * 1e3
+    return statistics.median(seconds_per_call(fn, number, repeat)) * 1e3
 
 
-def time_torch_eager(models: Mapping[str, "torch.nn.Module"], inputs: Mapping[str, Sequence], **kw) -> float:  # noqa: F821
+def time_torch_eager(models: Mapping[str, torch.nn.Module], inputs: Mapping[str, Sequence], **kw) -> float:  # noqa: F821
     """Median ms of running every model once, one after another, in PyTorch eager mode."""
     import torch
 
@@ -77,7 +70,7 @@ def time_onnxruntime(paths: Mapping[str, str], inputs: Mapping[str, Mapping[str,
     return time_callable(run_all, **kw)
 
 
-def torch_weight_bytes(models: Mapping[str, "torch.nn.Module"]) -> int:  # noqa: F821
+def torch_weight_bytes(models: Mapping[str, torch.nn.Module]) -> int:  # noqa: F821
     """Bytes of every parameter and buffer, counted once per model (what separate models hold)."""
     return sum(sum(t.numel() * t.element_size() for t in m.state_dict().values()) for m in models.values())
 

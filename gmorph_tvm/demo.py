@@ -14,14 +14,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-from .frontend import import_models
-from .benchmark import Row, format_table, time_torch_eager, torch_weight_bytes
+
 from .artifact import build, resolve_target
+from .benchmark import Row, format_table, time_torch_eager, torch_weight_bytes
 from .data import fashion_mnist
+from .frontend import import_models
 from .pipeline import fuse_lossless
 from .runtime import load
-from .zoo import pretrained
 from .tuning import tune
+from .zoo import pretrained
 
 
 def _say(msg: str) -> None:

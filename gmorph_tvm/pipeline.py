@@ -17,7 +17,8 @@ target (legalisation, tuning database, weight pre-packing, codegen) happens in
 
 from __future__ import annotations
 
-from typing import Callable, Literal, overload
+from collections.abc import Callable
+from typing import Literal, overload
 
 import tvm
 

@@ -6,8 +6,8 @@ from .stitch_shared_weights import StitchSharedWeights, stitch
 __all__ = ["CanonicalizeOps", "StitchSharedWeights", "stitch"]
 
 from .cost_model import MergeCost, MergeCostModel, MergeOptionError  # noqa: E402
-from .horizontal_merge import HorizontalMerge, RegionReport, horizontal_merge  # noqa: E402
 from .group_models import GroupingError, TaskCost, group_tasks, split_into_groups, task_costs  # noqa: E402
+from .horizontal_merge import HorizontalMerge, RegionReport, horizontal_merge  # noqa: E402
 
 __all__ += [
     "MergeCost", "MergeCostModel", "MergeOptionError", "HorizontalMerge", "RegionReport", "horizontal_merge",

@@ -48,14 +48,16 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import tvm
 import tvm_ffi
 from tvm import relax
 
+from ..core.ir import dtype_str, nbytes, normalize_axis, op_name, static_shape
 from ._util import merge_entries, raw_provenance, rebuild_function, weight_params
 from .cost_model import MergeCost, MergeCostModel, MergeOptionError
 
@@ -167,43 +169,15 @@ def horizontal_merge(mm, mode: MergeMode = "auto", cost_model: MergeCostModel | 
 # ---- helpers on types ---------------------------------------------------------------------------
 
 
-def _tensor_ty(expr: relax.Expr) -> relax.TensorType | None:
-    ty = expr.ty
-    if isinstance(ty, relax.TupleType) and len(ty.fields) > 0:
-        ty = ty.fields[0]
-    return ty if isinstance(ty, relax.TensorType) else None
-
-
 def _shape(expr: relax.Expr) -> tuple[int, ...] | None:
-    ty = _tensor_ty(expr)
-    if ty is None or ty.shape is None:
-        return None
-    try:
-        return tuple(int(d) for d in ty.shape.values)
-    except (TypeError, AttributeError, ValueError):
-        return None
+    return static_shape(expr.ty, first_field=True)
 
 
 def _dtype(expr: relax.Expr) -> str | None:
-    ty = _tensor_ty(expr)
-    if ty is None:
-        return None
-    dtype = ty.dtype
-    return str(getattr(dtype, "dtype", dtype))
+    return dtype_str(expr.ty, first_field=True)
 
 
-def _nbytes(shape: Sequence[int], dtype: str) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-
-
-def _norm_axis(axis: int, rank: int) -> int:
-    return axis + rank if axis < 0 else axis
-
-
-def _op_name(expr: relax.Expr) -> str | None:
-    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-        return expr.op.name
-    return None
+_nbytes, _norm_axis, _op_name = nbytes, normalize_axis, op_name
 
 
 def _args_of(value: relax.Expr) -> list[relax.Expr]:
@@ -308,7 +282,7 @@ class _Spec:
 
     axis: int
     widths: list[int]
-    recipe: Callable[["_Emitter"], relax.Expr]
+    recipe: Callable[[_Emitter], relax.Expr]
     wide_deps: list[int] = field(default_factory=list)
     orig_deps: list[relax.Var] = field(default_factory=list)
     entry_bytes: int = 0  # bytes copied by concat entries of this recipe
@@ -331,7 +305,7 @@ class _Tuple:
 class _Emitter:
     """What a recipe may use while the rewriter emits the merged block."""
 
-    def __init__(self, rewriter: "_Rewriter") -> None:
+    def __init__(self, rewriter: _Rewriter) -> None:
         self._rw = rewriter
 
     def wide(self, tid: int) -> relax.Expr:
@@ -930,7 +904,7 @@ class _Planner:
             if axes != [rank - 1] or axis != rank - 1 or len(set(t.spec.widths)) != 1:
                 return None
             split_shape = list(in_shape[:-1]) + [n, in_shape[-1]]
-            work_rank, work_axes = rank + 1, [rank]
+            work_axes = [rank]
             scale = np.stack([v.reshape(norm_shape) for v in gamma.values]).reshape(split_shape[-2:])
             shift = np.stack([v.reshape(norm_shape) for v in beta.values]).reshape(split_shape[-2:])
         else:
@@ -1173,7 +1147,7 @@ class _Rewriter(relax.PyExprMutator):
         active = {tid for r in accepted for tid in planner.regions[r]}
         members = {}
         for tid in active:
-            for branch, var in enumerate(planner.tuples[tid].members):
+            for var in planner.tuples[tid].members:
                 members[var] = tid
         nodes: dict[tuple[str, int], list[tuple[str, int]]] = {}
         priority: dict[tuple[str, int], float] = {}

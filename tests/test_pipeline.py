@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 import tvm
+from helpers import run_relax
 
 from gmorph_tvm import import_models
 from gmorph_tvm.data import fashion_mnist
 from gmorph_tvm.passes._util import count_ops
 from gmorph_tvm.pipeline import fuse_grouped, fuse_lossless, lossless_passes
 from gmorph_tvm.zoo import pretrained
-from helpers import run_relax
 
 
 def _setup(n=3, batch=2):

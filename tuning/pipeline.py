@@ -25,7 +25,7 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
-from ..errors import TuningError
+from ..errors import TuningError, one_line
 from .ffi_guard import ensure_ir_json_works
 
 DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
@@ -72,8 +72,7 @@ def open_database(directory: str | os.PathLike):
             allow_missing=False,
         )
     except Exception as err:  # TVM reports corrupt files with its own long traces
-        first = (str(err).strip().splitlines() or [type(err).__name__])[-1]
-        raise TuningError(f"tuning database in {directory} is unreadable: {first}") from None
+        raise TuningError(f"tuning database in {directory} is unreadable: {one_line(err)}") from err
 
 
 def _uses_tensor_intrinsics(directory: Path) -> bool:

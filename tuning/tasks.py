@@ -11,8 +11,8 @@ that the smallest tasks are dropped first.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import tvm
 

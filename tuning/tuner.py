@@ -23,8 +23,9 @@ import sys
 import time
 import warnings
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import tvm
 
@@ -36,6 +37,7 @@ from .ffi_guard import ensure_ir_json_works
 from .pipeline import DATABASE_FILES, has_database, open_database, prepare
 from .report import TaskReport, TuningReport, TuningWarning
 from .tasks import TaskPlan, allocate, extract
+
 
 def _resolve(target: Any) -> tvm.target.Target:
     return resolve_target(target)
@@ -53,7 +55,7 @@ def _pickled(obj: Any, what: str) -> str | None:
     try:
         return base64.b64encode(cloudpickle.dumps(obj)).decode("ascii")
     except Exception as err:
-        raise TuningError(f"the {what} given to tune() cannot be sent to the tuning process: {err}") from None
+        raise TuningError(f"the {what} given to tune() cannot be sent to the tuning process: {err}") from err
 
 
 def _records_in_database(work_dir: Path, plans: Sequence[TaskPlan]) -> dict[str, int]:
@@ -214,7 +216,7 @@ def tune(
         for name in DATABASE_FILES:  # an empty database is valid: lower() then just uses defaults
             (work_dir / name).touch()
     except OSError as err:
-        raise TuningError(f"cannot create the tuning work dir {work_dir}: {err.strerror}") from None
+        raise TuningError(f"cannot create the tuning work dir {work_dir}: {err.strerror}") from err
 
     plans = extract(prepare(mod, target), target)
     selected = allocate(

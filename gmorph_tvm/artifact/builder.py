@@ -14,17 +14,18 @@ import hashlib
 import platform
 import re
 import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import tvm
 from tvm import relax
 
 from ..core.manifest import FORMAT, FORMAT_VERSION
-from ..core.targets import TargetLike, is_cuda, resolve_target, target_dict
+from ..core.targets import TargetLike, is_cuda, resolve_target, runs_here, target_dict
 from ..core.version import __version__
 from ..core.vm import device_for, execute
 from ..errors import ArtifactError, BuildError, GmorphError, one_line
@@ -86,7 +87,7 @@ class Artifact:
         """Run in this process (CPU artifacts built for this machine, or CUDA with a GPU here)."""
         if self._vm is None:
             built_for = self._manifest["host_triple"].split("-")[0]
-            if built_for != platform.machine() and {built_for, platform.machine()} != {"arm64", "aarch64"}:
+            if not runs_here(built_for):
                 raise ArtifactError(
                     f"artifact {self.name!r} was built for a {built_for} host; export it and run it there "
                     f"(this machine is {platform.machine()})"
@@ -95,7 +96,7 @@ class Artifact:
             try:
                 self._vm = relax.VirtualMachine(self.executable, dev)
             except Exception as err:  # noqa: BLE001 - TVM raises its own error types
-                raise ArtifactError(f"cannot run artifact {self.name!r} here: {one_line(err)}") from None
+                raise ArtifactError(f"cannot run artifact {self.name!r} here: {one_line(err)}") from err
         return execute(self._vm, self._manifest, inputs, what=f"artifact {self.name!r}")
 
 
@@ -138,7 +139,7 @@ def build(
         lowered = _lower(mod, tgt, tuning_db)
     with _stage("compiling", lowered, tasks, tgt), _cuda_compile_callback(arch):
         executable = tvm.compile(lowered, target=tgt, relax_pipeline=_finalize_pipeline(lowered))
-    fatbins = _compile_device_code(executable, arch) if device == "cuda" else {}
+    fatbins = _compile_device_code(executable, arch) if arch is not None else {}
 
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -154,7 +155,7 @@ def build(
         "weights": constant_stats(lowered),
         "created": None,
     }
-    if device == "cuda":
+    if arch is not None:  # CUDA (a CUDA target without an arch was refused above)
         manifest["cuda"] = {"arch": arch, "device_code": cuda_code.device_code_format(arch)}
     return Artifact(executable, tgt, manifest, fatbins)
 
@@ -311,8 +312,8 @@ def _spec(name: str, ty: Any, what: str) -> TensorSpec:
         raise BuildError(f"main's {what} is not a tensor of static shape ({ty}); build needs static shapes")
     try:
         shape = tuple(int(d) for d in ty.shape.values)
-    except (TypeError, AttributeError):
-        raise BuildError(f"main's {what} has a symbolic shape {ty.shape}; build needs static shapes") from None
+    except (TypeError, AttributeError) as err:
+        raise BuildError(f"main's {what} has a symbolic shape {ty.shape}; build needs static shapes") from err
     dtype = ty.dtype
     return TensorSpec(name, shape, str(getattr(dtype, "dtype", dtype)))
 
@@ -329,7 +330,7 @@ def _stage(what: str, mod: tvm.IRModule, tasks: Sequence[TaskInfo], target: tvm.
     except Exception as err:  # noqa: BLE001 - TVM raises many error types; all become BuildError
         message = str(err)
         where = _locate(message, mod, tasks)
-        raise BuildError(f"{what} for {target.kind.name} failed{where}: {one_line(err)}") from None
+        raise BuildError(f"{what} for {target.kind.name} failed{where}: {one_line(err)}") from err
 
 
 def _locate(message: str, mod: tvm.IRModule, tasks: Sequence[TaskInfo]) -> str:

@@ -14,19 +14,20 @@ works for an aarch64 host from an x86 machine.
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import tempfile
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING
 
 import tvm
 
+from ..core.manifest import manifest_path_for, write_json_atomic
+from ..core.targets import runs_here
+from ..core.tvm_log import quiet_tvm_warnings
 from ..errors import BuildError, GmorphError, one_line
 from . import cuda as cuda_code
-from ..core.tvm_log import quiet_tvm_warnings
-from ..core.manifest import manifest_path_for, write_json_atomic
 
 if TYPE_CHECKING:
     from .builder import Artifact
@@ -35,7 +36,7 @@ SUPPORTED_SUFFIXES = (".so", ".tar")
 _CROSS_CXX = {"aarch64": "aarch64-linux-gnu-g++", "arm64": "aarch64-linux-gnu-g++"}
 
 
-def export_artifact(artifact: "Artifact", path: Path, *, fcompile: Callable | None = None) -> Path:
+def export_artifact(artifact: Artifact, path: Path, *, fcompile: Callable | None = None) -> Path:
     path = Path(path)
     if path.suffix not in SUPPORTED_SUFFIXES:
         raise BuildError(f"cannot export to {path}: the library name must end in .so or .tar")
@@ -47,7 +48,7 @@ def export_artifact(artifact: "Artifact", path: Path, *, fcompile: Callable | No
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{path.stem}.export-", dir=directory))
     except OSError as err:
-        raise BuildError(f"cannot export to {path}: directory {directory} is not writable ({err.strerror})") from None
+        raise BuildError(f"cannot export to {path}: directory {directory} is not writable ({err.strerror})") from err
     try:
         staged_lib = staging / path.name
         work = staging / "work"
@@ -61,7 +62,7 @@ def export_artifact(artifact: "Artifact", path: Path, *, fcompile: Callable | No
         except GmorphError:
             raise
         except Exception as err:  # noqa: BLE001 - compilers/TVM raise many types
-            raise BuildError(f"exporting {path.name} failed: {one_line(err)}") from None
+            raise BuildError(f"exporting {path.name} failed: {one_line(err)}") from err
         if not staged_lib.is_file():
             raise BuildError(f"exporting {path.name} failed: the linker wrote no file")
         if artifact.device == "cuda":
@@ -77,17 +78,16 @@ def export_artifact(artifact: "Artifact", path: Path, *, fcompile: Callable | No
             os.replace(staged_lib, path)
             os.replace(staged_manifest, manifest_path)
         except OSError as err:
-            raise BuildError(f"cannot write {path}: {err.strerror}") from None
+            raise BuildError(f"cannot write {path}: {err.strerror}") from err
         return path
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _default_linker(artifact: "Artifact") -> Callable | None:
+def _default_linker(artifact: Artifact) -> Callable | None:
     """None (TVM's default: the host C++ compiler) for a native host, else a cross compiler."""
     arch = artifact._manifest["host_triple"].split("-")[0]
-    machine = platform.machine()
-    if arch in (machine, "x86_64" if machine == "AMD64" else machine) or (arch == "arm64" and machine == "aarch64"):
+    if runs_here(arch):
         return None
     cxx = os.environ.get("GMORPH_TVM_CROSS_CXX") or _CROSS_CXX.get(arch) or f"{artifact._manifest['host_triple']}-g++"
     if shutil.which(cxx) is None:
@@ -101,7 +101,7 @@ def _default_linker(artifact: "Artifact") -> Callable | None:
     return cc.cross_compiler(cxx)
 
 
-def _cuda_packer(artifact: "Artifact") -> Callable[..., str]:
+def _cuda_packer(artifact: Artifact) -> Callable[..., str]:
     """An ``fpack_imports`` for export_library that embeds fatbins instead of CUDA source."""
     fatbins = artifact._fatbins
 
@@ -137,12 +137,3 @@ def _check_device_code(library: Path, arch: str) -> None:
     if not any(img.kind == "elf" and img.sm == sm for img in images):
         found = ", ".join(sorted({f"{img.kind}:sm_{img.sm}" for img in images})) or "none"
         raise BuildError(f"{library.name} holds no compiled CUDA code for {arch} (found: {found})")
-
-
-def describe_device_code(library: str | Path) -> dict[str, Any]:
-    """Summary of the CUDA device code inside an exported library (for reports and tests)."""
-    images = cuda_code.device_images_in_file(library)
-    return {
-        "sass": sorted({f"sm_{img.sm}" for img in images if img.kind == "elf"}),
-        "ptx": sorted({f"compute_{img.sm}" for img in images if img.kind == "ptx"}),
-    }

@@ -19,8 +19,9 @@ importing the original models. Schema (``format_version`` 1)::
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import ArtifactError
 from .specs import TaskInfo, TensorSpec
@@ -57,7 +58,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ArtifactError(f"manifest {path} is not valid JSON: {err}") from None
+        raise ArtifactError(f"manifest {path} is not valid JSON: {err}") from err
     validate_manifest(data, path)
     return data
 
@@ -81,7 +82,7 @@ def validate_manifest(data: Any, path: str | Path = "<manifest>") -> None:
         input_specs(data)
         task_infos(data)
     except (KeyError, TypeError, ValueError) as err:
-        raise ArtifactError(f"manifest {path}: malformed inputs/tasks ({type(err).__name__}: {err})") from None
+        raise ArtifactError(f"manifest {path}: malformed inputs/tasks ({type(err).__name__}: {err})") from err
 
 
 def input_specs(manifest: Mapping[str, Any]) -> list[TensorSpec]:

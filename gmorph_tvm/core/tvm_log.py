@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 _NOISE = re.compile(r"executable\.cc:\d+: Warning: Scope (Saving|Loaded):")
 

@@ -3,7 +3,8 @@ split of the flat output tuple into tasks. Shared by in-process artifacts and lo
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import tvm

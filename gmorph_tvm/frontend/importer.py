@@ -16,20 +16,22 @@ import io
 import os
 import re
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 import tvm
 from tvm import relax
 
-from ..errors import InputSpecError, ModelImportError
+from ..core.ir import dtype_str
 from ..core.provenance import PROVENANCE_ATTR, encode_provenance
+from ..errors import InputSpecError, ModelImportError, one_line
 from .multimodel import MultiModel, TaskInfo, TensorSpec, with_weight_params
 
 ModelLike = Union["torch.nn.Module", str, os.PathLike, "onnx.ModelProto"]  # noqa: F821
-ExampleInputs = Union[Any, Sequence[Any], Mapping[str, Any]]
+ExampleInputs = Any | Sequence[Any] | Mapping[str, Any]
 
 
 @dataclass
@@ -114,24 +116,15 @@ def _import_one(task: str, model: Any, examples: tuple | None, shapes, dtypes) -
     )
 
 
-def _short(err: BaseException) -> str:
-    """The informative last line of an error, without TVM's C++ backtrace."""
-    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-    for line in reversed(lines):
-        if not line.startswith(("File ", "at ", "^", "~")) and "Traceback" not in line:
-            return line[:500]
-    return type(err).__name__
-
-
 def _torch_export_reason(err: BaseException) -> str:
     """First line of a torch.export error plus where in the user's code it was raised."""
     text = str(err).strip()
-    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
+    first = one_line(err, 400, first=True)
     where = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', text)
     if where:
         path, line, func = where[-1]
         first += f" (at {Path(path).name}:{line} in {func})"
-    return f"{type(err).__name__}: {first[:400]}"
+    return f"{type(err).__name__}: {first}"
 
 
 @contextlib.contextmanager
@@ -147,12 +140,6 @@ def _quiet_torch_logs():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    """An error message collapsed to one line (for checkers whose context follows the cause)."""
-    text = " ".join(ln.strip() for ln in str(err).strip().splitlines() if ln.strip())
-    return (text[:limit] + "...") if len(text) > limit else text or type(err).__name__
 
 
 def _unsupported_ops(err: BaseException) -> str | None:
@@ -176,7 +163,9 @@ def _load_exported_program(task: str, path: Path):
             warnings.simplefilter("ignore")
             return torch.export.load(str(path))
     except Exception as err:
-        raise ModelImportError(f"model {task!r}: {str(path)!r} is not a valid torch.export (.pt2) file ({_one_line(err, 200)})") from None
+        raise ModelImportError(
+            f"model {task!r}: {str(path)!r} is not a valid torch.export (.pt2) file ({one_line(err, 200, first=True)})"
+        ) from err
 
 
 def _import_torch(task: str, model, examples: tuple | None) -> _ImportedTask:
@@ -195,7 +184,7 @@ def _import_torch(task: str, model, examples: tuple | None) -> _ImportedTask:
             warnings.simplefilter("ignore")
             exported = torch.export.export(model, examples)
     except Exception as err:
-        raise ModelImportError(f"model {task!r}: torch.export failed: {_torch_export_reason(err)}") from None
+        raise ModelImportError(f"model {task!r}: torch.export failed: {_torch_export_reason(err)}") from err
     state = model.state_dict()
     return _import_exported(task, exported, _hash_arrays((k, v.detach().cpu().numpy()) for k, v in state.items()))
 
@@ -211,8 +200,8 @@ def _import_exported(task: str, exported, source_hash: str) -> _ImportedTask:
     except Exception as err:
         ops = _unsupported_ops(err)
         if ops:
-            raise ModelImportError(f"model {task!r}: operator(s) not supported by TVM's PyTorch frontend: {ops}") from None
-        raise ModelImportError(f"model {task!r}: TVM could not import the exported program: {_short(err)}") from None
+            raise ModelImportError(f"model {task!r}: operator(s) not supported by TVM's PyTorch frontend: {ops}") from err
+        raise ModelImportError(f"model {task!r}: TVM could not import the exported program: {one_line(err, 500)}") from err
 
     # Original names of the parameters (p_conv1_weight -> conv1.weight) and buffers.
     sig = exported.graph_signature
@@ -249,14 +238,14 @@ def _import_onnx(task: str, model, examples: tuple | None, shapes, dtypes) -> _I
         try:
             proto = onnx.load_from_string(raw)
         except Exception as err:
-            raise ModelImportError(f"model {task!r}: {str(path)!r} is not a valid ONNX file ({_short(err)})") from None
+            raise ModelImportError(f"model {task!r}: {str(path)!r} is not a valid ONNX file ({one_line(err, 500)})") from err
         where = repr(str(path))
     else:
         proto, raw, where = model, model.SerializeToString(), "the ONNX model"
     try:
         onnx.checker.check_model(proto)
     except Exception as err:
-        raise ModelImportError(f"model {task!r}: {where} is not a valid ONNX model: {_one_line(err)}") from None
+        raise ModelImportError(f"model {task!r}: {where} is not a valid ONNX model: {one_line(err, 300, first=True)}") from err
 
     initializers = {init.name for init in proto.graph.initializer}
     graph_inputs = [i for i in proto.graph.input if i.name not in initializers]
@@ -286,8 +275,8 @@ def _import_onnx(task: str, model, examples: tuple | None, shapes, dtypes) -> _I
     except Exception as err:
         ops = _unsupported_ops(err)
         if ops:
-            raise ModelImportError(f"model {task!r}: operator(s) not supported by TVM's ONNX frontend: {ops}") from None
-        raise ModelImportError(f"model {task!r}: TVM could not import {where}: {_short(err)}") from None
+            raise ModelImportError(f"model {task!r}: operator(s) not supported by TVM's ONNX frontend: {ops}") from err
+        raise ModelImportError(f"model {task!r}: TVM could not import {where}: {one_line(err, 500)}") from err
 
     func = mod["main"]
     num_input = int(func.attrs["num_input"]) if "num_input" in func.attrs else len(graph_inputs)
@@ -314,9 +303,9 @@ def _spec_of(var: relax.Var) -> TensorSpec:
         raise InputSpecError(f"input {var.name!r} is not a tensor of static shape")
     try:
         shape = tuple(int(d) for d in ty.shape.values)
-    except (TypeError, AttributeError):
-        raise InputSpecError(f"input {var.name!r} has a symbolic shape {ty.shape}; give a static one") from None
-    return TensorSpec(var.name, shape, _dtype_str(ty))
+    except (TypeError, AttributeError) as err:
+        raise InputSpecError(f"input {var.name!r} has a symbolic shape {ty.shape}; give a static one") from err
+    return TensorSpec(var.name, shape, dtype_str(ty))
 
 
 def _hash_arrays(items) -> str:
@@ -417,7 +406,7 @@ def _output_specs(task: str, func: relax.Function) -> list[TensorSpec]:
         if not isinstance(ty, relax.TensorType) or ty.shape is None:
             raise ModelImportError(f"model {task!r}: output {i} is not a tensor of static shape ({ty})")
         name = task if len(leaves) == 1 else f"{task}:{i}"
-        specs.append(TensorSpec(name, tuple(int(d) for d in ty.shape.values), _dtype_str(ty)))
+        specs.append(TensorSpec(name, tuple(int(d) for d in ty.shape.values), dtype_str(ty)))
     return specs
 
 
@@ -470,15 +459,10 @@ def _merge(tasks: list[_ImportedTask]) -> MultiModel:
         relax.analysis.well_formed(mod)  # raises on the first violation
     except Exception as err:
         names = ", ".join(t.name for t in tasks)
-        raise ModelImportError(f"merging models {names} produced an invalid module: {_short(err)}") from None
+        raise ModelImportError(f"merging models {names} produced an invalid module: {one_line(err, 500)}") from err
     infos = [
         TaskInfo(t.name, tuple(t.inputs), tuple(_output_specs(t.name, t.func)), t.source, t.source_hash) for t in tasks
     ]
     params = {name: value for name, _, value, _ in weights}
     provenance = {name: [(task, orig)] for name, orig, _, task in weights}
     return MultiModel(mod, params, [spec for spec, _, _ in shared.values()], infos, provenance)
-
-
-def _dtype_str(ty: relax.TensorType) -> str:
-    dtype = ty.dtype
-    return str(getattr(dtype, "dtype", dtype))

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from .data import MultiTaskData
 from .distill import DistillConfig, DistillResult, distill
+from .driver import Candidate, SearchConfig, Searcher, SearchResult, plot_pareto, search
 from .graph import CutPoint, LayerGraph
 from .latency import TimingConfig
 from .mutate import Adapter, FusedModel, build_fused, to_multimodel
 from .plan import Drop, FusionPlan, Share
 from .predictor import PredictiveFilter
 from .sampler import AnnealingSampler, RandomSampler
-from .driver import Candidate, SearchConfig, Searcher, SearchResult, plot_pareto, search
 
 __all__ = [
     "Adapter", "AnnealingSampler", "Candidate", "CutPoint", "DistillConfig", "DistillResult", "Drop", "FusedModel",

@@ -29,16 +29,19 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.targets import target_dict
 from ..errors import GmorphError, SearchError
+from ..tuning import tune
 from .data import MultiTaskData
 from .distill import DistillConfig, Teacher, distill, drops, evaluate
 from .features import FeatureExtractor
@@ -48,8 +51,6 @@ from .mutate import Calibration, FusedModel, build_fused, to_multimodel
 from .plan import FusionPlan
 from .predictor import PredictiveFilter, check_predictor
 from .sampler import check_sampler, make_sampler
-from ..core.targets import target_dict
-from ..tuning import tune
 
 FINE_TUNED = ("passed", "failed", "aborted")
 _FORMAT = 1
@@ -97,7 +98,7 @@ class Candidate:
         }  # fmt: skip
 
     @staticmethod
-    def from_json(obj: Mapping) -> "Candidate":
+    def from_json(obj: Mapping) -> Candidate:
         return Candidate(
             index=int(obj["index"]), plan=FusionPlan.from_json(obj["plan"]), status=str(obj["status"]),
             features=obj.get("features"), prediction=obj.get("prediction"), latency_ms=obj.get("latency_ms"),
@@ -148,7 +149,7 @@ class _Checkpoint:
                     "use another work_dir or resume=False to start over"
                 )
             if lines.is_file():
-                for n, line in enumerate(lines.read_text().splitlines()):
+                for line in lines.read_text().splitlines():
                     if not line.strip():
                         continue
                     try:
@@ -435,7 +436,7 @@ class Searcher:
                 # Every candidate is compared with this number: take the best of three measurements.
                 latency = min(self.time_compiled(compiled) for _ in range(3))
             except GmorphError as err:
-                raise SearchError(f"the unfused models cannot be compiled and timed: {err}") from None
+                raise SearchError(f"the unfused models cannot be compiled and timed: {err}") from err
             baseline = Candidate(0, identity, "baseline", feats, None, latency, seconds=time.perf_counter() - t0)
             self.store.add(baseline)
         assert baseline.latency_ms is not None

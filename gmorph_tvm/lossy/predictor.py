@@ -113,8 +113,8 @@ class PredictiveFilter:
         needs = {"xgboost": ("xgboost", "xgboost-cpu"), "linear": ("sklearn", "scikit-learn")}[kind]
         try:
             __import__(needs[0])
-        except ImportError:
-            raise SearchError(f"predictor={kind!r} needs the {needs[1]} package (pip install {needs[1]})") from None
+        except ImportError as err:
+            raise SearchError(f"predictor={kind!r} needs the {needs[1]} package (pip install {needs[1]})") from err
         self.kind = kind
         self.min_samples = min_samples
         self.drop_min_samples = drop_min_samples

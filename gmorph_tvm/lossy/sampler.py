@@ -22,7 +22,7 @@ mutations from the unfused plan. Both skip plans already seen.
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 

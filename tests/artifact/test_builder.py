@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TinyCNN
 from torch import nn
 
 import gmorph_tvm
-from helpers import TinyCNN
 from gmorph_tvm.artifact import Artifact, build, manifest_path_for
 from gmorph_tvm.errors import BuildError, TargetError
 

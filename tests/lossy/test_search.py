@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+import gmorph_tvm
 import gmorph_tvm.lossy.driver as search_module
 from gmorph_tvm.errors import SearchError
-import gmorph_tvm
 from gmorph_tvm.lossy import DistillConfig, FusionPlan, SearchConfig, Searcher, Share, TimingConfig, search
 from gmorph_tvm.lossy.distill import DistillResult
 from gmorph_tvm.lossy.distill import distill as real_distill
