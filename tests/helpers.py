@@ -58,3 +58,16 @@ def randomize_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
         if isinstance(sub, (nn.BatchNorm1d, nn.BatchNorm2d)):
             randomize_batch_norm(sub, gen)
     return model.eval()
+
+
+def matmul_relu_module(batch: int = 4, features: int = 8, outputs: int = 3):
+    """``main(x) = relu(x @ ones)``: a one-kernel Relax module for build/export tests."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((batch, features), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.nn.relu(relax.op.matmul(x, relax.const(np.ones((features, outputs), "float32")))))
+        bb.emit_func_output(y)
+    return bb.get()

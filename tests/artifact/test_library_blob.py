@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import pytest
 import tvm
+from helpers import matmul_relu_module
 from tvm import relax
 
 from gmorph_tvm.artifact import cuda as cuda_code
@@ -16,15 +16,9 @@ from gmorph_tvm.errors import BuildError
 
 @pytest.fixture(scope="module")
 def cuda_executable():
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((4, 8), "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            y = bb.emit_output(relax.op.nn.relu(relax.op.matmul(x, relax.const(np.ones((8, 3), "float32")))))
-        bb.emit_func_output(y)
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_80", "host": {"kind": "llvm"}})
     with target:
-        mod = relax.backend.cuda.pipeline.get_default_pipeline(target)(bb.get())
+        mod = relax.backend.cuda.pipeline.get_default_pipeline(target)(matmul_relu_module())
     return tvm.compile(mod, target=target)
 
 
