@@ -34,7 +34,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from gmorph_tvm import import_models  # noqa: E402
-from gmorph_tvm.benchmark import (  # noqa: E402
+from gmorph_tvm.artifact import build, resolve_target  # noqa: E402
+from gmorph_tvm.benchmark import (  # noqa: E402  # noqa: E402
     Row,
     measure,
     onnxruntime_sampler,
@@ -42,7 +43,6 @@ from gmorph_tvm.benchmark import (  # noqa: E402
     torch_weight_bytes,
     tvm_sampler,
 )
-from gmorph_tvm.artifact import build, resolve_target  # noqa: E402
 from gmorph_tvm.pipeline import fuse_lossless  # noqa: E402
 from gmorph_tvm.runtime import load  # noqa: E402
 
@@ -205,7 +205,7 @@ def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, mem
         ]
 
     worst = 0.0
-    for label, paths in fused_paths.items():
+    for paths in fused_paths.values():
         outs = {}
         for r in map(load, paths):
             outs.update(r({k: v for k, v in feed.items() if k in {s["name"] for s in r.manifest["inputs"]}}))

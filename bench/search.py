@@ -48,12 +48,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
 
     from gmorph_tvm import import_models
-    from gmorph_tvm.passes import stitch
-    from gmorph_tvm.lossy import DistillConfig, TimingConfig, search, tasks
+    from gmorph_tvm.lossy import DistillConfig, SearchConfig, TimingConfig, search, tasks
+    from gmorph_tvm.lossy.graph import LayerGraph
     from gmorph_tvm.lossy.latency import compile_multimodel, time_artifact, time_torch_eager
     from gmorph_tvm.lossy.mutate import build_fused, to_multimodel
-    from gmorph_tvm.lossy.graph import LayerGraph
     from gmorph_tvm.lossy.plan import FusionPlan
+    from gmorph_tvm.passes import stitch
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -63,15 +63,15 @@ def main(argv=None) -> int:
     config = DistillConfig(max_epochs=args.epochs, train_samples=args.train_samples)
     x = data.val_x[:1]
 
+    base = SearchConfig(max_accuracy_drop=args.max_drop, budget=args.budget, sampler=args.sampler, seed=args.seed,
+                        resume=not args.fresh, distill_config=config, timing=timing, log=log)
     runs = {}
     for name, predictor in (("with filter", "xgboost"), ("without filter", None)):
         if predictor is None and args.skip_no_filter:
             continue
         log(f"search {name}: budget {args.budget}, seed {args.seed}")
         t0 = time.perf_counter()
-        result = search(models, data, max_accuracy_drop=args.max_drop, budget=args.budget, predictor=predictor,
-                        sampler=args.sampler, seed=args.seed, work_dir=work / name.replace(" ", "_"),
-                        resume=not args.fresh, distill_config=config, timing=timing, log=log)
+        result = search(models, data, base, predictor=predictor, work_dir=work / name.replace(" ", "_"))
         runs[name] = (result, time.perf_counter() - t0)
     chosen = runs["with filter"][0]
 

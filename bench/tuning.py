@@ -101,7 +101,7 @@ def main() -> None:
             model.eval()
             with torch.inference_mode():
                 expected = model(*example)
-                torch_ms = time_callable(lambda: model(*example), repeat=50)
+                torch_ms = time_callable(lambda model=model, example=example: model(*example), repeat=50)
             expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
             mod = import_models({name: model}, {name: example}).bound_module()
             inputs = [x.numpy() for x in example]
@@ -114,7 +114,7 @@ def main() -> None:
             # Machine load drifts during tuning: time PyTorch again next to the tuned run and
             # keep its better figure (conservative for TVM).
             with torch.inference_mode():
-                torch_ms = min(torch_ms, time_callable(lambda: model(*example), repeat=50))
+                torch_ms = min(torch_ms, time_callable(lambda model=model, example=example: model(*example), repeat=50))
             err = max(float(np.abs(o - e.numpy()).max()) for o, e in zip(outs, expected))
             print(report.table(), file=sys.stderr)
             rows.append((name, batch, torch_ms, untuned_ms, tuned_ms, len(report.tuned), len(report.tasks),

@@ -49,9 +49,11 @@ import torch  # noqa: E402
 import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 
-from gmorph_tvm import import_models  # noqa: E402
+from gmorph_tvm import (
+    build,  # noqa: E402
+    import_models,  # noqa: E402
+)
 from gmorph_tvm.benchmark import time_callable  # noqa: E402
-from gmorph_tvm import build  # noqa: E402
 from gmorph_tvm.errors import GmorphError  # noqa: E402
 from gmorph_tvm.frontend.onnx_convert import unsupported_ops  # noqa: E402
 from gmorph_tvm.pipeline import fuse_lossless  # noqa: E402

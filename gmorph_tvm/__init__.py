@@ -25,7 +25,7 @@ from .errors import GmorphError
 if TYPE_CHECKING:  # the names below, for type checkers and IDEs
     from .artifact import Artifact, build
     from .frontend import MultiModel, TaskInfo, TensorSpec, import_models
-    from .lossy import SearchResult, search
+    from .lossy import SearchConfig, SearchResult, search
     from .pipeline import fuse
     from .runtime import Runner, load
     from .tuning import TuningReport, tune
@@ -44,6 +44,7 @@ _EXPORTS = {
     "load": ".runtime",
     "Runner": ".runtime",
     "search": ".lossy",
+    "SearchConfig": ".lossy",
     "SearchResult": ".lossy",
 }
 

@@ -18,8 +18,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from . import __version__
 from .errors import GmorphError, InputSpecError, one_line
@@ -35,8 +35,8 @@ def _parse_shape(text: str) -> tuple[str, list[int]]:
         raise argparse.ArgumentTypeError(f"empty shape in {text!r}: give every dimension, e.g. {name}=1,3,32,32")
     try:
         shape = [int(d) for d in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad shape in {text!r}: dimensions must be integers") from None
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"bad shape in {text!r}: dimensions must be integers") from err
     if any(d <= 0 for d in shape):
         raise argparse.ArgumentTypeError(f"bad shape in {text!r}: dimensions must be positive")
     return name, shape
@@ -45,8 +45,8 @@ def _parse_shape(text: str) -> tuple[str, list[int]]:
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from err
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -110,10 +110,10 @@ def _load_npy(name: str, path: str):
 
     try:
         return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise InputSpecError(f"input {name!r}: file {path!r} does not exist") from None
+    except FileNotFoundError as err:
+        raise InputSpecError(f"input {name!r}: file {path!r} does not exist") from err
     except Exception as err:
-        raise InputSpecError(f"input {name!r}: {path!r} is not a readable .npy file ({err})") from None
+        raise InputSpecError(f"input {name!r}: {path!r} is not a readable .npy file ({err})") from err
 
 
 def _progress(msg: str) -> None:
@@ -205,7 +205,9 @@ def _output_dir(text: str) -> Path:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .artifact import read_manifest
+    # Torch- and TVM-free readers only: `info` must stay light (tests/test_lint.py checks it).
+    from .core.device_code import describe_device_code
+    from .core.manifest import read_manifest
 
     manifest = read_manifest(args.artifact)
     if args.json:
@@ -227,6 +229,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     weights = manifest.get("weights", {})
     if weights:
         print(f"weights:  {weights.get('count')} tensors, {weights.get('bytes', 0) / 1e6:.3f} MB")
+    library = Path(args.artifact).with_name(manifest["library"])
+    if manifest["device"] == "cuda" and library.is_file():
+        code = describe_device_code(library)
+        print(f"cuda:     {manifest.get('cuda', {}).get('arch')}, SASS {', '.join(code['sass']) or 'none'}, "
+              f"PTX {', '.join(code['ptx']) or 'none'}")
     return 0
 
 
@@ -256,6 +263,30 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from .lossy.cli import run_search_cli
 
     return run_search_cli(args)
+
+
+def _add_search_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", default=[], metavar="NAME=FILE",
+                   help="a task model saved with torch.save(model, FILE) (repeat per task); default: Fashion-MNIST 3 tasks")
+    p.add_argument("--data", default=None, metavar="FILE", help="torch.save'd dict of splits and labels (with --model)")
+    p.add_argument("--max-drop", type=float, default=1.0, help="max accuracy drop per task, in points (default 1.0)")
+    p.add_argument("--budget", type=int, default=16, help="candidate plans to propose (default 16)")
+    p.add_argument("--predictor", default="xgboost", choices=["xgboost", "linear", "none"],
+                   help="predictive filter (default xgboost; none = fine-tune every candidate)")
+    p.add_argument("--sampler", default="annealing", choices=["annealing", "random"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target", default="llvm", help="target preset or JSON dict (default llvm)")
+    p.add_argument("--work-dir", default="out/search", help="checkpoint / report directory (default out/search)")
+    p.add_argument("--fresh", action="store_true", help="ignore a previous search in --work-dir instead of resuming")
+    p.add_argument("--epochs", type=float, default=3.0, help="max distillation epochs per candidate")
+    p.add_argument("--train-samples", type=int, default=8000, help="training images used for distillation")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="latency clock: wall (default) or cpu (process CPU time; single-threaded runtime)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="stop proposing after this long")
+    p.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials for the final pick (default 0)")
+    p.add_argument("-o", "--output", default=None, help="export the chosen fused artifact here (.so or .tar)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -317,14 +348,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.set_defaults(func=_cmd_demo)
 
-    try:
-        from .lossy.cli import add_search_arguments
-    except ImportError:  # the search stage is optional at import time
-        add_search_arguments = None
-    if add_search_arguments is not None:
-        p = sub.add_parser("search", help="accuracy-aware fusion search (GMorph) on the Fashion-MNIST tasks")
-        add_search_arguments(p)
-        p.set_defaults(func=_cmd_search)
+    p = sub.add_parser("search", help="accuracy-aware fusion search (GMorph) on the Fashion-MNIST tasks")
+    _add_search_arguments(p)
+    p.set_defaults(func=_cmd_search)
     return parser
 
 

@@ -48,16 +48,23 @@ class SearchError(GmorphError):
     """The accuracy-aware fusion search was given bad data or options."""
 
 
-def one_line(err: BaseException, limit: int = 400) -> str:
+def one_line(err: BaseException, limit: int = 400, *, first: bool = False) -> str:
     """The informative line of an error (TVM's: its message without C++/Python trace lines).
 
-    The one helper that turns a cause into the single line our errors and the CLI print.
+    The one helper that turns a cause into the single line our errors and the CLI print. By default
+    the line TVM puts its failed check on, else the last line; ``first=True`` takes the first
+    line instead (torch.export and the ONNX checker state the problem first, then context).
     """
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    lines = [line for line in lines if not line.startswith(("File ", "Traceback", "at ", "0x"))]
-    text = lines[-1] if lines else type(err).__name__
-    for line in lines:  # TVM puts the check that failed on a line of its own; prefer it
-        if "Check failed" in line or "Error:" in line or "error:" in line:
-            text = line
-            break
+    lines = [line for line in lines if not line.startswith(("File ", "Traceback", "at ", "0x", "^", "~"))]
+    if not lines:
+        text = type(err).__name__
+    elif first:
+        text = lines[0]
+    else:
+        text = lines[-1]
+        for line in lines:  # TVM puts the check that failed on a line of its own; prefer it
+            if "Check failed" in line or "Error:" in line or "error:" in line:
+                text = line
+                break
     return text if len(text) <= limit else text[: limit - 3] + "..."

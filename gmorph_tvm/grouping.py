@@ -9,8 +9,7 @@ not among the passes.
 
 from __future__ import annotations
 
-import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import tvm
@@ -18,6 +17,7 @@ from tvm import relax
 
 from .artifact import build
 from .core.targets import host_is_native, resolve_target
+from .core.timing import seconds_per_call
 from .errors import BuildError, GmorphError, one_line
 from .frontend import MultiModel
 from .passes import GroupingError, horizontal_merge, stitch
@@ -63,9 +63,6 @@ def measured_latency(target=None, fuse: Fuse | None = None, number: int = 5) -> 
                 arr = np.zeros(spec.shape, dtype=spec.dtype)
             args.append(tvm.runtime.tensor(arr))
         vm["main"](*args)  # warm up
-        start = time.perf_counter()
-        for _ in range(number):
-            vm["main"](*args)
-        return (time.perf_counter() - start) / number
+        return seconds_per_call(lambda: vm["main"](*args), number)[0]
 
     return latency

@@ -7,8 +7,8 @@ from .stitch_shared_weights import StitchSharedWeights, stitch
 __all__ = ["CanonicalizeOps", "FoldPadIntoConv", "StitchSharedWeights", "stitch"]
 
 from .cost_model import MergeCost, MergeCostModel, MergeOptionError  # noqa: E402
-from .horizontal_merge import HorizontalMerge, RegionReport, horizontal_merge  # noqa: E402
 from .group_models import GroupingError, TaskCost, group_tasks, split_into_groups, task_costs  # noqa: E402
+from .horizontal_merge import HorizontalMerge, RegionReport, horizontal_merge  # noqa: E402
 from .index_bounds import index_bounds  # noqa: E402
 from .legalize_nan_safe import LegalizeNaNSafe  # noqa: E402
 

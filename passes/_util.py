@@ -19,13 +19,15 @@ Weights are compared by content: ``(dtype, shape, structural_hash)`` first, then
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import tvm
 import tvm_ffi
 from tvm import relax
 
+from ..core.ir import op_name, tensor_nbytes  # noqa: F401  (tensor_nbytes re-exported)
 from ..core.provenance import (  # noqa: F401  (re-exported for the passes)
     PROVENANCE_ATTR,
     Provenance,
@@ -38,7 +40,6 @@ from ..core.provenance import (  # noqa: F401  (re-exported for the passes)
     weight_params,
     with_provenance,
 )
-
 
 # ---- weight parameters ------------------------------------------------------------------------
 
@@ -93,23 +94,19 @@ class ContentTable:
     def __init__(self) -> None:
         self._buckets: dict[tuple, list[tuple[tvm.runtime.Tensor, object]]] = {}
 
-    def find(self, value: tvm.runtime.Tensor) -> object | None:
+    def find(self, value: tvm.runtime.Tensor) -> Any | None:
         for other, owner in self._buckets.get(content_key(value), []):
             if same_content(other, value):
                 return owner
         return None
 
-    def add(self, value: tvm.runtime.Tensor, owner: object) -> object:
+    def add(self, value: tvm.runtime.Tensor, owner: Any) -> Any:
         """Register ``owner`` for ``value`` unless content-equal one exists; return the canonical owner."""
         found = self.find(value)
         if found is not None:
             return found
         self._buckets.setdefault(content_key(value), []).append((value, owner))
         return owner
-
-
-def tensor_nbytes(value: tvm.runtime.Tensor) -> int:
-    return int(np.prod([int(d) for d in value.shape], dtype=np.int64)) * np.dtype(str(value.dtype)).itemsize
 
 
 # ---- counting -----------------------------------------------------------------------------------
@@ -162,8 +159,9 @@ def count_ops(mod: tvm.IRModule, func_name: str = "main") -> Counter:
     counts: Counter = Counter()
 
     def visit(node):
-        if isinstance(node, relax.Call) and isinstance(node.op, tvm.ir.Op):
-            counts[node.op.name] += 1
+        name = op_name(node)
+        if name is not None:
+            counts[name] += 1
 
     relax.analysis.post_order_visit(mod[func_name].body, visit)
     return counts

@@ -34,11 +34,13 @@ constants. Weight parameters no longer used are removed from the signature and a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import tvm
 from tvm import relax
 
+from ..core.ir import dtype_str, normalize_axis, op_name, static_shape
 from ._util import (
     PROVENANCE_ATTR,
     content_key,
@@ -195,7 +197,7 @@ def _plan_bn_folds(
             return weight_of[expr], expr
         if allow_layout and isinstance(expr, relax.Var) and expr in values:
             value = values[expr]
-            if isinstance(value, relax.Call) and _op_name(value) in ("relax.reshape", "relax.expand_dims"):
+            if isinstance(value, relax.Call) and op_name(value) in ("relax.reshape", "relax.expand_dims"):
                 inner = weight_ref(value.args[0])
                 if inner is not None:
                     return inner
@@ -203,10 +205,11 @@ def _plan_bn_folds(
 
     candidates = []  # (bn var, conv call, conv var, bias ref or None, bn refs, eps)
     for bn_var, value in values.items():
-        if not (isinstance(value, relax.Call) and _op_name(value) == "relax.nn.batch_norm"):
+        if not (isinstance(value, relax.Call) and op_name(value) == "relax.nn.batch_norm"):
             continue
         attrs = value.attrs
-        if bool(attrs.training) or _ndim(value.args[0]) is None or int(attrs.axis) % _ndim(value.args[0]) != 1:
+        data_ndim = _ndim(value.args[0])
+        if bool(attrs.training) or data_ndim is None or int(attrs.axis) % data_ndim != 1:
             continue
         users = consumers.get(bn_var, [])
         if bn_var in outputs or not users or not all(
@@ -218,19 +221,19 @@ def _plan_bn_folds(
         if not isinstance(data, relax.Var) or sole_consumer(data) is None or data not in values:
             continue
         producer = values[data]
-        if isinstance(producer, relax.Call) and _op_name(producer) == "relax.add":
+        if isinstance(producer, relax.Call) and op_name(producer) == "relax.add":
             conv_var = bias_expr = None
             for a, b in (tuple(producer.args), tuple(producer.args)[::-1]):
-                if isinstance(a, relax.Var) and isinstance(values.get(a), relax.Call) and _op_name(values[a]) in _CONV_OPS:
+                if isinstance(a, relax.Var) and isinstance(values.get(a), relax.Call) and op_name(values[a]) in _CONV_OPS:
                     conv_var, bias_expr = a, b
                     break
-            if conv_var is None or bias_expr is conv_var or sole_consumer(conv_var) != data:
+            if conv_var is None or bias_expr is None or bias_expr is conv_var or sole_consumer(conv_var) != data:
                 continue
             bias = weight_ref(bias_expr, allow_layout=True)
-            bias_shape = _static_shape(bias_expr.ty)
+            bias_shape = static_shape(bias_expr.ty)
             if bias is None or bias_shape is None:
                 continue
-        elif isinstance(producer, relax.Call) and _op_name(producer) in _CONV_OPS:
+        elif isinstance(producer, relax.Call) and op_name(producer) in _CONV_OPS:
             conv_var = data
         else:
             continue
@@ -250,7 +253,8 @@ def _plan_bn_folds(
         dtype = str(weight[0].dtype)
         if dtype not in _FOLDABLE_DTYPES or ndim is None:
             continue
-        if bias is not None and (_numel(bias[0]) != channels or not _per_channel_shape(bias_shape, channels, ndim)):
+        if bias is not None and (_numel(bias[0]) != channels or bias_shape is None
+                                 or not _per_channel_shape(bias_shape, channels, ndim)):
             continue
         bn_refs = [weight_ref(arg) for arg in value.args[1:5]]
         if any(r is None or tuple(r[0].shape) != (channels,) or str(r[0].dtype) != dtype for r in bn_refs):
@@ -266,7 +270,7 @@ def _plan_bn_folds(
     # with identical batch norms (and biases), or none is.
     convs_per_content: dict[tuple, int] = {}
     for value in values.values():
-        if isinstance(value, relax.Call) and _op_name(value) in _CONV_OPS:
+        if isinstance(value, relax.Call) and op_name(value) in _CONV_OPS:
             ref = weight_ref(value.args[1])
             if ref is not None:
                 key = _array_key(ref[0])
@@ -290,6 +294,7 @@ def _plan_bn_folds(
             conv_bias = None if bias is None else bias[0].numpy().reshape(-1)
             new_w, new_b = fold_conv_batch_norm(weight[0].numpy(), conv_bias, gamma, beta, mean, var, eps)
             ndim = _ndim(conv_var)
+            assert ndim is not None  # candidates only hold convs of known rank
             shape = (1, new_b.shape[0]) + (1,) * (ndim - 2)
             w_var = weight[1]
             if w_var is None:  # constants stay constants
@@ -299,7 +304,7 @@ def _plan_bn_folds(
                 continue
             prov = provenance or {}
 
-            def entries_of(ref):
+            def entries_of(ref, prov=prov):
                 return prov.get(ref[1].name, []) if ref is not None and ref[1] is not None else []
 
             w_name = _fresh(f"{w_var.name}.bnfold", taken)
@@ -345,7 +350,7 @@ def fold_conv_batch_norm(
     """
     import torch  # torch is a dependency; imported here so the pass module loads without it
 
-    def t(a: np.ndarray) -> "torch.Tensor":
+    def t(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.array(a, copy=True))
 
     std = t(var).add(eps).sqrt()
@@ -393,10 +398,6 @@ def _fresh(name: str, taken: set[str]) -> str:
 # ---- the rewriter ---------------------------------------------------------------------------------
 
 
-def _op_name(call: relax.Call) -> str | None:
-    return call.op.name if isinstance(call.op, tvm.ir.Op) else None
-
-
 def _ndim(expr: relax.Expr) -> int | None:
     ty = expr.ty
     if isinstance(ty, relax.TensorType) and ty.ndim >= 0:
@@ -404,33 +405,11 @@ def _ndim(expr: relax.Expr) -> int | None:
     return None
 
 
-def _dtype_str(ty) -> str | None:
-    """The dtype string of a tensor type ("float32"), or None when unknown."""
-    if not isinstance(ty, relax.TensorType) or ty.dtype is None:
-        return None
-    dtype = str(getattr(ty.dtype, "dtype", ty.dtype))
-    return None if dtype in ("", "void") else dtype
-
-
-def _static_shape(ty) -> tuple[int, ...] | None:
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    try:
-        return tuple(int(d) for d in ty.shape.values)
-    except (TypeError, AttributeError):
-        return None
-
-
 def _replace_attrs(attrs: tvm.ir.Attrs, **changes) -> tvm.ir.Attrs:
     info = type(attrs).__tvm_ffi_type_info__
     fields = {f.name: getattr(attrs, f.name) for f in info.fields}
     fields.update(changes)
     return tvm.ir.make_node(info.type_key, **fields)
-
-
-def _normalize_axis(axis: int, rank: int) -> int:
-    axis = int(axis)
-    return axis + rank if axis < 0 else axis
 
 
 @relax.expr_functor.mutator
@@ -461,7 +440,7 @@ class _Canonicalizer(relax.PyExprMutator):
     def _emit_fold(self, plan: _FoldPlan) -> relax.Var:
         data = self.visit_expr(plan.data)
         conv = plan.conv
-        attrs = _replace_attrs(conv.attrs, out_dtype=_dtype_str(conv.ty))
+        attrs = _replace_attrs(conv.attrs, out_dtype=dtype_str(conv.ty))
         conv_var = self.builder_.emit(relax.Call(conv.op, [data, plan.weight], attrs, conv.ty_args))
         bias = plan.bias
         if isinstance(bias, relax.Var):  # as the frontends spell a conv bias parameter
@@ -471,7 +450,7 @@ class _Canonicalizer(relax.PyExprMutator):
     # -- calls: per-op canonical spelling --
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
-        name = _op_name(call)
+        name = op_name(call)
         if name is None:
             return call
         folded = self._fold_layout_of_constant(call, name)
@@ -495,15 +474,15 @@ class _Canonicalizer(relax.PyExprMutator):
         if info is None:
             return None
         names = {f.name for f in info.fields}
-        changes = {}
-        if "out_dtype" in names and getattr(attrs, "out_dtype") is None:
-            dtype = _dtype_str(call.ty)
+        changes: dict[str, Any] = {}
+        if "out_dtype" in names and attrs.out_dtype is None:
+            dtype = dtype_str(call.ty)
             if dtype:
                 changes["out_dtype"] = dtype
         if "epsilon" in names and call.args:
             # Kernels add epsilon in the data dtype, so only its value in that dtype matters
             # (torch passes 1e-5 as a double, ONNX stores it as float32 9.99999974e-06).
-            dtype = _dtype_str(call.args[0].ty)
+            dtype = dtype_str(call.args[0].ty)
             if dtype in ("float16", "float32"):
                 eps = float(attrs.epsilon)
                 rounded = float(np.array(eps, dtype=dtype))
@@ -525,12 +504,12 @@ class _Canonicalizer(relax.PyExprMutator):
                     changes[field] = list(range(rank))
                 continue
             if kind == "axis":
-                new = _normalize_axis(current, rank)
-                if new != int(current):
-                    changes[field] = new
+                new_axis = normalize_axis(current, rank)
+                if new_axis != int(current):
+                    changes[field] = new_axis
                 continue
             old = [int(a) for a in current]
-            new = [_normalize_axis(a, rank) for a in old]
+            new = [normalize_axis(a, rank) for a in old]
             if kind == "sorted":
                 new = sorted(new)
             if new != old:
@@ -546,7 +525,7 @@ class _Canonicalizer(relax.PyExprMutator):
             parts.append([int(e.value) for e in arg.fields])
         if rank is None or len(parts) < 3:
             return call
-        axes = [_normalize_axis(a, rank) for a in parts[0]]
+        axes = [normalize_axis(a, rank) for a in parts[0]]
         order = sorted(range(len(axes)), key=lambda i: axes[i])
         if axes == parts[0] and order == list(range(len(axes))):
             return call
@@ -563,7 +542,7 @@ class _Canonicalizer(relax.PyExprMutator):
         value = call.args[0].value
         if not isinstance(value, tvm.runtime.Tensor):
             return None
-        out_shape = _static_shape(call.ty)
+        out_shape = static_shape(call.ty)
         if out_shape is None:
             return None
         arr = value.numpy()
@@ -587,7 +566,7 @@ class _Canonicalizer(relax.PyExprMutator):
         result = False
         if isinstance(value, tvm.ir.GenericConst):
             result = True
-        elif isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+        elif op_name(value) is not None:
             tensor_args = [a for a in value.args if isinstance(a.ty, (relax.TensorType, relax.TupleType))]
             result = bool(tensor_args) and all(self._weight_like(a) for a in tensor_args)
         elif isinstance(value, relax.TupleGetItem):

@@ -84,12 +84,11 @@ class MergeCostModel:
         return cost.saved_kernels > cost.added_kernels and self.saved_us(cost) >= 0.0
 
     @staticmethod
-    def for_target(target: "tvm.target.Target | dict | str | None") -> "MergeCostModel":
+    def for_target(target: tvm.target.Target | dict | str | None) -> MergeCostModel:
         """Defaults for a target: CPU numbers for llvm (and None), GPU numbers for cuda/rocm/..."""
         if target is None:
             return MergeCostModel()
-        if not isinstance(target, tvm.target.Target):
-            target = resolve_target(target)
-        if target.kind.name in ("cuda", "rocm", "vulkan", "metal", "opencl"):
+        tgt = target if isinstance(target, tvm.target.Target) else resolve_target(target)
+        if tgt.kind.name in ("cuda", "rocm", "vulkan", "metal", "opencl"):
             return MergeCostModel(kernel_overhead_us=5.0, copy_gbps=200.0, cached_copy_gbps=200.0)
         return MergeCostModel()

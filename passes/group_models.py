@@ -26,13 +26,14 @@ group's ``main`` is the original graph restricted to what its outputs need).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import tvm
 from tvm import relax
 
+from ..core.ir import op_name, static_shape, tensor_nbytes
 from ..errors import GmorphError
 from ..frontend.multimodel import MultiModel
 from ._util import content_key, same_content, weight_params
@@ -89,7 +90,7 @@ class _Graph:
     def cost(self, task_mask: int) -> TaskCost:
         flops = sum(f for f, m in zip(self.flops, self.mask) if m & task_mask)
         nbytes = sum(
-            _tensor_bytes(self.weights[var]) for var, m in self.weight_mask.items() if m & task_mask
+            tensor_nbytes(self.weights[var]) for var, m in self.weight_mask.items() if m & task_mask
         )
         return TaskCost(int(flops), int(nbytes))
 
@@ -98,8 +99,8 @@ class _Graph:
         bit = 1 << t
         sig = []
         for b, m in zip(self.bindings, self.mask):
-            if m & bit and isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op):
-                sig.append((b.value.op.name, _shape(b.var)))
+            if m & bit and op_name(b.value) is not None:
+                sig.append((op_name(b.value), _shape(b.var)))
         return tuple(sig)
 
     def sharing_pairs(self, mm: MultiModel) -> list[tuple[int, int]]:
@@ -107,7 +108,7 @@ class _Graph:
         pos = {name: t for t, name in enumerate(self.tasks)}
         pairs = []
         # Computation on a weight needed by several tasks (a stitched trunk).
-        for var, m in self.weight_mask.items():
+        for m in self.weight_mask.values():
             pairs.extend(_pairs_of_mask(m))
         # Stitched weights listed for several tasks.
         for entries in mm.provenance.values():
@@ -273,6 +274,7 @@ def _measure_best(mm, flops_budget, weight_budget, latency, candidate_sizes) -> 
         total = sum(latency(sub) for sub in split_into_groups(mm, groups))
         if total < best_time:
             best, best_time = groups, total
+    assert best is not None  # sizes is not empty and the first partition always improves on inf
     return best
 
 
@@ -328,10 +330,10 @@ def _restrict(mm: MultiModel, tasks: list[str]) -> MultiModel:
     out_mod = tvm.IRModule({"main": new_func.with_attr("global_symbol", "main")})
     input_names = {p.name for p in input_params}
     inputs = [spec for spec in mm.inputs if spec.name in input_names]
-    params = {p.name: v for p, v in weight_pairs}
+    weights = {p.name: v for p, v in weight_pairs}
     provenance = {name: list(entries) for name, entries in mm.provenance.items() if name in weight_names}
     task_infos = [mm.task(t) for t in tasks]
-    return MultiModel(out_mod, params, inputs, task_infos, provenance)
+    return MultiModel(out_mod, weights, inputs, task_infos, provenance)
 
 
 # ---- small helpers ----------------------------------------------------------------------------
@@ -365,33 +367,19 @@ def _pairs_of_mask(mask: int) -> list[tuple[int, int]]:
     return list(zip(bits, bits[1:]))
 
 
-def _static_shape(ty) -> tuple | None:
-    """The shape of a tensor type as ints, or None when it is not a tensor or not fully static."""
-    if isinstance(ty, relax.TensorType) and ty.shape is not None:
-        try:
-            return tuple(int(d) for d in ty.shape.values)
-        except (TypeError, ValueError, AttributeError):
-            return None
-    return None
-
-
 def _shape(expr) -> tuple | None:
-    return _static_shape(expr.ty)
-
-
-def _tensor_bytes(value: tvm.runtime.Tensor) -> int:
-    return int(np.prod([int(d) for d in value.shape], dtype=np.int64)) * np.dtype(str(value.dtype)).itemsize
+    return static_shape(expr.ty)
 
 
 def _flops(value: relax.Expr) -> int:
     """Rough FLOPs of one binding: 2*MACs for conv/matmul, one per output element otherwise."""
-    if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)):
+    name = op_name(value)
+    if name is None:
         return 0
-    out = _shape_of_call(value)
+    out = static_shape(value.ty, first_field=True)
     if out is None:
         return 0
     elements = int(np.prod(out, dtype=np.int64))
-    name = value.op.name
     if name.startswith("relax.nn.conv") and "transpose" not in name:
         weight = _shape(value.args[1])
         if weight is not None:
@@ -405,8 +393,3 @@ def _flops(value: relax.Expr) -> int:
     return elements
 
 
-def _shape_of_call(call: relax.Call) -> tuple | None:
-    ty = call.ty
-    if isinstance(ty, relax.TupleType) and len(ty.fields):
-        ty = ty.fields[0]
-    return _static_shape(ty)

@@ -25,13 +25,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import lossless
 import tvm
-from gmorph_tvm.tuning import allocate, extract, prepare, tune
-from gmorph_tvm.tuning.shipped import RECORDS_ROOT, package, target_class
 
 from gmorph_tvm import import_models
 from gmorph_tvm.core.targets import target_dict
 from gmorph_tvm.data import fashion_mnist
 from gmorph_tvm.pipeline import fuse_lossless
+from gmorph_tvm.tuning import allocate, extract, prepare, tune
+from gmorph_tvm.tuning.shipped import RECORDS_ROOT, package, target_class
 from gmorph_tvm.zoo import pretrained
 
 

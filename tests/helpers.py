@@ -71,3 +71,14 @@ def onnx_model(nodes, inputs, outputs, initializers=(), opset: int = 17):
     graph = helper.make_graph(list(nodes), "g", [info(*i) for i in inputs], [info(*o) for o in outputs],
                               [numpy_helper.from_array(np.asarray(a), n) for n, a in initializers])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+def matmul_relu_module(batch: int = 4, features: int = 8, outputs: int = 3):
+    """``main(x) = relu(x @ ones)``: a one-kernel Relax module for build/export tests."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((batch, features), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.nn.relu(relax.op.matmul(x, relax.const(np.ones((features, outputs), "float32")))))
+        bb.emit_func_output(y)
+    return bb.get()

@@ -40,10 +40,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from helpers import randomize_batch_norm
 from hypothesis import strategies as st
 from torch import nn
-
-from helpers import randomize_batch_norm
 
 PATTERNS = ("prefix", "identical", "same_arch", "swapped_inputs", "mixed")
 
@@ -214,7 +213,7 @@ class Case:
     def _float_tensors(self) -> list[np.ndarray]:
         arrays = []
         for model in self.models.values():
-            for name, value in model.state_dict().items():
+            for value in model.state_dict().values():
                 if value.is_floating_point():
                     arrays.append(value.detach().cpu().numpy())
         return arrays

@@ -7,11 +7,11 @@ import os
 import re
 import shutil
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from helpers import onnx_model
 from onnx import TensorProto, helper
 
 import gmorph_tvm
@@ -19,7 +19,6 @@ from gmorph_tvm.artifact import manifest_path_for
 from gmorph_tvm.cli import main
 from gmorph_tvm.runtime import load
 from gmorph_tvm.runtime.rpc import local_benchmark
-from helpers import onnx_model
 
 F = TensorProto.FLOAT
 

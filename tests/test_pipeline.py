@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import torch
 import tvm
+from helpers import run_relax
 from torch import nn
 from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
@@ -20,7 +21,6 @@ from gmorph_tvm.data import fashion_mnist
 from gmorph_tvm.passes._util import count_ops
 from gmorph_tvm.pipeline import TVM_PIPELINE, fuse_grouped, fuse_lossless, lossless_passes
 from gmorph_tvm.zoo import pretrained
-from helpers import run_relax
 
 
 def _setup(n=3, batch=2):

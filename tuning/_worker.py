@@ -24,7 +24,10 @@ import signal
 import sys
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
+
+from gmorph_tvm.errors import one_line
 
 CRASH_TASK_ENV = "GMORPH_TVM_TUNING_CRASH_TASK"
 
@@ -90,8 +93,8 @@ def _task_logger(log_dir: str, task_name: str) -> logging.Logger:
 
 def _progress_callback(emit: Callable[..., None], task_name: str):
     """A MeasureCallback reporting each measured batch (count, best latency) to the parent."""
-    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
     from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
     @derived_object
     class _Progress(PyMeasureCallback):
@@ -133,8 +136,8 @@ def run(spec: dict[str, Any], emit: Callable[..., None]) -> None:
     from tvm.s_tir import meta_schedule as ms
 
     from gmorph_tvm.tuning.intrinsics import register_for_target
-    from gmorph_tvm.tuning.verify import verifying_add_to_database
     from gmorph_tvm.tuning.remote import make_export, make_runner
+    from gmorph_tvm.tuning.verify import verifying_add_to_database
 
     target = tvm.target.Target(spec["target"])
     register_for_target(target)
@@ -219,7 +222,7 @@ def run(spec: dict[str, Any], emit: Callable[..., None]) -> None:
             )
         except Exception as err:  # a Python-level failure: report it, keep going
             traceback.print_exc()
-            emit("error", task=name, message=(str(err).strip().splitlines() or [type(err).__name__])[-1])
+            emit("error", task=name, message=one_line(err))
 
 
 def main(argv: list[str]) -> int:

@@ -24,6 +24,8 @@ import sys
 
 import tvm
 
+from ..core.targets import machine_arch
+
 _PACKAGE = "tvm.s_tir.tensor_intrin"
 
 
@@ -40,7 +42,7 @@ def intrinsic_families(target: tvm.target.Target) -> list[str] | None:
     if kind != "llvm":
         return None
     triple = str(target.attrs.get("mtriple", "")) if "mtriple" in target.attrs else ""
-    arch = triple.split("-")[0] if triple else _host_arch()
+    arch = triple.split("-")[0] if triple else machine_arch()
     if arch in ("x86_64", "i386", "i686", "amd64"):
         return ["x86"]
     if arch.startswith(("aarch64", "arm")):
@@ -48,12 +50,6 @@ def intrinsic_families(target: tvm.target.Target) -> list[str] | None:
     if arch.startswith("riscv"):
         return ["riscv_cpu"]
     return None
-
-
-def _host_arch() -> str:
-    import platform
-
-    return platform.machine().lower()
 
 
 def register_for_target(target: tvm.target.Target) -> None:

@@ -24,13 +24,13 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import tvm
 from tvm import relax
 
-from ..errors import TuningError
+from ..errors import TuningError, one_line
 from ..passes import LegalizeNaNSafe
 from ..passes.fold_pad_into_conv import FoldPadIntoConv
 from .ffi_guard import ensure_ir_json_works
@@ -85,8 +85,7 @@ def open_database(directory: str | os.PathLike):
             allow_missing=False,
         )
     except Exception as err:  # TVM reports corrupt files with its own long traces
-        first = (str(err).strip().splitlines() or [type(err).__name__])[-1]
-        raise TuningError(f"tuning database in {directory} is unreadable: {first}") from None
+        raise TuningError(f"tuning database in {directory} is unreadable: {one_line(err)}") from err
 
 
 def _uses_tensor_intrinsics(directory: Path) -> bool:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import tvm
 from tvm.support import cc

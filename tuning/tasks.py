@@ -14,8 +14,8 @@ each with a note saying so: no tuned task gets fewer than ``MIN_USEFUL_TRIALS`` 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import tvm
 

@@ -2,7 +2,8 @@
 
 ``tune`` prepares the module exactly as :func:`gmorph_tvm.tuning.lower` will, extracts its
 distinct kernels (identical kernels of different models are one task), splits the trial budget
-by estimated cost share (FLOPs, or memory traffic where that dominates), and runs the search in a worker subprocess (``_worker.py``) that appends to a JSON
+by estimated cost share (FLOPs, or memory traffic where that dominates), and runs the search in a worker
+subprocess (``_worker.py``) that appends to a JSON
 database in ``work_dir``. If the worker dies inside a task (segfault, abort, OOM) or the task
 raises or times out, that kernel is reported with a :class:`TuningWarning` naming it and simply
 has no records, so it keeps its default schedule; a fresh worker carries on with the other tasks.
@@ -29,8 +30,9 @@ import sys
 import time
 import warnings
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import tvm
 
@@ -45,6 +47,7 @@ from .report import TaskReport, TuningReport, TuningWarning
 from .shipped import lookup as lookup_shipped
 from .target_key import claim_work_dir
 from .tasks import MIN_USEFUL_TRIALS, TaskPlan, allocate, extract
+
 
 def _resolve(target: Any) -> tvm.target.Target:
     return resolve_target(target)
@@ -62,7 +65,7 @@ def _pickled(obj: Any, what: str) -> str | None:
     try:
         return base64.b64encode(cloudpickle.dumps(obj)).decode("ascii")
     except Exception as err:
-        raise TuningError(f"the {what} given to tune() cannot be sent to the tuning process: {err}") from None
+        raise TuningError(f"the {what} given to tune() cannot be sent to the tuning process: {err}") from err
 
 
 def _records_in_database(work_dir: Path, plans: Sequence[TaskPlan]) -> dict[str, int]:
@@ -236,7 +239,7 @@ def tune(
             (work_dir / name).touch()
         claim_work_dir(work_dir, target)
     except OSError as err:
-        raise TuningError(f"cannot create the tuning work dir {work_dir}: {err.strerror}") from None
+        raise TuningError(f"cannot create the tuning work dir {work_dir}: {err.strerror}") from err
 
     plans = extract(prepare(mod, target), target)
     selected = allocate(

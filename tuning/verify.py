@@ -274,7 +274,8 @@ def verifying_add_to_database(
 ):
     """A measure callback doing MetaSchedule's ``AddToDatabase``, except that a measured schedule
     is committed only if it computes what ``workload``'s default schedule computes; rejected ones
-    are passed to ``on_reject``; ``stats["check_seconds"]`` adds up the time spent checking. Candidates that failed to build or run are committed as failed,
+    are passed to ``on_reject``; ``stats["check_seconds"]`` adds up the time spent checking.
+    Candidates that failed to build or run are committed as failed,
     as MetaSchedule does (they count as trials and are never applied)."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback

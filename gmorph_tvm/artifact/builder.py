@@ -14,22 +14,23 @@ import hashlib
 import platform
 import re
 import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import tvm
 from tvm import relax
 
+from ..core import cuda as cuda_code
 from ..core.manifest import FORMAT, FORMAT_VERSION, SIGNATURE_FUNCTION, encode_signature
-from ..core.targets import JETPACK_CUDA, TargetLike, is_cuda, jetpack_of, resolve_target, target_dict
+from ..core.targets import JETPACK_CUDA, TargetLike, is_cuda, jetpack_of, resolve_target, runs_here, target_dict
 from ..core.version import __version__
 from ..core.vm import VMPool, device_for, execute
 from ..errors import ArtifactError, BuildError, GmorphError, one_line
 from ..frontend import MultiModel, TaskInfo, TensorSpec, bind_weights
-from ..core import cuda as cuda_code
 from ..passes import index_bounds
 from ..tuning import lower_tuned
 from ..tuning.shipped import lookup as lookup_shipped
@@ -89,7 +90,7 @@ class Artifact:
         """Run in this process (CPU artifacts built for this machine, or CUDA with a GPU here)."""
         if self._vm is None:
             built_for = self._manifest["host_triple"].split("-")[0]
-            if built_for != platform.machine() and {built_for, platform.machine()} != {"arm64", "aarch64"}:
+            if not runs_here(built_for):
                 raise ArtifactError(
                     f"artifact {self.name!r} was built for a {built_for} host; export it and run it there "
                     f"(this machine is {platform.machine()})"
@@ -146,6 +147,7 @@ def build(
     board_cuda = JETPACK_CUDA[jetpack] if jetpack else None  # SASS that board's driver loads
     if device == "cuda":
         cuda_code.check_arch_supported(arch, board_cuda)  # fail before spending time on lowering
+        cuda_code.check_library_blob_format()  # ... also when export could not embed the compiled code
 
     bounds = index_bounds(mod)
     signature = {"inputs": [s.to_json() for s in inputs], "tasks": [t.to_json() for t in tasks], "index_bounds": bounds}
@@ -377,8 +379,8 @@ def _spec(name: str, ty: Any, what: str) -> TensorSpec:
         raise BuildError(f"main's {what} is not a tensor of static shape ({ty}); build needs static shapes")
     try:
         shape = tuple(int(d) for d in ty.shape.values)
-    except (TypeError, AttributeError):
-        raise BuildError(f"main's {what} has a symbolic shape {ty.shape}; build needs static shapes") from None
+    except (TypeError, AttributeError) as err:
+        raise BuildError(f"main's {what} has a symbolic shape {ty.shape}; build needs static shapes") from err
     dtype = ty.dtype
     return TensorSpec(name, shape, str(getattr(dtype, "dtype", dtype)))
 
@@ -395,7 +397,7 @@ def _stage(what: str, mod: tvm.IRModule, tasks: Sequence[TaskInfo], target: tvm.
     except Exception as err:  # noqa: BLE001 - TVM raises many error types; all become BuildError
         message = str(err)
         where = _locate(message, mod, tasks)
-        raise BuildError(f"{what} for {target.kind.name} failed{where}: {one_line(err)}") from None
+        raise BuildError(f"{what} for {target.kind.name} failed{where}: {one_line(err)}") from err
 
 
 def _locate(message: str, mod: tvm.IRModule, tasks: Sequence[TaskInfo]) -> str:

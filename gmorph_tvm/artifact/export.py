@@ -17,22 +17,21 @@ works for an aarch64 host from an x86 machine.
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import signal
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING
 
-import tvm
-
-from ..errors import BuildError, GmorphError, one_line
 from ..core import cuda as cuda_code
-from ..core.tvm_log import quiet_tvm_warnings
 from ..core.manifest import manifest_path_for, sha256_of_file, write_json_atomic
+from ..core.targets import runs_here
+from ..core.tvm_log import quiet_tvm_warnings
+from ..errors import BuildError, GmorphError, one_line
 
 if TYPE_CHECKING:
     from .builder import Artifact
@@ -41,7 +40,7 @@ SUPPORTED_SUFFIXES = (".so", ".tar")
 _CROSS_CXX = {"aarch64": "aarch64-linux-gnu-g++", "arm64": "aarch64-linux-gnu-g++"}
 
 
-def export_artifact(artifact: "Artifact", path: Path, *, fcompile: Callable | None = None) -> Path:
+def export_artifact(artifact: Artifact, path: Path, *, fcompile: Callable | None = None) -> Path:
     path = Path(path)
     if path.suffix not in SUPPORTED_SUFFIXES:
         raise BuildError(f"cannot export to {path}: the library name must end in .so or .tar")
@@ -54,7 +53,7 @@ def export_artifact(artifact: "Artifact", path: Path, *, fcompile: Callable | No
         return _export_staged(artifact, path, directory, fcompile)
 
 
-def _export_staged(artifact: "Artifact", path: Path, directory: Path, fcompile: Callable | None) -> Path:
+def _export_staged(artifact: Artifact, path: Path, directory: Path, fcompile: Callable | None) -> Path:
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{path.stem}.export-", dir=directory))
     except OSError as err:
@@ -142,11 +141,10 @@ def _terminate_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _default_linker(artifact: "Artifact") -> Callable | None:
+def _default_linker(artifact: Artifact) -> Callable | None:
     """None (TVM's default: the host C++ compiler) for a native host, else a cross compiler."""
     arch = artifact._manifest["host_triple"].split("-")[0]
-    machine = platform.machine()
-    if arch in (machine, "x86_64" if machine == "AMD64" else machine) or (arch == "arm64" and machine == "aarch64"):
+    if runs_here(arch):
         return None
     cxx = os.environ.get("GMORPH_TVM_CROSS_CXX") or _CROSS_CXX.get(arch) or f"{artifact._manifest['host_triple']}-g++"
     if shutil.which(cxx) is None:
@@ -160,7 +158,7 @@ def _default_linker(artifact: "Artifact") -> Callable | None:
     return cc.cross_compiler(cxx)
 
 
-def _cuda_packer(artifact: "Artifact") -> Callable[..., str]:
+def _cuda_packer(artifact: Artifact) -> Callable[..., str]:
     """An ``fpack_imports`` for export_library that embeds fatbins instead of CUDA source."""
     return cuda_code.fatbin_packer(artifact._fatbins)
 
@@ -172,12 +170,3 @@ def _check_device_code(library: Path, arch: str) -> None:
     if not any(img.kind == "elf" and img.sm == sm for img in images):
         found = ", ".join(sorted({f"{img.kind}:sm_{img.sm}" for img in images})) or "none"
         raise BuildError(f"{library.name} holds no compiled CUDA code for {arch} (found: {found})")
-
-
-def describe_device_code(library: str | Path) -> dict[str, Any]:
-    """Summary of the CUDA device code inside an exported library (for reports and tests)."""
-    images = cuda_code.device_images_in_file(library)
-    return {
-        "sass": sorted({f"sm_{img.sm}" for img in images if img.kind == "elf"}),
-        "ptx": sorted({f"compute_{img.sm}" for img in images if img.kind == "ptx"}),
-    }

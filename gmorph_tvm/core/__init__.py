@@ -1,2 +1,4 @@
-"""Neutral definitions every stage shares: tensor/task specs, targets, the manifest format,
-weight provenance, TVM log handling. Imports nothing of gmorph-tvm but :mod:`gmorph_tvm.errors`."""
+"""Neutral definitions every stage shares: tensor/task specs, targets and the host-architecture
+check, the manifest format, weight provenance, Relax IR readers (op name, static shape, dtype,
+byte counts, axes), the timing loop, device-code readers, TVM log handling. Imports nothing of
+gmorph-tvm but :mod:`gmorph_tvm.errors`."""

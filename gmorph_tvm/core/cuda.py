@@ -9,6 +9,16 @@ loaded -- not on a bare Jetson with a C++ runtime. nvcc needs no GPU, so we comp
 to a fatbin (SASS for ``sm_XX`` plus PTX for ``compute_XX``) at build time and splice it into
 the library blob at export time (see :func:`patch_library_blob`).
 
+Why not a public TVM API: in TVM 0.27 codegen calls ``tvm_callback_cuda_compile`` only when the
+CUDA runtime factory ``ffi.Module.create.cuda`` is registered (none is called without it; checked
+with a recording callback), that factory and the matching loader live in libtvm_runtime_cuda.so,
+which needs libcuda.so.1, and the codegen's fallback module (which stores whatever it is given) is
+"never registered as an FFI factory" (``cuda_fallback_module.cc``). So without a driver no public
+call makes TVM hold a fatbin, and the blob that ``export_library(fpack_imports=...)`` hands us is
+rewritten here. Its layout is private to TVM: :func:`check_library_blob_format` refuses TVM
+versions it was not verified on, and :func:`patch_library_blob` checks that the blob it parsed
+re-serialises to the same bytes before changing it (tests/artifact/test_library_blob.py).
+
 Architectures the installed nvcc dropped (CUDA 13 has nothing below sm_75: Jetson Xavier sm_72,
 Nano sm_53) take a second route, :func:`compile_cubin_via_ptx`: nvcc emits PTX for its lowest
 virtual architecture, the PTX is re-targeted to ``sm_XX`` and assembled by an older ``ptxas``
@@ -38,22 +48,30 @@ import re
 import shutil
 import struct
 import subprocess
-import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 import tvm
+import tvm_ffi
 
 from ..errors import BuildError
-
-FATBIN_MAGIC = 0xBA55ED50
-ELF_MAGIC = b"\x7fELF"
-EM_CUDA = 190
-EM_AARCH64 = 183
-EM_X86_64 = 62
+from .device_code import (  # noqa: F401  (re-exported: the readers of what this module writes)
+    ELF_MAGIC,
+    EM_AARCH64,
+    EM_CUDA,
+    EM_X86_64,
+    FATBIN_MAGIC,
+    DeviceImage,
+    cubin_sm,
+    device_images_in_bytes,
+    device_images_in_file,
+    elf_machine,
+    fatbin_images,
+    u32_at,
+)
 
 # The CUDA toolkit that last supported each architecture nvcc 13 dropped (for error messages).
 _LAST_TOOLKIT = {
@@ -186,7 +204,7 @@ def _nvcc_info(nvcc: str) -> tuple[str, frozenset[int]]:
         version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
         codes = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as err:
-        raise BuildError(f"cannot run {nvcc}: {err}") from None
+        raise BuildError(f"cannot run {nvcc}: {err}") from err
     match = re.search(r"release (\d+\.\d+)", version)
     release = match.group(1) if match else "unknown"
     sms = frozenset(int(m) for m in re.findall(r"sm_(\d+)", codes))
@@ -373,6 +391,27 @@ def source_key(source: str) -> str:
 
 # ---- the exported library's module blob ----------------------------------------------------
 
+# (apache-tvm, apache-tvm-ffi) release prefixes whose library blob and CUDA module layout the
+# functions below were verified against (the module docstring; tests/artifact/test_library_blob.py).
+# A new release may change the private layout: verify it, then add it here.
+BLOB_FORMAT_VERIFIED = (("0.27.", "0.1."),)
+
+
+def check_library_blob_format(tvm_version: str | None = None, ffi_version: str | None = None) -> None:
+    """Refuse (one BuildError line) to rewrite the library blob of a TVM release it was not verified on."""
+    tvm_version = tvm.__version__ if tvm_version is None else tvm_version
+    ffi_version = tvm_ffi.__version__ if ffi_version is None else ffi_version
+    for tvm_prefix, ffi_prefix in BLOB_FORMAT_VERIFIED:
+        if tvm_version.startswith(tvm_prefix) and ffi_version.startswith(ffi_prefix):
+            return
+    known = ", ".join(f"apache-tvm {t}x with apache-tvm-ffi {f}x" for t, f in BLOB_FORMAT_VERIFIED)
+    raise BuildError(
+        f"embedding compiled CUDA code rewrites TVM's private library-blob layout, verified only for {known}; "
+        f"this is apache-tvm {tvm_version} with apache-tvm-ffi {ffi_version}: install apache-tvm==0.27.0.post1 "
+        "(or verify gmorph_tvm/artifact/cuda.py against this release and add it to BLOB_FORMAT_VERIFIED)"
+    )
+
+
 
 class _Reader:
     def __init__(self, data: bytes, offset: int = 0):
@@ -463,107 +502,34 @@ def patch_library_blob(blob: bytes, fatbins: dict[str, bytes]) -> tuple[bytes, i
     Returns the new blob and how many CUDA modules it holds. A CUDA module whose source has no
     fatbin is an error: exporting it would silently ship JIT-only code.
     """
-    indptr, children, modules = parse_library_blob(blob)
+    check_library_blob_format()
+    try:
+        indptr, children, modules = parse_library_blob(blob)
+        same = serialize_library_blob(indptr, children, modules) == blob
+    except (ValueError, struct.error) as err:
+        raise BuildError(f"TVM's library blob does not have the layout this TVM release had: {err}") from err
+    if not same:
+        raise BuildError("TVM's library blob does not re-serialise to the same bytes: its layout changed")
     cuda_modules = 0
     for module in modules:
         if module.kind != "cuda":
             continue
         cuda_modules += 1
-        fmt, fmap, code = split_cuda_module(module.payload)
+        if module.payload is None:
+            raise BuildError("a CUDA module in TVM's library blob has no bytes: its layout changed")
+        try:
+            fmt, fmap, code = split_cuda_module(module.payload)
+        except (ValueError, struct.error, UnicodeDecodeError) as err:
+            raise BuildError(f"a CUDA module in TVM's library blob has an unknown layout: {err}") from err
         if fmt == "cuda":
             key = source_key(code.decode())
             if key not in fatbins:
                 raise BuildError("a CUDA module in this artifact has no compiled fatbin; rebuild it")
             compiled = fatbins[key]
             module.payload = join_cuda_module("cubin" if compiled[:4] == ELF_MAGIC else "fatbin", fmap, compiled)
-        elif not (code[:4] == ELF_MAGIC or _u32(code, 0) == FATBIN_MAGIC):
+        elif not (code[:4] == ELF_MAGIC or u32_at(code, 0) == FATBIN_MAGIC):
             raise BuildError(f"a CUDA module in this artifact holds {fmt!r} code, not a cubin/fatbin")
     return serialize_library_blob(indptr, children, modules), cuda_modules
-
-
-def _u32(data: bytes, offset: int) -> int:
-    return struct.unpack_from("<I", data, offset)[0] if len(data) >= offset + 4 else -1
-
-
-# ---- inspecting device code ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DeviceImage:
-    kind: str  # "elf" (SASS cubin) or "ptx"
-    sm: int
-
-
-def cubin_sm(elf: bytes) -> int | None:
-    """SM number of a CUDA ELF (e_machine EM_CUDA), or None if ``elf`` is not one."""
-    if elf[:4] != ELF_MAGIC or len(elf) < 52 or struct.unpack_from("<H", elf, 18)[0] != EM_CUDA:
-        return None
-    flags = struct.unpack_from("<I", elf, 48)[0]
-    # CUDA ELF ABI version >= 8 (CUDA 12.8+) moved the SM number from bits 0-7 to bits 8-15.
-    return (flags >> 8) & 0xFF if elf[8] >= 8 else flags & 0xFF
-
-
-def fatbin_images(data: bytes, offset: int = 0) -> list[DeviceImage]:
-    """The images (SASS ELF / PTX, with SM) of the fatbin starting at ``offset`` in ``data``."""
-    if _u32(data, offset) != FATBIN_MAGIC:
-        raise ValueError("not a fatbin")
-    header_size = struct.unpack_from("<H", data, offset + 6)[0]
-    (fat_size,) = struct.unpack_from("<Q", data, offset + 8)
-    pos, end = offset + header_size, offset + header_size + fat_size
-    images = []
-    while pos + 32 <= min(end, len(data)):
-        kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, pos)
-        sm = struct.unpack_from("<I", data, pos + 28)[0]
-        if entry_header == 0:
-            break
-        images.append(DeviceImage({1: "ptx", 2: "elf"}.get(kind, str(kind)), sm))
-        pos += entry_header + payload
-    return images
-
-
-def device_images_in_file(path: str | os.PathLike) -> list[DeviceImage]:
-    """Every fatbin image and bare CUDA cubin inside ``path``: a .so, an object, or a (gzipped)
-    tar of objects as ``export_library`` writes for ``.tar``."""
-    if tarfile.is_tarfile(path):
-        images: list[DeviceImage] = []
-        with tarfile.open(path) as archive:
-            for member in archive.getmembers():
-                if member.isfile():
-                    images.extend(device_images_in_bytes(archive.extractfile(member).read()))
-        return images
-    return device_images_in_bytes(Path(path).read_bytes())
-
-
-def device_images_in_bytes(data: bytes) -> list[DeviceImage]:
-    images: list[DeviceImage] = []
-    magic = struct.pack("<I", FATBIN_MAGIC)
-    start = data.find(magic)
-    fatbin_spans = []
-    while start != -1:
-        try:
-            found = fatbin_images(data, start)
-            images.extend(found)
-            fatbin_spans.append((start, start + 16 + struct.unpack_from("<Q", data, start + 8)[0]))
-        except (ValueError, struct.error):
-            pass
-        start = data.find(magic, start + 4)
-    start = data.find(ELF_MAGIC, 1)
-    while start != -1:
-        if not any(a <= start < b for a, b in fatbin_spans):
-            sm = cubin_sm(data[start:start + 64])
-            if sm is not None:
-                images.append(DeviceImage("elf", sm))
-        start = data.find(ELF_MAGIC, start + 4)
-    return images
-
-
-def elf_machine(path: str | os.PathLike) -> int | None:
-    """e_machine of an ELF file, or None for something else (e.g. a .tar)."""
-    with open(path, "rb") as f:
-        head = f.read(20)
-    if head[:4] != ELF_MAGIC or len(head) < 20:
-        return None
-    return struct.unpack_from("<H", head, 18)[0]
 
 
 # ---- packing compiled device code into an exported library --------------------------------

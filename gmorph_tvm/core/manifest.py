@@ -31,8 +31,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import ArtifactError
 from .specs import TaskInfo, TensorSpec
@@ -71,7 +72,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ArtifactError(f"manifest {path} is not valid JSON: {err}") from None
+        raise ArtifactError(f"manifest {path} is not valid JSON: {err}") from err
     validate_manifest(data, path)
     return data
 

@@ -15,7 +15,7 @@ This is the one home of the format: the importer writes it, passes keep it curre
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import tvm
 from tvm import relax
@@ -62,7 +62,7 @@ def read_provenance_attr(mod: tvm.IRModule, func_name: str = "main") -> Provenan
     }
 
 
-def encode_provenance(prov: Provenance) -> dict[str, list[str]]:
+def encode_provenance(prov: Mapping[str, Sequence[tuple[str, str]]]) -> dict[str, list[str]]:
     return {name: [f"{task}/{orig}" for task, orig in entries] for name, entries in prov.items()}
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -22,7 +22,7 @@ class TensorSpec:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
     @staticmethod
-    def from_json(obj: Mapping) -> "TensorSpec":
+    def from_json(obj: Mapping) -> TensorSpec:
         return TensorSpec(str(obj["name"]), tuple(int(d) for d in obj["shape"]), str(obj["dtype"]))
 
     def describe(self) -> str:
@@ -49,7 +49,7 @@ class TaskInfo:
         }
 
     @staticmethod
-    def from_json(obj: Mapping) -> "TaskInfo":
+    def from_json(obj: Mapping) -> TaskInfo:
         return TaskInfo(
             name=str(obj["name"]),
             inputs=tuple(TensorSpec.from_json(s) for s in obj["inputs"]),
@@ -64,7 +64,7 @@ def check_inputs(
 ) -> list[np.ndarray]:
     """Validate run-time inputs against ``specs``; error messages name the input and the mismatch."""
     if isinstance(values, np.ndarray) or hasattr(values, "__array__") and not isinstance(values, (list, tuple, Mapping)):
-        values = [values]
+        values = [values]  # type: ignore[list-item]  # one array-like: the only input
     if isinstance(values, Mapping):
         unknown = sorted(set(values) - {s.name for s in specs})
         if unknown:

@@ -8,11 +8,13 @@ in the host CPU (``mcpu``): without it LLVM emits generic x86-64 code, several t
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Union
+import platform
+from collections.abc import Mapping
+from typing import Any, Union
 
 import tvm
 
-from ..errors import TargetError
+from ..errors import TargetError, one_line
 
 TargetLike = Union[str, Mapping[str, Any], "tvm.target.Target"]
 
@@ -92,7 +94,7 @@ def target_dict(target: TargetLike) -> dict[str, Any]:
             try:
                 return json.loads(stripped)
             except json.JSONDecodeError as err:
-                raise TargetError(f"target {target!r} is not valid JSON: {err}") from None
+                raise TargetError(f"target {target!r} is not valid JSON: {err}") from err
         return _preset(stripped)
     if isinstance(target, Mapping):
         return copy.deepcopy(dict(target))
@@ -120,8 +122,7 @@ def resolve_target(target: TargetLike) -> tvm.target.Target:
     try:
         return tvm.target.Target(spec)
     except Exception as err:  # TVM raises its own error types with long C++ traces
-        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise TargetError(f"invalid target {spec}: {first}") from None
+        raise TargetError(f"invalid target {spec}: {one_line(err)}") from err
 
 
 def jetpack_of(target: tvm.target.Target) -> str | None:
@@ -135,13 +136,30 @@ def is_cuda(target: tvm.target.Target) -> bool:
     return target.kind.name == "cuda"
 
 
+_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
+
+
+def cpu_arch(name: str) -> str:
+    """One spelling per CPU architecture: ``AMD64`` -> ``x86_64``, ``arm64`` -> ``aarch64``."""
+    name = str(name).strip().lower()
+    return _ARCH_ALIASES.get(name, name)
+
+
+def machine_arch() -> str:
+    """This machine's CPU architecture, spelled as :func:`cpu_arch` does."""
+    return cpu_arch(platform.machine())
+
+
+def runs_here(arch: str) -> bool:
+    """Whether code for CPU ``arch`` (e.g. a triple's first field) runs on this machine; the one
+    host-architecture check of the builder, the loader, export and measured grouping."""
+    return cpu_arch(arch) == machine_arch()
+
+
 def host_is_native(target: tvm.target.Target) -> bool:
     """True when code for this target's host CPU can run on this machine."""
     host = target.host if is_cuda(target) else target
     if host is None:
         return True
     triple = str(host.attrs.get("mtriple", "")) if hasattr(host, "attrs") else ""
-    import platform
-
-    machine = platform.machine()
-    return not triple or triple.split("-")[0] in (machine, "x86_64" if machine == "AMD64" else machine)
+    return not triple or runs_here(triple.split("-")[0])

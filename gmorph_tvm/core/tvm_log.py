@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 _NOISE = re.compile(r"executable\.cc:\d+: Warning: Scope (Saving|Loaded):"
                     r"|block_builder\.cc:\d+: Warning: BlockBuilder destroyed with remaining blocks!")

@@ -26,8 +26,8 @@ SPLIT_SEED = 0
 def _raw() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
-    except ImportError:
-        raise DatasetError("the digits dataset needs scikit-learn (pip install scikit-learn)") from None
+    except ImportError as err:
+        raise DatasetError("the digits dataset needs scikit-learn (pip install scikit-learn)") from err
     bunch = load_digits()
     return bunch.images.astype(np.float32), bunch.target.astype(np.int64)
 

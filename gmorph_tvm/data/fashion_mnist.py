@@ -115,7 +115,7 @@ def _read_gzip(path: Path) -> bytes:
         with gzip.open(path, "rb") as f:
             return f.read()
     except (OSError, EOFError, zlib.error) as err:
-        raise DatasetError(f"Fashion-MNIST file {path} is not a readable gzip file: {err}") from None
+        raise DatasetError(f"Fashion-MNIST file {path} is not a readable gzip file: {err}") from err
 
 
 def _header(data: bytes, words: int, path: Path) -> tuple[int, ...]:
@@ -198,5 +198,5 @@ def task(name: str) -> LabelTask:
     """The derived label task called ``name`` (one of :data:`TASKS`)."""
     try:
         return TASKS[name]
-    except KeyError:
-        raise DatasetError(f"unknown Fashion-MNIST task {name!r}; known: {', '.join(TASKS)}") from None
+    except KeyError as err:
+        raise DatasetError(f"unknown Fashion-MNIST task {name!r}; known: {', '.join(TASKS)}") from err

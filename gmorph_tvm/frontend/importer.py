@@ -24,22 +24,24 @@ import os
 import re
 import traceback
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 import tvm
 from tvm import relax
 
-from ..core.tvm_log import quiet_tvm_warnings
-from ..errors import InputSpecError, ModelImportError
+from ..core.ir import dtype_str
 from ..core.provenance import PROVENANCE_ATTR, encode_provenance
+from ..core.tvm_log import quiet_tvm_warnings
+from ..errors import InputSpecError, ModelImportError, one_line
 from . import onnx_convert, onnx_fold
 from .multimodel import MultiModel, TaskInfo, TensorSpec, with_weight_params
 
 ModelLike = Union["torch.nn.Module", str, os.PathLike, "onnx.ModelProto"]  # noqa: F821
-ExampleInputs = Union[Any, Sequence[Any], Mapping[str, Any]]
+ExampleInputs = Any | Sequence[Any] | Mapping[str, Any]
 
 
 @dataclass
@@ -142,7 +144,9 @@ def _check_input_map(tasks: list[_ImportedTask], input_map: Mapping[str, str] | 
             raise InputSpecError(f"input_map key {key!r}: no model named {task!r}; models are {', '.join(by_name)}")
         names = [spec.name for spec in by_name[task].inputs]
         if name not in names:
-            raise InputSpecError(f"input_map key {key!r}: model {task!r} has no input {name!r}; its inputs are {', '.join(map(repr, names))}")
+            raise InputSpecError(
+                f"input_map key {key!r}: model {task!r} has no input {name!r}; its inputs are {', '.join(map(repr, names))}"
+            )
         out[(task, name)] = str(shared)
     return out
 
@@ -242,12 +246,12 @@ def _short(err: BaseException) -> str:
 def _torch_export_reason(err: BaseException) -> str:
     """First line of a torch.export error plus where in the user's code it was raised."""
     text = str(err).strip()
-    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
+    first = one_line(err, 400, first=True)
     where = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', text)
     if where:
         path, line, func = where[-1]
         first += f" (at {Path(path).name}:{line} in {func})"
-    return f"{type(err).__name__}: {first[:400]}"
+    return f"{type(err).__name__}: {first}"
 
 
 @contextlib.contextmanager
@@ -312,7 +316,9 @@ def _load_exported_program(task: str, path: Path):
             warnings.simplefilter("ignore")
             return torch.export.load(str(path))
     except Exception as err:
-        raise ModelImportError(f"model {task!r}: {str(path)!r} is not a valid torch.export (.pt2) file ({_one_line(err, 200)})") from None
+        raise ModelImportError(
+            f"model {task!r}: {str(path)!r} is not a valid torch.export (.pt2) file ({one_line(err, 200, first=True)})"
+        ) from err
 
 
 def _import_torch(task: str, model, examples: tuple | None, shapes: Mapping[str, Any] | None = None) -> _ImportedTask:
@@ -332,7 +338,7 @@ def _import_torch(task: str, model, examples: tuple | None, shapes: Mapping[str,
             warnings.simplefilter("ignore")
             exported = torch.export.export(model, examples)
     except Exception as err:
-        raise ModelImportError(f"model {task!r}: torch.export failed: {_torch_export_reason(err)}") from None
+        raise ModelImportError(f"model {task!r}: torch.export failed: {_torch_export_reason(err)}") from err
     state = model.state_dict()
     return _import_exported(task, exported, _hash_arrays((k, v.detach().cpu().numpy()) for k, v in state.items()))
 
@@ -467,7 +473,7 @@ def _import_onnx(
     try:
         onnx.checker.check_model(proto)
     except Exception as err:
-        raise ModelImportError(f"model {task!r}: {where} is not a valid ONNX model: {_one_line(err)}") from None
+        raise ModelImportError(f"model {task!r}: {where} is not a valid ONNX model: {_one_line(err)}") from err
     proto = _clip_as_max_min(proto)
 
     initializers = {init.name for init in proto.graph.initializer}
@@ -645,9 +651,9 @@ def _spec_of(var: relax.Var) -> TensorSpec:
         raise InputSpecError(f"input {var.name!r} is not a tensor of static shape")
     try:
         shape = tuple(int(d) for d in ty.shape.values)
-    except (TypeError, AttributeError):
-        raise InputSpecError(f"input {var.name!r} has a symbolic shape {ty.shape}; give a static one") from None
-    return TensorSpec(var.name, shape, _dtype_str(ty))
+    except (TypeError, AttributeError) as err:
+        raise InputSpecError(f"input {var.name!r} has a symbolic shape {ty.shape}; give a static one") from err
+    return TensorSpec(var.name, shape, dtype_str(ty))
 
 
 def _hash_arrays(items) -> str:
@@ -753,7 +759,7 @@ def _output_specs(task: str, func: relax.Function) -> list[TensorSpec]:
         if not isinstance(ty, relax.TensorType) or ty.shape is None:
             raise ModelImportError(f"model {task!r}: output {i} is not a tensor of static shape ({ty})")
         name = task if len(leaves) == 1 else f"{task}:{i}"
-        specs.append(TensorSpec(name, tuple(int(d) for d in ty.shape.values), _dtype_str(ty)))
+        specs.append(TensorSpec(name, tuple(int(d) for d in ty.shape.values), dtype_str(ty)))
     return specs
 
 
@@ -814,7 +820,7 @@ def _merge(tasks: list[_ImportedTask], input_map: Mapping[tuple[str, str], str] 
         raise ModelImportError(
             f"merging models {names} produced an invalid module (a gmorph-tvm bug; import each model alone to "
             f"find the one that fails, and report it): {_short(err)}"
-        ) from None
+        ) from err
     infos = [
         TaskInfo(t.name, tuple(t.inputs), tuple(_output_specs(t.name, t.func)), t.source, t.source_hash) for t in tasks
     ]

@@ -9,13 +9,14 @@ compare weights by content; ``bound_module()`` turns them into constants for com
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import tvm
 from tvm import relax
 
+from ..core.ir import tensor_nbytes
 from ..core.provenance import PROVENANCE_ATTR, Provenance, encode_provenance, params_of, read_provenance_attr
 from ..core.specs import TaskInfo, TensorSpec, check_inputs
 
@@ -52,7 +53,7 @@ class MultiModel:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(int(np.prod(t.shape)) * np.dtype(str(t.dtype)).itemsize for t in self.params.values())
+        return sum(tensor_nbytes(t) for t in self.params.values())
 
     def weight_tasks(self, weight: str) -> list[str]:
         """Tasks that use weight ``weight`` (several after stitching)."""
@@ -64,7 +65,7 @@ class MultiModel:
         mod: tvm.IRModule,
         params: Mapping[str, tvm.runtime.Tensor] | None = None,
         provenance: Provenance | None = None,
-    ) -> "MultiModel":
+    ) -> MultiModel:
         """A copy holding ``mod``; params/provenance default to those of ``mod``'s ``main``."""
         if params is None:
             params = params_of(mod)
@@ -72,7 +73,7 @@ class MultiModel:
             provenance = read_provenance_attr(mod) or {name: list(self.provenance.get(name, [])) for name in params}
         return MultiModel(mod, dict(params), list(self.inputs), list(self.tasks), dict(provenance))
 
-    def apply(self, transform: "tvm.transform.Pass") -> "MultiModel":
+    def apply(self, transform: tvm.transform.Pass) -> MultiModel:
         """``transform`` run on the module, with weight provenance carried through the passes.
 
         Provenance travels as attrs ``gmorph.provenance`` on ``main`` (passes that share, fold or

@@ -27,7 +27,7 @@ import contextlib
 import io
 import logging
 import warnings
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import onnx
 import onnx.inliner

@@ -8,6 +8,7 @@ saved with ``torch.save({"train_x", "val_x", "test_x": float32 [N, ...], "train_
 "test_y": {task: int64 [N]}}, FILE)``. Without them the bundled Fashion-MNIST benchmark
 (:mod:`gmorph_tvm.lossy.tasks`) is used. Everything goes to ``--work-dir`` (resumable): the
 candidate checkpoint, ``report.json``, ``pareto.png``; the chosen artifact is exported to ``-o``.
+The arguments are declared in :mod:`gmorph_tvm.cli` (so building the parser imports no torch).
 """
 
 from __future__ import annotations
@@ -18,34 +19,11 @@ import sys
 from pathlib import Path
 
 from ..errors import SearchError
+from . import tasks
 from .data import MultiTaskData
 from .distill import DistillConfig
-from .driver import search
+from .driver import SearchConfig, search
 from .latency import TimingConfig
-from . import tasks
-
-
-def add_search_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", action="append", default=[], metavar="NAME=FILE",
-                   help="a task model saved with torch.save(model, FILE) (repeat per task); default: Fashion-MNIST 3 tasks")
-    p.add_argument("--data", default=None, metavar="FILE", help="torch.save'd dict of splits and labels (with --model)")
-    p.add_argument("--max-drop", type=float, default=1.0, help="max accuracy drop per task, in points (default 1.0)")
-    p.add_argument("--budget", type=int, default=16, help="candidate plans to propose (default 16)")
-    p.add_argument("--predictor", default="xgboost", choices=["xgboost", "linear", "none"],
-                   help="predictive filter (default xgboost; none = fine-tune every candidate)")
-    p.add_argument("--sampler", default="annealing", choices=["annealing", "random"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--target", default="llvm", help="target preset or JSON dict (default llvm)")
-    p.add_argument("--work-dir", default="out/search", help="checkpoint / report directory (default out/search)")
-    p.add_argument("--fresh", action="store_true", help="ignore a previous search in --work-dir instead of resuming")
-    p.add_argument("--epochs", type=float, default=3.0, help="max distillation epochs per candidate")
-    p.add_argument("--train-samples", type=int, default=8000, help="training images used for distillation")
-    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                   help="latency clock: wall (default) or cpu (process CPU time; single-threaded runtime)")
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="stop proposing after this long")
-    p.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials for the final pick (default 0)")
-    p.add_argument("-o", "--output", default=None, help="export the chosen fused artifact here (.so or .tar)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _torch_load(path: str, *, weights_only: bool, missing: str, unreadable: str):
@@ -58,7 +36,7 @@ def _torch_load(path: str, *, weights_only: bool, missing: str, unreadable: str)
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as err:
-        raise SearchError(f"{unreadable} ({type(err).__name__}: {err})") from None
+        raise SearchError(f"{unreadable} ({type(err).__name__}: {err})") from err
 
 
 def _load_models(specs: list[str]):
@@ -110,13 +88,14 @@ def run_search_cli(args: argparse.Namespace) -> int:
     target = json.loads(args.target) if args.target.strip().startswith("{") else args.target
     if args.clock == "cpu":
         torch.set_num_threads(1)
-    result = search(
-        models, data, max_accuracy_drop=args.max_drop, budget=args.budget, predictor=args.predictor,
+    config = SearchConfig(
+        max_accuracy_drop=args.max_drop, budget=args.budget, predictor=args.predictor,
         sampler=args.sampler, seed=args.seed, work_dir=args.work_dir, resume=not args.fresh, target=target,
         distill_config=DistillConfig(max_epochs=args.epochs, train_samples=args.train_samples),
         timing=TimingConfig(clock=args.clock), time_budget_s=args.time_budget, tune_trials=args.tune_trials,
         progress=not args.quiet, log=lambda m: print(f"[gmorph-tvm] {m}", file=sys.stderr),
     )  # fmt: skip
+    result = search(models, data, config)
     counts = result.report["counts"]
     print(f"plan: {result.plan.key()}")
     print(f"latency: {result.latency_ms:.4f} ms ({result.report['chosen']['speedup_vs_unfused']:.2f}x vs unfused)")

@@ -6,8 +6,8 @@ which it never looks at before that.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
@@ -56,7 +56,7 @@ class MultiTaskData:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_x.shape[1:])
 
-    def limited(self, train: int | None = None, val: int | None = None, test: int | None = None) -> "MultiTaskData":
+    def limited(self, train: int | None = None, val: int | None = None, test: int | None = None) -> MultiTaskData:
         """The first ``n`` samples of each split (``None``: all); for quick runs and tests."""
         def cut(split: str, n: int | None):
             x, ys = self.x(split), self.y(split)

@@ -24,18 +24,24 @@ returned unfused, with a message saying so: a plan above the target is never ret
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from ..core.targets import target_dict
 from ..errors import GmorphError, SearchError
+from ..tuning import tune
 from .data import MultiTaskData
 from .distill import DistillConfig, Teacher, distill, drops, evaluate
 from .features import FeatureExtractor
@@ -43,10 +49,8 @@ from .graph import LayerGraph
 from .latency import TimingConfig, compile_multimodel, time_artifact
 from .mutate import Calibration, FusedModel, build_fused, to_multimodel
 from .plan import FusionPlan
-from .predictor import PredictiveFilter
-from .sampler import make_sampler
-from ..core.targets import target_dict
-from ..tuning import tune
+from .predictor import PredictiveFilter, check_predictor
+from .sampler import check_sampler, make_sampler
 
 FINE_TUNED = ("passed", "failed", "aborted")
 _FORMAT = 1
@@ -94,7 +98,7 @@ class Candidate:
         }  # fmt: skip
 
     @staticmethod
-    def from_json(obj: Mapping) -> "Candidate":
+    def from_json(obj: Mapping) -> Candidate:
         return Candidate(
             index=int(obj["index"]), plan=FusionPlan.from_json(obj["plan"]), status=str(obj["status"]),
             features=obj.get("features"), prediction=obj.get("prediction"), latency_ms=obj.get("latency_ms"),
@@ -145,7 +149,7 @@ class _Checkpoint:
                     "use another work_dir or resume=False to start over"
                 )
             if lines.is_file():
-                for n, line in enumerate(lines.read_text().splitlines()):
+                for line in lines.read_text().splitlines():
                     if not line.strip():
                         continue
                     try:
@@ -190,8 +194,6 @@ class _Checkpoint:
 
 
 def _hash_models(models: Mapping[str, nn.Module]) -> dict[str, str]:
-    import hashlib
-
     out = {}
     for task, model in models.items():
         digest = hashlib.sha256()
@@ -202,174 +204,428 @@ def _hash_models(models: Mapping[str, nn.Module]) -> dict[str, str]:
     return out
 
 
-def search(
-    models: Mapping[str, nn.Module],
-    data: MultiTaskData,
-    max_accuracy_drop: float = 1.0,
-    budget: int = 20,
-    predictor: str | None = "xgboost",
-    *,
-    sampler: str = "annealing",
-    seed: int = 0,
-    work_dir: str | os.PathLike | None = None,
-    resume: bool = True,
-    target: Any = "llvm",
-    distill_config: DistillConfig | None = None,
-    timing: TimingConfig | None = None,
-    latency_fn: Callable[[Any], float] | None = None,
-    plans: Sequence[FusionPlan] = (),
-    time_budget_s: float | None = None,
-    calibration_size: int = 128,
-    probe_size: int = 500,
-    filter_min_samples: int = 4,
-    drop_min_samples: int = 6,
-    drop_margin: float = 0.5,
-    tune_trials: int = 0,
-    progress: bool = True,
-    log: Callable[[str], None] | None = print,
-) -> SearchResult:
-    """Fuse ``models`` (task name -> model, all reading the same input) into one faster multi-task model
-    whose per-task accuracy drop is at most ``max_accuracy_drop`` points on ``data``'s test split.
+@dataclass
+class SearchConfig:
+    """Every option of the fusion search; :func:`search` takes one (or the same names as keywords).
 
-    ``budget`` plans are proposed (``plans`` first, then by ``sampler``: ``"annealing"`` or
-    ``"random"``); ``predictor`` is ``"xgboost"`` (default), ``"linear"`` or ``None`` (no predictive
-    filter: every plan is compiled and fine-tuned). ``work_dir`` holds the checkpoint
-    (``candidates.jsonl``), ``report.json``, ``pareto.png`` and the final artifact; a search
-    restarted on the same work dir re-uses every candidate already evaluated. Latency is measured on
-    the artifact compiled for ``target`` (timed on this machine), or by ``latency_fn(multi_model) ->
-    milliseconds`` when given. ``tune_trials`` > 0 tunes the final pick with MetaSchedule.
+    Invalid values raise :class:`~gmorph_tvm.errors.SearchError` when the config is made.
     """
-    started = time.perf_counter()
-    say = log or (lambda msg: None)
-    if isinstance(predictor, str) and predictor.lower() in ("none", "off", ""):
-        predictor = None  # the CLI spelling of "no filter"
-    models = _check_models(models, data)
-    if not 0 <= max_accuracy_drop < 100:
-        raise SearchError(f"max_accuracy_drop must be between 0 and 100 points, got {max_accuracy_drop}")
-    if not isinstance(budget, int) or budget < 0:
-        raise SearchError(f"budget must be a non-negative number of candidate plans, got {budget!r}")
-    distill_config = distill_config or DistillConfig()
-    timing = timing or TimingConfig()
-    tasks = list(models)
-    example = data.val_x[:1]
 
-    graphs = {t: LayerGraph.trace(t, m, example) for t, m in models.items()}
-    teacher = Teacher(models, data, distill_config.train_samples, seed)
-    calibration = Calibration(graphs, teacher.x[:calibration_size])
-    probe_x = data.val_x[:probe_size]
-    probe_y = {t: y[:probe_size] for t, y in data.val_y.items()}
-    base_probe = evaluate(_identity(graphs), tasks, probe_x, probe_y)
-    features = FeatureExtractor(graphs, calibration, probe_x, probe_y, base_probe)
+    #: Largest accuracy drop allowed per task, in percentage points (validation and test split).
+    max_accuracy_drop: float = 1.0
+    #: Candidate plans to propose (``plans`` first, then by ``sampler``); 0 = only the unfused models.
+    budget: int = 20
+    #: Predictive filter: ``"xgboost"``, ``"linear"`` or ``None`` (every plan is compiled and
+    #: fine-tuned). ``"none"`` / ``"off"`` / ``""`` (the CLI's spellings) mean ``None``.
+    predictor: str | None = "xgboost"
+    #: How new plans are proposed: ``"annealing"`` (simulated annealing) or ``"random"``.
+    sampler: str = "annealing"
+    #: Seed of the sampler, the filter, the teacher subsample and each distillation.
+    seed: int = 0
+    #: Checkpoint (``candidates.jsonl``), ``report.json``, ``pareto.png`` and the final artifact;
+    #: ``None`` keeps everything in memory.
+    work_dir: str | os.PathLike | None = None
+    #: Re-use the candidates a previous search with the same settings left in ``work_dir``.
+    resume: bool = True
+    #: Target the candidates are compiled for (and timed on this machine): preset name or dict.
+    target: Any = "llvm"
+    #: Distillation (fine-tuning) settings of every candidate.
+    distill_config: DistillConfig = field(default_factory=DistillConfig)
+    #: How compiled artifacts are timed (ignored with ``latency_fn``).
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    #: ``latency_fn(multi_model) -> milliseconds`` instead of compiling and timing.
+    latency_fn: Callable[[Any], float] | None = None
+    #: Plans evaluated before any the sampler proposes.
+    plans: Sequence[FusionPlan] = ()
+    #: Stop proposing plans after this many seconds (``None``: only ``budget`` stops it).
+    time_budget_s: float | None = None
+    #: Training images used to fit the least-squares adapters of a plan.
+    calibration_size: int = 128
+    #: Validation images used for the cheap plan features.
+    probe_size: int = 500
+    #: Latency samples the filter needs before it skips a plan.
+    filter_min_samples: int = 4
+    #: Fine-tuned samples the filter needs before it predicts accuracy drops.
+    drop_min_samples: int = 6
+    #: Safety margin (points) of the filter's predicted drop.
+    drop_margin: float = 0.5
+    #: MetaSchedule trials for the final pick (0: untuned).
+    tune_trials: int = 0
+    #: Show a progress bar.
+    progress: bool = True
+    #: Where progress messages go (``None``: nowhere).
+    log: Callable[[str], None] | None = print
+
+    def __post_init__(self) -> None:
+        if isinstance(self.predictor, str) and self.predictor.lower() in ("none", "off", ""):
+            self.predictor = None
+        if self.predictor is not None:
+            check_predictor(self.predictor)
+        check_sampler(self.sampler)
+        if isinstance(self.max_accuracy_drop, bool) or not isinstance(self.max_accuracy_drop, (int, float)) \
+                or not 0 <= self.max_accuracy_drop < 100:
+            raise SearchError(f"max_accuracy_drop must be between 0 and 100 points, got {self.max_accuracy_drop!r}")
+        for name in ("budget", "seed", "calibration_size", "probe_size", "filter_min_samples", "drop_min_samples",
+                     "tune_trials"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                what = "number of candidate plans" if name == "budget" else "integer"
+                raise SearchError(f"{name} must be a non-negative {what}, got {value!r}")
+        if self.calibration_size < 1 or self.probe_size < 1:
+            raise SearchError("calibration_size and probe_size must be at least 1")
+        if self.time_budget_s is not None and not self.time_budget_s >= 0:
+            raise SearchError(f"time_budget_s must be a number of seconds >= 0 or None, got {self.time_budget_s!r}")
+        if not isinstance(self.distill_config, DistillConfig):
+            raise SearchError(f"distill_config must be a DistillConfig, not {type(self.distill_config).__name__}")
+        if not isinstance(self.timing, TimingConfig):
+            raise SearchError(f"timing must be a TimingConfig, not {type(self.timing).__name__}")
+        if not all(isinstance(p, FusionPlan) for p in self.plans):
+            raise SearchError("plans must be FusionPlan objects")
+        self.plans = tuple(self.plans)
+
+    @staticmethod
+    def with_overrides(config: SearchConfig | None, overrides: Mapping[str, Any]) -> SearchConfig:
+        """``config`` (default: all defaults) with the fields named in ``overrides`` replaced."""
+        names = {f.name for f in fields(SearchConfig)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise SearchError(f"unknown search option(s) {', '.join(unknown)}; SearchConfig has {', '.join(sorted(names))}")
+        if config is None:
+            return SearchConfig(**overrides)
+        if not isinstance(config, SearchConfig):
+            raise SearchError(f"config must be a gmorph_tvm.SearchConfig, not {type(config).__name__}")
+        return replace(config, **overrides)
 
 
-    meta = {
-        "format": _FORMAT, "tasks": tasks, "models": _hash_models(models), "max_accuracy_drop": max_accuracy_drop,
-        "seed": seed, "sampler": sampler, "predictor": predictor, "distill": distill_config.to_json(),
-        "target": json.loads(json.dumps(target_dict(target), default=str)),
-        "data": {s: int(data.x(s).shape[0]) for s in ("train", "val", "test")},
-        "filter": {"min_samples": filter_min_samples, "drop_min_samples": drop_min_samples, "drop_margin": drop_margin}
-        if predictor else None,
-    }  # fmt: skip
-    store = _Checkpoint(Path(work_dir) if work_dir is not None else None, meta, resume)
-    if store.records:
-        say(f"resuming: {len(store.records)} candidate(s) already evaluated in {work_dir}")
+def search(
+    models: Mapping[str, nn.Module], data: MultiTaskData, config: SearchConfig | None = None, **overrides: Any
+) -> SearchResult:
+    """Fuse ``models`` (task name -> torch model, all reading the same input) into one faster multi-task
+    model whose per-task accuracy drop is at most ``max_accuracy_drop`` points on ``data``'s test split.
 
-    # Compiling and timing are separate steps so the baseline is compiled once and timed thrice.
-    compile_for_timing = (lambda multi: multi) if latency_fn else (lambda multi: compile_multimodel(multi, target))
-    time_compiled = latency_fn or (lambda artifact: time_artifact(artifact, timing))
-    measure = lambda multi: time_compiled(compile_for_timing(multi))  # noqa: E731
-    filt = None
-    if predictor:
-        filt = PredictiveFilter(predictor, filter_min_samples, drop_margin, seed=seed,
-                                latency_linear_on=features.names().index("mac_fraction"),
-                                drop_min_samples=drop_min_samples)
-    proposer = make_sampler(sampler, graphs, seed, similarity=features.transfer_r2)
+    ``data`` is a :class:`~gmorph_tvm.lossy.MultiTaskData` (train / val / test inputs and per-task
+    labels). Options come from ``config`` (a :class:`SearchConfig`), with any keyword argument (a
+    SearchConfig field name, e.g. ``budget=16``) overriding it. A search restarted on the same
+    ``work_dir`` re-uses every candidate already evaluated.
+    """
+    return Searcher(models, data, SearchConfig.with_overrides(config, overrides)).run()
 
-    # The unfused models: the latency to beat, and the answer when no plan meets the target.
-    identity = FusionPlan()
-    baseline = store.get(identity.key())
-    if baseline is None:
+
+class Searcher:
+    """One fusion search: the state its stages share (graphs, teacher, filter, sampler, checkpoint).
+
+    ``run()`` is the whole search; the stages are :meth:`measure_baseline`, :meth:`next_plan`,
+    :meth:`evaluate` (one candidate), :meth:`observe`, :meth:`finish` (test check + compile) and
+    :meth:`report`.
+    """
+
+    def __init__(self, models: Mapping[str, nn.Module], data: MultiTaskData, config: SearchConfig | None = None) -> None:
+        self.started = time.perf_counter()
+        self.config = config = config if config is not None else SearchConfig()
+        if not isinstance(config, SearchConfig):
+            raise SearchError(f"config must be a gmorph_tvm.SearchConfig, not {type(config).__name__}")
+        self.say: Callable[[str], None] = config.log or (lambda msg: None)
+        self.models = _check_models(models, data)
+        self.data = data
+        self.tasks = list(self.models)
+        self.example = data.val_x[:1]
+
+        self.graphs = {t: LayerGraph.trace(t, m, self.example) for t, m in self.models.items()}
+        self.teacher = Teacher(self.models, data, config.distill_config.train_samples, config.seed)
+        self.calibration = Calibration(self.graphs, self.teacher.x[: config.calibration_size])
+        probe_x = data.val_x[: config.probe_size]
+        probe_y = {t: y[: config.probe_size] for t, y in data.val_y.items()}
+        base_probe = evaluate(_identity(self.graphs), self.tasks, probe_x, probe_y)
+        self.features = FeatureExtractor(self.graphs, self.calibration, probe_x, probe_y, base_probe)
+
+        self.meta = {
+            "format": _FORMAT, "tasks": self.tasks, "models": _hash_models(self.models),
+            "max_accuracy_drop": config.max_accuracy_drop, "seed": config.seed, "sampler": config.sampler,
+            "predictor": config.predictor, "distill": config.distill_config.to_json(),
+            "target": json.loads(json.dumps(target_dict(config.target), default=str)),
+            "data": {s: int(data.x(s).shape[0]) for s in ("train", "val", "test")},
+            "filter": {"min_samples": config.filter_min_samples, "drop_min_samples": config.drop_min_samples,
+                       "drop_margin": config.drop_margin} if config.predictor else None,
+        }  # fmt: skip
+        work_dir = Path(config.work_dir) if config.work_dir is not None else None
+        self.store = _Checkpoint(work_dir, self.meta, config.resume)
+        if self.store.records:
+            self.say(f"resuming: {len(self.store.records)} candidate(s) already evaluated in {work_dir}")
+
+        self.filter: PredictiveFilter | None = None
+        if config.predictor:
+            self.filter = PredictiveFilter(
+                config.predictor, config.filter_min_samples, config.drop_margin, seed=config.seed,
+                latency_linear_on=self.features.names().index("mac_fraction"),
+                drop_min_samples=config.drop_min_samples,
+            )  # fmt: skip
+        self.proposer = make_sampler(config.sampler, self.graphs, config.seed, similarity=self.features.transfer_r2)
+        self.pass_line = config.max_accuracy_drop - config.distill_config.target_margin  # pass at or below it
+        self.candidates: list[Candidate] = []
+        self.baseline: Candidate | None = None
+        self.best_latency = float("inf")
+        self.seen: set[str] = set()
+        self.queue: list[FusionPlan] = list(config.plans)
+
+    # ---- latency: compiling and timing are separate so the baseline is compiled once, timed thrice ----
+
+    def compile_for_timing(self, multi: Any) -> Any:
+        return multi if self.config.latency_fn else compile_multimodel(multi, self.config.target)
+
+    def time_compiled(self, compiled: Any) -> float:
+        if self.config.latency_fn:
+            return float(self.config.latency_fn(compiled))
+        return time_artifact(compiled, self.config.timing)
+
+    def measure(self, multi: Any) -> float:
+        return self.time_compiled(self.compile_for_timing(multi))
+
+    # ---- the search ------------------------------------------------------------------------------------
+
+    def run(self) -> SearchResult:
+        """Baseline, then up to ``budget`` candidates, then the test-checked final pick and the report."""
+        config = self.config
+        baseline = self.measure_baseline()
+        bar = _progress(config.budget, config.progress)
+        try:
+            for index in range(1, config.budget + 1):
+                if config.time_budget_s is not None and time.perf_counter() - self.started > config.time_budget_s:
+                    self.say(f"time budget of {config.time_budget_s:.0f} s reached after {index - 1} candidate(s)")
+                    break
+                plan = self.next_plan()
+                if plan is None:
+                    self.say("no new plan could be proposed: the plan space is exhausted")
+                    break
+                self.seen.add(plan.key())
+                cand = self.store.get(plan.key())
+                if cand is None:
+                    cand = self.evaluate(index, plan)
+                    self.store.add(cand)
+                self.observe(cand)
+                bar.update(1)
+                bar.set_postfix_str(
+                    f"best {self.best_latency:.3f} ms, fine-tunes {sum(c.fine_tuned for c in self.candidates)}, "
+                    f"skipped {sum(c.status.startswith('skipped') for c in self.candidates)}"
+                )
+        finally:
+            bar.close()
+        search_seconds = time.perf_counter() - self.started
+
+        result = self.finish()
+        result.report.update(self.report(baseline, search_seconds, time.perf_counter() - self.started, result))
+        result.candidates = self.candidates
+        if self.store.dir is not None:
+            (self.store.dir / "report.json").write_text(json.dumps(result.report, indent=1, default=_json_default))
+            try:
+                plot_pareto(result.report, self.store.dir / "pareto.png")
+            except ImportError:
+                self.say("matplotlib is not installed: no pareto.png (report.json has the same data)")
+            result.work_dir = self.store.dir
+        return result
+
+    def measure_baseline(self) -> Candidate:
+        """The unfused models: the latency to beat, and the answer when no plan meets the target."""
+        identity = FusionPlan()
+        baseline = self.store.get(identity.key())
+        if baseline is None:
+            t0 = time.perf_counter()
+            fused = _identity(self.graphs)
+            feats = self.features(identity, fused)
+            try:
+                compiled = self.compile_for_timing(to_multimodel(fused, self.example))
+                # Every candidate is compared with this number: take the best of three measurements.
+                latency = min(self.time_compiled(compiled) for _ in range(3))
+            except GmorphError as err:
+                raise SearchError(f"the unfused models cannot be compiled and timed: {err}") from err
+            baseline = Candidate(0, identity, "baseline", feats, None, latency, seconds=time.perf_counter() - t0)
+            self.store.add(baseline)
+        assert baseline.latency_ms is not None
+        self.say(f"unfused models: {baseline.latency_ms:.4f} ms compiled; val accuracy " +
+                 ", ".join(f"{t} {a:.2f}%" for t, a in self.teacher.accuracy_val.items()))
+        self.baseline = baseline
+        self.candidates = [baseline]
+        self.proposer.observe(identity, True, baseline.latency_ms)
+        if self.filter is not None:
+            self.filter.add_latency(self.features.vector(baseline.features), 1.0)
+        self.best_latency = baseline.latency_ms
+        self.seen = {identity.key()}
+        return baseline
+
+    def next_plan(self) -> FusionPlan | None:
+        """The next unseen plan: the given ``plans`` first, then the sampler's; ``None`` when exhausted."""
+        plan = None
+        while self.queue and plan is None:
+            head = self.queue.pop(0)
+            head.validate(self.graphs)
+            plan = head if head.key() not in self.seen else None
+        if plan is None:
+            plan = self.proposer.propose(self.seen)
+        return plan
+
+    def observe(self, cand: Candidate) -> None:
+        """Record an evaluated candidate: the filter's training data, the sampler, the best latency."""
+        assert self.baseline is not None and self.baseline.latency_ms is not None
+        self.candidates.append(cand)
+        if self.filter is not None and cand.features:
+            vec = self.features.vector(cand.features)
+            if cand.latency_ms is not None:
+                self.filter.add_latency(vec, cand.latency_ms / self.baseline.latency_ms)
+            if cand.fine_tuned:
+                self.filter.add_drop(vec, cand.max_drop)
+        self.proposer.observe(cand.plan, cand.passed, cand.latency_ms, _failing_tasks(cand, self.pass_line))
+        if cand.passed and cand.latency_ms is not None and cand.latency_ms < self.best_latency:
+            self.best_latency = cand.latency_ms
+
+    def evaluate(self, index: int, plan: FusionPlan) -> Candidate:
+        """Filter, build, time and fine-tune one plan (steps 1-4 of the module docstring)."""
+        assert self.baseline is not None and self.baseline.latency_ms is not None
+        config, filt = self.config, self.filter
         t0 = time.perf_counter()
-        fused = _identity(graphs)
-        feats = features(identity, fused)
+        cand = Candidate(index, plan, "error")
         try:
-            compiled = compile_for_timing(to_multimodel(fused, example))
-            # Every candidate is compared with this number: take the best of three measurements.
-            latency = min(float(time_compiled(compiled)) for _ in range(3))
+            if filt is not None:
+                failed = [c for c in self.candidates if c.fine_tuned and not c.passed]
+                worse_than = next((f for f in failed if plan.at_least_as_aggressive(f.plan)), None)
+                if worse_than is not None:
+                    cand.status = "skipped_rule"
+                    cand.prediction = {"skip": True, "reason": "rule", "failed_plan": worse_than.key,
+                                       "failing_tasks": _failing_tasks(worse_than, self.pass_line)}
+                    return cand
+            fused = build_fused(self.graphs, plan, self.calibration)
+            cand.features = self.features(plan, fused)
+            if filt is not None:
+                decision = filt.decide(self.features.vector(cand.features), config.max_accuracy_drop,
+                                       self.best_latency / self.baseline.latency_ms)
+                cand.prediction = decision.to_json()
+                if decision.skip:
+                    cand.status = f"skipped_{decision.reason}"
+                    return cand
+            cand.latency_ms = float(self.measure(to_multimodel(fused, self.example)))
+            if filt is not None and cand.latency_ms >= self.best_latency:
+                cand.status = "skipped_measured_latency"  # cannot beat the best, whatever its accuracy
+                return cand
+            outcome = distill(fused, self.teacher, self.data.val_x, self.data.val_y, config.max_accuracy_drop,
+                              config.distill_config, seed=config.seed + index)
+            cand.distill = outcome.to_json()
+            if outcome.passed:
+                cand.status = "passed"
+                cand.weights = self.store.keep(plan, fused)
+            else:
+                cand.status = "aborted" if outcome.stop_reason == "learning_curve" else "failed"
+            return cand
         except GmorphError as err:
-            raise SearchError(f"the unfused models cannot be compiled and timed: {err}") from None
-        baseline = Candidate(0, identity, "baseline", feats, None, latency, seconds=time.perf_counter() - t0)
-        store.add(baseline)
-    say(f"unfused models: {baseline.latency_ms:.4f} ms compiled; val accuracy " +
-        ", ".join(f"{t} {a:.2f}%" for t, a in teacher.accuracy_val.items()))
-    candidates = [baseline]
-    proposer.observe(identity, True, baseline.latency_ms)
-    if filt is not None:
-        filt.add_latency(features.vector(baseline.features), 1.0)
-    best_latency = baseline.latency_ms
-    seen = {identity.key()}
-    queue = [p for p in plans]
-    pass_line = max_accuracy_drop - distill_config.target_margin  # a candidate passes at or below it
+            cand.error = f"{type(err).__name__}: {err}"
+            return cand
+        finally:
+            cand.seconds = time.perf_counter() - t0
 
-    bar = _progress(budget, progress)
-    try:
-        for index in range(1, budget + 1):
-            if time_budget_s is not None and time.perf_counter() - started > time_budget_s:
-                say(f"time budget of {time_budget_s:.0f} s reached after {index - 1} candidate(s)")
+    # ---- final pick -------------------------------------------------------------------------------------
+
+    def finish(self) -> SearchResult:
+        """Confirm the fastest passing plans on the test split; compile (and tune) the first that holds."""
+        config, data, candidates = self.config, self.data, self.candidates
+        max_drop = config.max_accuracy_drop
+        base_test = self.teacher.accuracy_test(data)
+        passing = sorted((c for c in candidates if c.status == "passed"), key=lambda c: (c.latency_ms, c.index))
+        checks = []
+        chosen, fused, test_acc = None, None, None
+        for cand in passing:
+            model = self.restore(cand)
+            if model is None:
+                continue
+            acc = evaluate(model, self.tasks, data.test_x, data.test_y)
+            test_drops = drops(base_test, acc)
+            ok = max(test_drops.values()) <= max_drop
+            checks.append({"key": cand.key, "latency_ms": cand.latency_ms, "test_accuracy": acc,
+                           "test_drops": test_drops, "passed": ok})
+            self.say(f"test check {cand.key}: worst drop {max(test_drops.values()):.2f} pt -> "
+                     f"{'ok' if ok else 'rejected'}")
+            if ok:
+                chosen, fused, test_acc = cand, model, acc
                 break
-            plan = None
-            while queue and plan is None:
-                head = queue.pop(0)
-                head.validate(graphs)
-                plan = head if head.key() not in seen else None
-            if plan is None:
-                plan = proposer.propose(seen)
-            if plan is None:
-                say("no new plan could be proposed: the plan space is exhausted")
-                break
-            seen.add(plan.key())
-            cand = store.get(plan.key())
-            if cand is None:
-                failed = [c for c in candidates if c.fine_tuned and not c.passed]
-                cand = _evaluate(index, plan, graphs, calibration, features, filt, measure, teacher, data,
-                                 max_accuracy_drop, distill_config, best_latency, baseline.latency_ms, seed, store,
-                                 example, failed, pass_line)
-                store.add(cand)
-            candidates.append(cand)
-            if filt is not None and cand.features:
-                vec = features.vector(cand.features)
-                if cand.latency_ms is not None:
-                    filt.add_latency(vec, cand.latency_ms / baseline.latency_ms)
-                if cand.fine_tuned:
-                    filt.add_drop(vec, cand.max_drop)
-            proposer.observe(plan, cand.passed, cand.latency_ms, _failing_tasks(cand, pass_line))
-            if cand.passed and cand.latency_ms < best_latency:
-                best_latency = cand.latency_ms
-            bar.update(1)
-            bar.set_postfix_str(
-                f"best {best_latency:.3f} ms, fine-tunes {sum(c.fine_tuned for c in candidates)}, "
-                f"skipped {sum(c.status.startswith('skipped') for c in candidates)}"
+        if chosen is None or fused is None or test_acc is None:
+            chosen = candidates[0]
+            fused = _identity(self.graphs)
+            test_acc = dict(base_test)
+            message = (
+                f"no fused plan met the {max_drop:g}-point target on both validation and test "
+                f"({len(passing)} passed validation); returning the original models unfused"
             )
-    finally:
-        bar.close()
-    search_seconds = time.perf_counter() - started
+        else:
+            message = (
+                f"plan {chosen.key}: {candidates[0].latency_ms / chosen.latency_ms:.2f}x faster than the unfused "
+                f"compiled models, worst test drop {max(drops(base_test, test_acc).values()):.2f} pt"
+            )
+        self.say(message)
+        fused.eval()
+        multi = to_multimodel(fused, self.example)
+        artifact = compile_multimodel(multi, config.target)
+        latency = float(config.latency_fn(multi)) if config.latency_fn is not None else \
+            time_artifact(artifact, config.timing)
+        final: dict[str, Any] = {"latency_ms": latency}
+        if config.tune_trials > 0:
+            final.update(self.tune_final(multi))
+            if "artifact" in final:
+                artifact = final.pop("artifact")
+        if self.store.dir is not None:
+            (self.store.dir / "final").mkdir(exist_ok=True)
+            path = artifact.export(self.store.dir / "final" / "fused.so")
+            final["library"] = str(path)
+        report = {"test_checks": checks, "final": final}
+        return SearchResult(chosen.plan, fused, multi, artifact, final.get("tuned_latency_ms", latency), base_test,
+                            test_acc, report, message)
 
-    result = _finish(candidates, graphs, calibration, teacher, data, max_accuracy_drop, target, timing,
-                     latency_fn, store, example, tune_trials, say)
-    result.report.update(_report(candidates, baseline, max_accuracy_drop, meta, teacher, search_seconds,
-                                 time.perf_counter() - started, result))
-    result.candidates = candidates
-    if store.dir is not None:
-        (store.dir / "report.json").write_text(json.dumps(result.report, indent=1, default=_json_default))
-        try:
-            plot_pareto(result.report, store.dir / "pareto.png")
-        except ImportError:
-            say("matplotlib is not installed: no pareto.png (report.json has the same data)")
-        result.work_dir = store.dir
-    return result
+    def tune_final(self, multi: Any) -> dict[str, Any]:
+        """Tune the final pick with MetaSchedule (``tune_trials``) and compile it with the records."""
+        config, store = self.config, self.store
+        work = (store.dir / "tuning") if store.dir is not None else Path(tempfile.mkdtemp(prefix="gmorph_tune_"))
+        t0 = time.perf_counter()
+        tune(multi.bound_module(), config.target, trials=config.tune_trials, work_dir=work, progress=False)
+        artifact = compile_multimodel(multi, config.target, tuning_db=work)
+        return {"artifact": artifact, "tuned_latency_ms": time_artifact(artifact, config.timing),
+                "tuning_seconds": time.perf_counter() - t0, "tuning_trials": config.tune_trials}
 
+    def restore(self, cand: Candidate) -> FusedModel | None:
+        """A passing candidate's fused model with its fine-tuned weights (``None`` if they are gone)."""
+        state = self.store.weights(cand.weights) if cand.weights else None
+        if state is None:
+            return None
+        model = build_fused(self.graphs, cand.plan, self.calibration)
+        model.load_state_dict(state)
+        return model.eval()
 
-# ---- one candidate ---------------------------------------------------------------------------------------
+    def report(self, baseline: Candidate, search_seconds: float, total_seconds: float,
+               result: SearchResult) -> dict[str, Any]:
+        """``report.json``'s content: counts per status, Pareto front, the choice, every candidate."""
+        candidates = self.candidates
+        counts = {s: 0 for s in ("passed", "failed", "aborted", "skipped_rule", "skipped_predicted_drop",
+                                 "skipped_predicted_latency", "skipped_measured_latency", "error")}
+        for c in candidates[1:]:
+            counts[c.status] = counts.get(c.status, 0) + 1
+        counts["proposed"] = len(candidates) - 1
+        counts["fine_tuned"] = sum(c.fine_tuned for c in candidates)
+        counts["fine_tunes_saved"] = counts["proposed"] - counts["fine_tuned"]
+        points = [(c.latency_ms, c.max_drop, c.key) for c in candidates
+                  if c.latency_ms is not None and c.max_drop is not None]
+        best = min((c for c in candidates if c.passed), key=lambda c: c.latency_ms)
+        return {
+            "config": self.meta,
+            "base_accuracy": {"val": self.teacher.accuracy_val, "test": result.base_test_accuracy},
+            "baseline_latency_ms": baseline.latency_ms,
+            "best_val_latency_ms": best.latency_ms,
+            "best_val_plan": best.key,
+            "counts": counts,
+            "pareto_front": [{"latency_ms": lat, "max_val_drop": d, "key": k} for lat, d, k in pareto_front(points)],
+            "chosen": {
+                "key": result.plan.key(), "plan": result.plan.to_json(), "test_accuracy": result.test_accuracy,
+                "test_drops": result.test_drops, "latency_ms": result.latency_ms,
+                "speedup_vs_unfused": baseline.latency_ms / result.latency_ms if result.latency_ms else None,
+            },  # fmt: skip
+            "message": result.message,
+            "search_seconds": search_seconds,
+            "total_seconds": total_seconds,
+            "candidates": [c.to_json() for c in candidates],
+        }
 
 
 def _failing_tasks(cand: Candidate, pass_line: float) -> list[str]:
@@ -377,120 +633,6 @@ def _failing_tasks(cand: Candidate, pass_line: float) -> list[str]:
     if cand.distill is not None:
         return [t for t, d in cand.distill["val_drops"].items() if d > pass_line]
     return list((cand.prediction or {}).get("failing_tasks", []))
-
-
-def _evaluate(index, plan, graphs, calibration, features, filt, measure, teacher, data, max_drop, config,
-              best_latency, base_latency, seed, store, example, failed, pass_line) -> Candidate:
-    t0 = time.perf_counter()
-    cand = Candidate(index, plan, "error")
-    try:
-        if filt is not None:
-            worse_than = next((f for f in failed if plan.at_least_as_aggressive(f.plan)), None)
-            if worse_than is not None:
-                cand.status = "skipped_rule"
-                cand.prediction = {"skip": True, "reason": "rule", "failed_plan": worse_than.key,
-                                   "failing_tasks": _failing_tasks(worse_than, pass_line)}
-                return cand
-        fused = build_fused(graphs, plan, calibration)
-        cand.features = features(plan, fused)
-        if filt is not None:
-            decision = filt.decide(features.vector(cand.features), max_drop, best_latency / base_latency)
-            cand.prediction = decision.to_json()
-            if decision.skip:
-                cand.status = f"skipped_{decision.reason}"
-                return cand
-        cand.latency_ms = float(measure(to_multimodel(fused, example)))
-        if filt is not None and cand.latency_ms >= best_latency:
-            cand.status = "skipped_measured_latency"  # cannot beat the best, whatever its accuracy
-            return cand
-        outcome = distill(fused, teacher, data.val_x, data.val_y, max_drop, config, seed=seed + index)
-        cand.distill = outcome.to_json()
-        if outcome.passed:
-            cand.status = "passed"
-            cand.weights = store.keep(plan, fused)
-        else:
-            cand.status = "aborted" if outcome.stop_reason == "learning_curve" else "failed"
-        return cand
-    except GmorphError as err:
-        cand.error = f"{type(err).__name__}: {err}"
-        return cand
-    finally:
-        cand.seconds = time.perf_counter() - t0
-
-
-# ---- final pick -------------------------------------------------------------------------------------------
-
-
-def _finish(candidates, graphs, calibration, teacher, data, max_drop, target, timing, latency_fn, store,
-            example, tune_trials, say) -> SearchResult:
-    tasks = list(graphs)
-    base_test = teacher.accuracy_test(data)
-    passing = sorted((c for c in candidates if c.status == "passed"), key=lambda c: (c.latency_ms, c.index))
-    checks = []
-    chosen, fused, test_acc = None, None, None
-    for cand in passing:
-        model = _restore(cand, graphs, calibration, store)
-        if model is None:
-            continue
-        acc = evaluate(model, tasks, data.test_x, data.test_y)
-        test_drops = drops(base_test, acc)
-        ok = max(test_drops.values()) <= max_drop
-        checks.append({"key": cand.key, "latency_ms": cand.latency_ms, "test_accuracy": acc, "test_drops": test_drops,
-                       "passed": ok})
-        say(f"test check {cand.key}: worst drop {max(test_drops.values()):.2f} pt -> {'ok' if ok else 'rejected'}")
-        if ok:
-            chosen, fused, test_acc = cand, model, acc
-            break
-    if chosen is None:
-        chosen = candidates[0]
-        fused = _identity(graphs)
-        test_acc = dict(base_test)
-        message = (
-            f"no fused plan met the {max_drop:g}-point target on both validation and test "
-            f"({len(passing)} passed validation); returning the original models unfused"
-        )
-    else:
-        message = (
-            f"plan {chosen.key}: {candidates[0].latency_ms / chosen.latency_ms:.2f}x faster than the unfused "
-            f"compiled models, worst test drop {max(drops(base_test, test_acc).values()):.2f} pt"
-        )
-    say(message)
-    fused.eval()
-    multi = to_multimodel(fused, example)
-    artifact = compile_multimodel(multi, target)
-    latency = float(latency_fn(multi)) if latency_fn is not None else time_artifact(artifact, timing)
-    final: dict[str, Any] = {"latency_ms": latency}
-    if tune_trials > 0:
-        final.update(_tune(multi, target, tune_trials, store, timing, say))
-        if "artifact" in final:
-            artifact = final.pop("artifact")
-    if store.dir is not None:
-        (store.dir / "final").mkdir(exist_ok=True)
-        path = artifact.export(store.dir / "final" / "fused.so")
-        final["library"] = str(path)
-    report = {"test_checks": checks, "final": final}
-    return SearchResult(chosen.plan, fused, multi, artifact, final.get("tuned_latency_ms", latency), base_test, test_acc,
-                        report, message)
-
-
-def _tune(multi, target, trials, store, timing, say) -> dict[str, Any]:
-    import tempfile
-
-    work = (store.dir / "tuning") if store.dir is not None else Path(tempfile.mkdtemp(prefix="gmorph_tune_"))
-    t0 = time.perf_counter()
-    tune(multi.bound_module(), target, trials=trials, work_dir=work, progress=False)
-    artifact = compile_multimodel(multi, target, tuning_db=work)
-    return {"artifact": artifact, "tuned_latency_ms": time_artifact(artifact, timing),
-            "tuning_seconds": time.perf_counter() - t0, "tuning_trials": trials}
-
-
-def _restore(cand: Candidate, graphs, calibration, store) -> FusedModel | None:
-    state = store.weights(cand.weights) if cand.weights else None
-    if state is None:
-        return None
-    model = build_fused(graphs, cand.plan, calibration)
-    model.load_state_dict(state)
-    return model.eval()
 
 
 def _identity(graphs) -> FusedModel:
@@ -510,8 +652,6 @@ def _check_models(models, data: MultiTaskData) -> dict[str, nn.Module]:
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc="fusion search", unit="plan", disable=not enabled, leave=False)
 
 
@@ -525,36 +665,6 @@ def pareto_front(points: Sequence[tuple[float, float, str]]) -> list[tuple[float
         if not front or drop < front[-1][1]:
             front.append((lat, drop, key))
     return front
-
-
-def _report(candidates, baseline, max_drop, meta, teacher, search_seconds, total_seconds, result) -> dict[str, Any]:
-    counts = {s: 0 for s in ("passed", "failed", "aborted", "skipped_rule", "skipped_predicted_drop",
-                             "skipped_predicted_latency", "skipped_measured_latency", "error")}
-    for c in candidates[1:]:
-        counts[c.status] = counts.get(c.status, 0) + 1
-    counts["proposed"] = len(candidates) - 1
-    counts["fine_tuned"] = sum(c.fine_tuned for c in candidates)
-    counts["fine_tunes_saved"] = counts["proposed"] - counts["fine_tuned"]
-    points = [(c.latency_ms, c.max_drop, c.key) for c in candidates if c.latency_ms is not None and c.max_drop is not None]
-    best = min((c for c in candidates if c.passed), key=lambda c: c.latency_ms)
-    return {
-        "config": meta,
-        "base_accuracy": {"val": teacher.accuracy_val, "test": result.base_test_accuracy},
-        "baseline_latency_ms": baseline.latency_ms,
-        "best_val_latency_ms": best.latency_ms,
-        "best_val_plan": best.key,
-        "counts": counts,
-        "pareto_front": [{"latency_ms": lat, "max_val_drop": d, "key": k} for lat, d, k in pareto_front(points)],
-        "chosen": {
-            "key": result.plan.key(), "plan": result.plan.to_json(), "test_accuracy": result.test_accuracy,
-            "test_drops": result.test_drops, "latency_ms": result.latency_ms,
-            "speedup_vs_unfused": baseline.latency_ms / result.latency_ms if result.latency_ms else None,
-        },  # fmt: skip
-        "message": result.message,
-        "search_seconds": search_seconds,
-        "total_seconds": total_seconds,
-        "candidates": [c.to_json() for c in candidates],
-    }
 
 
 def plot_pareto(report: Mapping[str, Any], path: Path) -> Path:

@@ -11,16 +11,16 @@ parameters, number of adapters, interpolations, shares and drops, compute layers
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
+from .distill import evaluate
 from .graph import LayerGraph
 from .mutate import Adapter, Calibration, FusedModel
 from .plan import FusionPlan
-from .distill import evaluate
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -16,8 +16,8 @@ references (not copies) the original sub-modules, which is how fusion plans are 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -99,7 +99,7 @@ class LayerGraph:
 
     # ---- construction ------------------------------------------------------------------------
     @staticmethod
-    def trace(name: str, model: nn.Module, example_input: torch.Tensor) -> "LayerGraph":
+    def trace(name: str, model: nn.Module, example_input: torch.Tensor) -> LayerGraph:
         """Trace ``model`` (one tensor in, one tensor out) and find its cut points.
 
         ``example_input`` fixes the shapes (batch dimension included, any batch size).
@@ -107,7 +107,7 @@ class LayerGraph:
         try:
             gm = fx.symbolic_trace(model)
         except Exception as err:  # fx raises many types for data-dependent control flow
-            raise SearchError(f"model {name!r}: torch.fx cannot trace it ({type(err).__name__}: {err})") from None
+            raise SearchError(f"model {name!r}: torch.fx cannot trace it ({type(err).__name__}: {err})") from err
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
             raise SearchError(f"model {name!r}: fusion search needs models with one input, this one has {len(placeholders)}")
@@ -154,7 +154,7 @@ class LayerGraph:
         total_macs = sum(_macs(gm, n) for n in nodes)
         return LayerGraph(name, gm, cuts, out_shape, total_params, total_macs)
 
-    def copy(self) -> "LayerGraph":
+    def copy(self) -> LayerGraph:
         """An independent copy (fresh parameters with the same values, same cut points)."""
         return LayerGraph(self.name, copy.deepcopy(self.gm), self.cuts, self.output_shape, self.total_params, self.total_macs)
 

@@ -17,14 +17,14 @@ Two clocks:
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 
-from ..errors import SearchError
 from ..artifact import build
+from ..core.timing import seconds_per_call
+from ..errors import SearchError
 from ..runtime.loader import random_inputs, time_main
 
 
@@ -53,13 +53,7 @@ def compile_multimodel(multi, target, tuning_db=None):
 def min_cpu_time_ms(call: Callable[[], object], number: int, repeat: int) -> float:
     """Minimum over ``repeat`` runs of the mean CPU time (ms) of ``number`` calls of ``call``."""
     call()  # warm up
-    results = []
-    for _ in range(repeat):
-        start = time.process_time()
-        for _ in range(number):
-            call()
-        results.append((time.process_time() - start) / number)
-    return float(min(results) * 1e3)
+    return float(min(seconds_per_call(call, number, repeat, clock="cpu")) * 1e3)
 
 
 def time_artifact(artifact, timing: TimingConfig = TimingConfig(), seed: int = 0) -> float:
@@ -101,10 +95,5 @@ def time_torch_eager(models: Iterable, x, timing: TimingConfig = TimingConfig())
         if timing.clock == "cpu":
             return min_cpu_time_ms(run_all, timing.number, timing.repeat)
         run_all()
-        results = []
-        for _ in range(timing.repeat):
-            start = time.perf_counter()
-            for _ in range(timing.number):
-                run_all()
-            results.append((time.perf_counter() - start) / timing.number)
+        results = seconds_per_call(run_all, timing.number, timing.repeat)
     return float(np.min(results) * 1e3)

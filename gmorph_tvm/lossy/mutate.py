@@ -17,18 +17,18 @@ they are computed once in the compiled graph.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SearchError
-from .graph import LayerGraph
-from .plan import FusionPlan
 from ..frontend import import_models
 from ..passes import stitch
+from .graph import LayerGraph
+from .plan import FusionPlan
 
 INPUT_KEY = "input"
 

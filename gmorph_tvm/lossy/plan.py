@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 from ..errors import SearchError
 from .graph import LayerGraph
@@ -79,12 +79,12 @@ class FusionPlan:
         return {"shares": [s.to_json() for s in self.shares], "drops": [d.to_json() for d in self.drops]}
 
     @staticmethod
-    def from_json(obj: Mapping) -> "FusionPlan":
+    def from_json(obj: Mapping) -> FusionPlan:
         try:
             shares = tuple(Share(str(s["task"]), int(s["cut"]), str(s["host"]), int(s["host_cut"])) for s in obj.get("shares", []))
             drops = tuple(Drop(str(d["task"]), int(d["start"]), int(d["end"])) for d in obj.get("drops", []))
         except (KeyError, TypeError, ValueError) as err:
-            raise SearchError(f"malformed fusion plan {json.dumps(obj)[:200]}: {err}") from None
+            raise SearchError(f"malformed fusion plan {json.dumps(obj)[:200]}: {err}") from err
         return FusionPlan(shares, drops)
 
     def __str__(self) -> str:
@@ -173,7 +173,7 @@ class FusionPlan:
             return False
         return True
 
-    def at_least_as_aggressive(self, other: "FusionPlan") -> bool:
+    def at_least_as_aggressive(self, other: FusionPlan) -> bool:
         """Whether this plan removes at least what ``other`` removes (GMorph's rule filter).
 
         True when each share of ``other`` is matched by a share of the same task from the same host
@@ -192,25 +192,25 @@ class FusionPlan:
         return True
 
     # ---- editing (used by the samplers) --------------------------------------------------------------
-    def with_share(self, share: Share) -> "FusionPlan":
+    def with_share(self, share: Share) -> FusionPlan:
         """This plan with ``share.task``'s share replaced by ``share`` (its drops before the cut removed)."""
         shares = tuple(s for s in self.shares if s.task != share.task) + (share,)
         drops = tuple(d for d in self.drops if d.task != share.task or d.start >= share.cut)
         return FusionPlan(shares, drops)
 
-    def without_share(self, task: str) -> "FusionPlan":
+    def without_share(self, task: str) -> FusionPlan:
         return FusionPlan(tuple(s for s in self.shares if s.task != task), self.drops)
 
-    def without_tasks(self, tasks) -> "FusionPlan":
+    def without_tasks(self, tasks) -> FusionPlan:
         """This plan without the shares and drops of ``tasks`` (always valid if this one is)."""
         tasks = set(tasks)
         return FusionPlan(tuple(s for s in self.shares if s.task not in tasks),
                           tuple(d for d in self.drops if d.task not in tasks))
 
-    def with_drop(self, drop: Drop) -> "FusionPlan":
+    def with_drop(self, drop: Drop) -> FusionPlan:
         return FusionPlan(self.shares, self.drops + (drop,))
 
-    def without_drop(self, drop: Drop) -> "FusionPlan":
+    def without_drop(self, drop: Drop) -> FusionPlan:
         return FusionPlan(self.shares, tuple(d for d in self.drops if d != drop))
 
 

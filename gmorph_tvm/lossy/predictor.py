@@ -94,19 +94,27 @@ class _Regressor:
         self._model, self._fitted_on = model, len(self.y)
 
 
+PREDICTORS = ("xgboost", "linear")
+
+
+def check_predictor(kind: str) -> None:
+    """Raise SearchError unless ``kind`` names a predictor (``None``, no filter, is checked by the caller)."""
+    if kind not in PREDICTORS:
+        raise SearchError(f"unknown predictor {kind!r}; use 'xgboost', 'linear' or None")
+
+
 class PredictiveFilter:
     """Online accuracy-drop and latency predictors plus the skip rule."""
 
     def __init__(self, kind: str = "xgboost", min_samples: int = 4, drop_margin: float = 0.5,
                  latency_margin: float = 0.02, seed: int = 0, latency_linear_on: int | None = None,
                  drop_min_samples: int = 6) -> None:
-        if kind not in ("xgboost", "linear"):
-            raise SearchError(f"unknown predictor {kind!r}; use 'xgboost', 'linear' or None")
+        check_predictor(kind)
         needs = {"xgboost": ("xgboost", "xgboost-cpu"), "linear": ("sklearn", "scikit-learn")}[kind]
         try:
             __import__(needs[0])
-        except ImportError:
-            raise SearchError(f"predictor={kind!r} needs the {needs[1]} package (pip install {needs[1]})") from None
+        except ImportError as err:
+            raise SearchError(f"predictor={kind!r} needs the {needs[1]} package (pip install {needs[1]})") from err
         self.kind = kind
         self.min_samples = min_samples
         self.drop_min_samples = drop_min_samples

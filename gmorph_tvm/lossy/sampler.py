@@ -22,7 +22,7 @@ mutations from the unfused plan. Both skip plans already seen.
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -251,10 +251,18 @@ class AnnealingSampler:
                 "elite": [e[1] for e in self.elite]}
 
 
+SAMPLERS = ("annealing", "random")
+
+
+def check_sampler(name: str) -> None:
+    """Raise SearchError unless ``name`` is one of :data:`SAMPLERS`."""
+    if name not in SAMPLERS:
+        raise SearchError(f"unknown sampler {name!r}; use 'annealing' or 'random'")
+
+
 def make_sampler(name: str, graphs: Mapping[str, LayerGraph], seed: int, similarity: Similarity | None = None,
                  **options) -> AnnealingSampler | RandomSampler:
+    check_sampler(name)
     if name == "annealing":
         return AnnealingSampler(graphs, seed, similarity=similarity, **options)
-    if name == "random":
-        return RandomSampler(graphs, seed, similarity)
-    raise SearchError(f"unknown sampler {name!r}; use 'annealing' or 'random'")
+    return RandomSampler(graphs, seed, similarity)

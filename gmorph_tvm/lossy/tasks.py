@@ -29,17 +29,18 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import zoo
+from ..data import fashion_mnist
 from ..errors import SearchError
 from .data import MultiTaskData, accuracy, predict
-from ..data import fashion_mnist
-from .. import zoo
 
 TASK_NAMES = ("class10", "coarse4", "size3")
 BRIGHT = 0.5  # a pixel "covers" the frame when its intensity (0..1) is above this
@@ -179,7 +180,7 @@ def load_weights(path: Path) -> tuple[dict[str, nn.Module], dict[str, Any]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise SearchError(f"benchmark weights {path} are unreadable ({type(err).__name__}: {err}); delete the file to retrain") from None
+        raise SearchError(f"benchmark weights {path} are unreadable ({type(err).__name__}: {err}); delete the file to retrain") from err
     if state.get("config") != config_hash() or set(state.get("state_dicts", {})) != set(TASK_NAMES):
         raise SearchError(f"benchmark weights {path} were made for another configuration; delete the file to retrain")
     models = build_models(TRAINING["seed"])

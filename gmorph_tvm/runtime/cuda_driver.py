@@ -12,7 +12,8 @@ and no GPU context), so the check costs nothing where the driver is absent.
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..core import cuda as cuda_code
 from ..errors import ArtifactError

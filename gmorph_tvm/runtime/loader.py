@@ -15,32 +15,40 @@ also lets a ``.tar`` from a read-only directory be linked (TVM writes ``<name>.s
 from __future__ import annotations
 
 import atexit
-import hashlib
 import copy
+import hashlib
 import os
 import platform
 import shutil
 import tempfile
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import tvm
 from tvm import relax
 
-from ..core import cuda as cuda_code
-from ..core.tvm_log import quiet_tvm_warnings
-from ..core.manifest import (SIGNATURE_FUNCTION, check_signature, input_specs, library_path_for, manifest_path_for,
-                             read_manifest)
-from ..errors import ArtifactError, InputSpecError, one_line
+from ..core import device_code
+from ..core.manifest import (
+    SIGNATURE_FUNCTION,
+    check_signature,
+    input_specs,
+    library_path_for,
+    manifest_path_for,
+    read_manifest,
+)
 from ..core.specs import check_inputs
+from ..core.targets import runs_here
+from ..core.tvm_log import quiet_tvm_warnings
 from ..core.vm import InputsLike, VMPool, device_for, execute, split_outputs  # noqa: F401 (re-exported)
+from ..errors import ArtifactError, InputSpecError, one_line
 from .cuda_driver import check_cuda_driver, cuda_driver_version
 
-_MACHINE_ELF = {"x86_64": cuda_code.EM_X86_64, "AMD64": cuda_code.EM_X86_64,
-                "aarch64": cuda_code.EM_AARCH64, "arm64": cuda_code.EM_AARCH64}
-_ELF_NAME = {cuda_code.EM_X86_64: "x86_64", cuda_code.EM_AARCH64: "aarch64", 40: "arm", 243: "riscv"}
+_MACHINE_ELF = {"x86_64": device_code.EM_X86_64, "AMD64": device_code.EM_X86_64,
+                "aarch64": device_code.EM_AARCH64, "arm64": device_code.EM_AARCH64}
+_ELF_NAME = {device_code.EM_X86_64: "x86_64", device_code.EM_AARCH64: "aarch64", 40: "arm", 243: "riscv"}
 
 
 class Runner:
@@ -184,7 +192,7 @@ def _private_copy(library: Path) -> tuple[Path, str]:
 def _check_host_arch(library: Path, manifest: Mapping[str, Any]) -> None:
     machine = platform.machine()
     expected = _MACHINE_ELF.get(machine)
-    found = cuda_code.elf_machine(library)
+    found = device_code.elf_machine(library)
     built_for = str(manifest.get("host_triple", "")).split("-")[0]
     if found in _ELF_NAME and expected is not None and found != expected:  # unknown: let the loader say
         name = _ELF_NAME[found]
@@ -192,7 +200,7 @@ def _check_host_arch(library: Path, manifest: Mapping[str, Any]) -> None:
             f"{library} was built for {name} but this machine is {machine}; run it on the device it was "
             "built for (e.g. gmorph-tvm bench --rpc HOST:PORT)"
         )
-    if found is None and built_for and machine in _MACHINE_ELF and _MACHINE_ELF.get(built_for) not in (None, expected):
+    if found is None and built_for in _MACHINE_ELF and machine in _MACHINE_ELF and not runs_here(built_for):
         raise ArtifactError(
             f"{library} was built for a {built_for} host but this machine is {machine}; run it on that device"
         )

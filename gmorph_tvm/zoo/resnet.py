@@ -4,7 +4,7 @@ so its shortcut is a strided 1x1 conv + BN."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

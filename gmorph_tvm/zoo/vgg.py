@@ -6,7 +6,7 @@ prefix of it; the pretrained Fashion-MNIST sets freeze such a prefix.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import TinyCNN
 
 import gmorph_tvm
-from helpers import TinyCNN
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gmorph_tvm.tuning.shipped import lookup as lookup_shipped
 from helpers import TinyCNN
 from torch import nn
 
 import gmorph_tvm
-from helpers import TinyCNN
-from gmorph_tvm.core.manifest import encode_signature
 from gmorph_tvm.artifact import Artifact, build, manifest_path_for, resolve_target
+from gmorph_tvm.core.manifest import encode_signature
 from gmorph_tvm.errors import BuildError, TargetError
+from gmorph_tvm.tuning.shipped import lookup as lookup_shipped
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from gmorph_tvm import GmorphError
-from gmorph_tvm.data import DatasetError, fashion_mnist as fm
+from gmorph_tvm.data import DatasetError
+from gmorph_tvm.data import fashion_mnist as fm
 from gmorph_tvm.data._common import carve_validation
 
 pytestmark = pytest.mark.skipif(

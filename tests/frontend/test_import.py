@@ -4,14 +4,12 @@ module whose outputs match PyTorch / onnxruntime within 1e-4."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 import torch
+from helpers import run_relax
 
 from gmorph_tvm import import_models, zoo
 from gmorph_tvm.errors import InputSpecError, ModelImportError
-
-from helpers import run_relax
 
 ARCHS = ["vgg", "resnet", "mobilenet", "mlp", "transformer"]
 

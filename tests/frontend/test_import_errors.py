@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import onnx_model
 from onnx import TensorProto, helper
 
 import gmorph_tvm
 from gmorph_tvm.errors import InputSpecError, ModelImportError
-from helpers import onnx_model
 
 F = TensorProto.FLOAT
 REPO = Path(__file__).resolve().parents[2]

@@ -14,13 +14,12 @@ import onnxruntime as ort
 import pytest
 import torch
 import tvm
+from helpers import run_relax
 from onnx import TensorProto, helper, numpy_helper
 
 from gmorph_tvm import import_models, zoo
 from gmorph_tvm.errors import InputSpecError, ModelImportError
 from gmorph_tvm.frontend.importer import SimilarInputsWarning, _short
-
-from helpers import run_relax
 
 
 def _model(nodes, inputs, outputs, inits=(), functions=(), opset=17):

@@ -13,13 +13,11 @@ import onnxruntime as ort
 import pytest
 import torch
 import tvm
+from helpers import run_relax
 from onnx import TensorProto, helper, numpy_helper
-
 from tvm import relax
 
 from gmorph_tvm import import_models
-
-from helpers import run_relax
 
 SEQ, BATCH, INPUT, HIDDEN = 3, 2, 4, 5
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+import gmorph_tvm
 import gmorph_tvm.lossy.driver as search_module
 from gmorph_tvm.errors import SearchError
-from gmorph_tvm.lossy import DistillConfig, FusionPlan, Share, TimingConfig, search
+from gmorph_tvm.lossy import DistillConfig, FusionPlan, SearchConfig, Searcher, Share, TimingConfig, search
 from gmorph_tvm.lossy.distill import DistillResult
 from gmorph_tvm.lossy.distill import distill as real_distill
 
@@ -66,10 +67,12 @@ def test_resume_reuses_checkpointed_candidates(first_run, tiny_models, tiny_data
 
 
 def test_same_seed_same_search(tiny_models, tiny_data):
+    """Same seed, same search -- whether the options come as keywords or as a SearchConfig."""
+    options = dict(max_accuracy_drop=5.0, budget=2, predictor=None, sampler="annealing", seed=7,
+                   distill_config=FAST, latency_fn=_mac_latency, progress=False, log=None)
     runs = [
-        search(tiny_models, tiny_data, max_accuracy_drop=5.0, budget=2, predictor=None, sampler="annealing", seed=7,
-               distill_config=FAST, latency_fn=_mac_latency, progress=False, log=None)
-        for _ in range(2)
+        search(tiny_models, tiny_data, **options),
+        search(tiny_models, tiny_data, SearchConfig(**{**options, "seed": 3, "budget": 5}), seed=7, budget=2),
     ]
     a, b = ([(c.key, c.status, c.distill and c.distill["val_drops"]) for c in r.candidates] for r in runs)
     assert a == b
@@ -119,6 +122,43 @@ def test_a_plan_above_the_target_is_never_returned(tiny_models, tiny_data, monke
     assert strict.candidates[1].status != "passed"
     assert strict.plan.is_identity and "returning the original models" in strict.message
     assert strict.test_drops == {t: 0.0 for t in tiny_models}
+
+
+def test_search_config_validates_its_fields():
+    assert gmorph_tvm.SearchConfig is SearchConfig
+    assert SearchConfig(predictor="none").predictor is None and SearchConfig(predictor="off").predictor is None
+    for bad, match in [(dict(budget=-1), "budget"), (dict(budget=2.5), "budget"), (dict(max_accuracy_drop=100), "max_acc"),
+                       (dict(sampler="grid"), "unknown sampler"), (dict(predictor="forest"), "unknown predictor"),
+                       (dict(seed=-3), "seed"), (dict(probe_size=0), "probe_size"), (dict(time_budget_s=-1), "time_budget"),
+                       (dict(distill_config={"max_epochs": 1}), "DistillConfig"), (dict(timing=None), "TimingConfig"),
+                       (dict(plans=["coarse4@6<class10@8"]), "FusionPlan")]:
+        with pytest.raises(SearchError, match=match):
+            SearchConfig(**bad)
+    config = SearchConfig.with_overrides(SearchConfig(budget=3, seed=1), {"seed": 2})
+    assert (config.budget, config.seed) == (3, 2)
+
+
+def test_search_rejects_unknown_options_and_non_configs(tiny_models, tiny_data):
+    with pytest.raises(SearchError, match="unknown search option.*bugdet"):
+        search(tiny_models, tiny_data, bugdet=3)
+    with pytest.raises(SearchError, match="config must be a gmorph_tvm.SearchConfig, not float"):
+        search(tiny_models, tiny_data, 1.0)  # the old third positional (max_accuracy_drop)
+    with pytest.raises(SearchError, match="config must be"):
+        Searcher(tiny_models, tiny_data, {"budget": 1})
+
+
+def test_searcher_stages(tiny_models, tiny_data):
+    """The stages one by one: baseline, a given plan first, its evaluation, the observation."""
+    plan = FusionPlan((Share("size3", 1, "class10", 1),))
+    searcher = Searcher(tiny_models, tiny_data, SearchConfig(budget=1, predictor=None, plans=[plan], seed=0,
+                                                             distill_config=FAST, latency_fn=_mac_latency, log=None))
+    baseline = searcher.measure_baseline()
+    assert baseline.status == "baseline" and searcher.best_latency == baseline.latency_ms
+    assert searcher.next_plan() == plan
+    cand = searcher.evaluate(1, plan)
+    assert cand.status in ("passed", "failed", "aborted") and cand.latency_ms > 0 and cand.distill is not None
+    searcher.observe(cand)
+    assert searcher.candidates == [baseline, cand]
 
 
 def test_bad_arguments(tiny_models, tiny_data):

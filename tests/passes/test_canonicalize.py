@@ -10,7 +10,9 @@ import onnx
 import pytest
 import torch
 import tvm
+from helpers import randomize_batch_norms
 from onnx import numpy_helper
+from random_models import assert_close, run_module
 from torch import nn
 from tvm import relax
 
@@ -18,9 +20,6 @@ from gmorph_tvm import import_models
 from gmorph_tvm.frontend import params_of
 from gmorph_tvm.passes import CanonicalizeOps
 from gmorph_tvm.passes._util import count_ops, provenance_of, weight_params
-
-from helpers import randomize_batch_norms
-from random_models import assert_close, run_module
 
 F32 = "float32"
 

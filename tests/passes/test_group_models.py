@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from random_models import assert_close, run_module
 from torch import nn
 
 from gmorph_tvm import import_models
@@ -20,8 +21,6 @@ from gmorph_tvm.passes.group_models import (
 )
 from gmorph_tvm.passes.horizontal_merge import horizontal_merge
 from gmorph_tvm.passes.stitch_shared_weights import stitch
-
-from random_models import assert_close, run_module
 
 
 def _seeded(module: nn.Module, seed: int) -> nn.Module:

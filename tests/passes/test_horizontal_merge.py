@@ -12,18 +12,17 @@ import pytest
 import torch
 import tvm
 import tvm_ffi
+from helpers import randomize_batch_norm
 from hypothesis import HealthCheck, given, settings
+from random_models import assert_close, multi_model_cases, run_module
 from torch import nn
 from tvm import relax
 
 from gmorph_tvm import import_models, zoo
+from gmorph_tvm.passes._util import PROVENANCE_ATTR, count_ops, provenance_of
 from gmorph_tvm.passes.cost_model import MergeCost, MergeCostModel, MergeOptionError
 from gmorph_tvm.passes.horizontal_merge import HorizontalMerge, horizontal_merge, merge_report
 from gmorph_tvm.passes.stitch_shared_weights import stitch
-from gmorph_tvm.passes._util import PROVENANCE_ATTR, count_ops, provenance_of
-
-from helpers import randomize_batch_norm
-from random_models import assert_close, multi_model_cases, run_module
 
 CONV, MATMUL, SPLIT, CONCAT = "relax.nn.conv2d", "relax.matmul", "relax.split", "relax.concat"
 
@@ -115,7 +114,7 @@ def test_heads_after_a_stitched_trunk_become_one_matmul():
         f"h{i}": _init(nn.Sequential(copy.deepcopy(trunk), nn.Linear(16, classes)), 10 + i)
         for i, classes in enumerate((3, 5, 7))
     }
-    for name, model in models.items():  # _init redrew the trunk: restore the shared copy
+    for model in models.values():  # _init redrew the trunk: restore the shared copy
         model[0].load_state_dict(trunk.state_dict())
     x = torch.randn(2, 10)
     stitched = stitch(import_models(models, x))

@@ -6,11 +6,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import onnx_model
 from onnx import TensorProto, helper
 from torch import nn
 
 import gmorph_tvm
-from helpers import onnx_model
 
 F = TensorProto.FLOAT
 S = [1, 2, 4, 4]

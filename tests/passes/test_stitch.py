@@ -13,6 +13,8 @@ import onnx
 import pytest
 import torch
 import tvm
+from helpers import randomize_batch_norms
+from random_models import assert_close, run_module
 from torch import nn
 from tvm import relax
 
@@ -21,9 +23,6 @@ from gmorph_tvm import import_models
 from gmorph_tvm.frontend import params_of
 from gmorph_tvm.passes import CanonicalizeOps, StitchSharedWeights, stitch
 from gmorph_tvm.passes._util import PROVENANCE_ATTR, count_ops, count_weights, provenance_of, weight_bytes
-
-from helpers import randomize_batch_norms
-from random_models import assert_close, run_module
 
 
 class PrefixNet(nn.Module):

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import tvm
 from hypothesis import HealthCheck, given, settings
+from random_models import assert_close, bind_constants, multi_model_cases, run_module
 from tvm import relax
 
 from gmorph_tvm import import_models
 from gmorph_tvm.passes import CanonicalizeOps, StitchSharedWeights, stitch
 from gmorph_tvm.passes._util import count_ops, count_weights, weight_bytes
-
-from random_models import assert_close, bind_constants, multi_model_cases, run_module
 
 WEIGHTED_OPS = ("relax.nn.conv2d", "relax.matmul")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from helpers import onnx_model
 from onnx import TensorProto, helper
 
 import gmorph_tvm
-from helpers import onnx_model
 
 TABLE = (np.arange(15, dtype=np.float32).reshape(5, 3) - 7) / 3
 

@@ -7,13 +7,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import onnx_model
 from onnx import TensorProto, helper
 
 import gmorph_tvm
 from gmorph_tvm.errors import RuntimeInputError
 from gmorph_tvm.passes import index_bounds
 from gmorph_tvm.runtime import load
-from helpers import onnx_model
 
 TABLE = np.arange(40, dtype=np.float32).reshape(10, 4)
 

@@ -24,8 +24,7 @@ import tvm
 from torch import nn
 from tvm.s_tir import meta_schedule as ms
 
-from gmorph_tvm import import_models
-from gmorph_tvm import build
+from gmorph_tvm import build, import_models
 from gmorph_tvm.tuning import TuningWarning, prepare, verify
 from gmorph_tvm.tuning.pipeline import DATABASE_FILES
 

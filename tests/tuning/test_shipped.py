@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import tvm
 import tvm_ffi
-from gmorph_tvm.tuning import extract, lower, prepare, shipped, tune
-from gmorph_tvm.tuning.pipeline import ShippedRecordsNote
-from gmorph_tvm.tuning.report import SHIPPED
 from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
 from gmorph_tvm.core.targets import target_dict
+from gmorph_tvm.tuning import extract, lower, prepare, shipped, tune
+from gmorph_tvm.tuning.pipeline import ShippedRecordsNote
+from gmorph_tvm.tuning.report import SHIPPED
 
 TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})  # generic x86-64: class x86_64-sse
 VERSION = str(tvm.__version__)

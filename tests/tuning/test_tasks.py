@@ -5,6 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tvm import relax
+
 from gmorph_tvm.tuning import allocate, extract, prepare
 from gmorph_tvm.tuning.tasks import (
     MIN_USEFUL_TRIALS,
@@ -13,9 +17,6 @@ from gmorph_tvm.tuning.tasks import (
     SKIPPED_SHARE,
     TaskPlan,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from tvm import relax
 
 TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
 

@@ -15,8 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from random_models import assert_close, multi_model_cases
 
-from gmorph_tvm import import_models
-from gmorph_tvm import build
+from gmorph_tvm import build, import_models
 from gmorph_tvm.pipeline import fuse_lossless
 from gmorph_tvm.tuning import TuningWarning, tune
 

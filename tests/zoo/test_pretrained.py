@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from gmorph_tvm.data import fashion_mnist as fm
-from gmorph_tvm.zoo import ZooError, pretrained as pt
+from gmorph_tvm.zoo import ZooError
+from gmorph_tvm.zoo import pretrained as pt
 
 needs_data = pytest.mark.skipif(
     not (fm.DEFAULT_ROOT / "t10k-labels-idx1-ubyte.gz").is_file(), reason="dataset-fashion-mnist not installed"

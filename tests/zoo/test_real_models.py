@@ -14,8 +14,7 @@ import pytest
 import torch
 import tvm
 
-from gmorph_tvm import import_models
-from gmorph_tvm import build
+from gmorph_tvm import build, import_models
 from gmorph_tvm.frontend.importer import SimilarInputsWarning
 from gmorph_tvm.pipeline import fuse_lossless
 from gmorph_tvm.zoo import real

@@ -10,8 +10,8 @@ consumed in order by the activations that take them, as onnxruntime does).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import tvm
 from tvm import relax
