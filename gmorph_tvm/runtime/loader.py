@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import tvm
@@ -32,7 +32,7 @@ from tvm import relax
 from ..artifact import cuda as cuda_code
 from ..core.tvm_log import quiet_tvm_warnings
 from ..core.manifest import (SIGNATURE_FUNCTION, check_signature, input_specs, library_path_for, manifest_path_for,
-                             read_manifest, task_infos)
+                             read_manifest)
 from ..errors import ArtifactError, InputSpecError, one_line
 from ..core.specs import check_inputs
 from ..core.vm import InputsLike, VMPool, device_for, execute, split_outputs  # noqa: F401 (re-exported)
