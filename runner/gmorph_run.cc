@@ -265,7 +265,7 @@ int Run(const Options& opt) {
   try {
     manifest = gmorph::json::Parse(ReadFile(manifest_path));
     if (manifest["format"].String() != "gmorph-tvm-artifact") throw std::runtime_error("not a gmorph-tvm manifest");
-    if (manifest["format_version"].Int() != 1) throw std::runtime_error("unsupported format_version");
+    if (manifest["format_version"].Int() != 2) throw std::runtime_error("unsupported format_version (this gmorph-run reads 2)");
   } catch (const std::exception& e) {
     std::cerr << "gmorph-run: manifest " << manifest_path << ": " << e.what() << "\n";
     return 1;
