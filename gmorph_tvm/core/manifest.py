@@ -109,10 +109,10 @@ def validate_manifest(data: Any, path: str | Path = "<manifest>") -> None:
         tasks = task_infos(data)
     except (KeyError, TypeError, ValueError) as err:
         raise ArtifactError(f"manifest {path}: malformed inputs/tasks ({type(err).__name__}: {err})") from err
-    for kind, names in (("input", [s.name for s in specs]), ("task", [t.name for t in tasks])):
+    for what, names in (("input", [s.name for s in specs]), ("task", [t.name for t in tasks])):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ArtifactError(f"manifest {path}: {kind} name {duplicates[0]!r} appears more than once")
+            raise ArtifactError(f"manifest {path}: {what} name {duplicates[0]!r} appears more than once")
     bounds = data.get("index_bounds", {})
     if not isinstance(bounds, dict) or not all(
         isinstance(v, dict) and all(isinstance(v.get(k), int) and not isinstance(v.get(k), bool) for k in ("low", "high"))

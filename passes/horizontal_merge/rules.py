@@ -17,6 +17,7 @@ from .analysis import (
     attrs_key,
     dtype_of,
     is_tensor,
+    known_shape,
     norm_axis,
     shape_of,
     vars_of_all,
@@ -163,11 +164,11 @@ class MatmulRule(MergeRule):
         axes = set()
         for operand in cand.operands:
             g = plan.group(operand.group)
-            r = len(shape_of(operand.args[0]))
+            r = len(known_shape(operand.args[0]))
             if g.axis >= r - 2:
                 return None
             axes.add(g.axis + rank - r)
-            if [shape_of(a)[g.axis] for a in operand.args] != [s[g.axis + rank - r] for s in out_shapes]:
+            if [known_shape(a)[g.axis] for a in operand.args] != [s[g.axis + rank - r] for s in out_shapes]:
                 return None
         if len(axes) != 1:
             return None
@@ -206,7 +207,7 @@ class TakeRule(MergeRule):
         if not (table is not None and table[0].ndim == 2 and int(value.attrs.axis) == 0
                 and isinstance(value.args[1], relax.Var) and weights.resolve(value.args[1]) is None):
             return None
-        rows = shape_of(value.args[0])[0]
+        rows = known_shape(value.args[0])[0]
         return ("take", value.args[1], rows, attrs_key(value), dtype_of(value)), None
 
     def match(self, cand, plan):
@@ -253,7 +254,7 @@ class ElementwiseRule(MergeRule):
         for operand in cand.operands:
             if operand.kind == "wide":
                 g = plan.group(operand.group)
-                aligned = g.axis + rank - len(shape_of(operand.args[0]))
+                aligned = g.axis + rank - len(known_shape(operand.args[0]))
                 if axis is not None and aligned != axis:
                     return None
                 axis = aligned
@@ -266,6 +267,7 @@ class ElementwiseRule(MergeRule):
         for operand in cand.operands:
             shapes = operand.shapes() if is_tensor(operand.args[0]) else None
             if operand.kind == "wide":
+                assert shapes is not None, "a wide operand is a tensor"
                 a = axis - (rank - len(shapes[0]))
                 if [s[a] for s in shapes] != widths or plan.group(operand.group).widths != widths:
                     return None  # would broadcast along the branch axis
@@ -368,7 +370,7 @@ class LayerNormRule(MergeRule):
         data, gamma, beta = cand.operands
         g = plan.group(data.group)
         call0, attrs = cand.call, cand.call.attrs
-        in_shape = shape_of(data.args[0])
+        in_shape = known_shape(data.args[0])
         rank, n = len(in_shape), len(cand.calls)
         axes = sorted(norm_axis(int(a), rank) for a in attrs.axes)
         if gamma.values is None or beta.values is None or any(s != in_shape for s in data.shapes()):
@@ -386,10 +388,11 @@ class LayerNormRule(MergeRule):
             split_shape, work_axes = None, axes
             full = [in_shape[d] if d in axes else 1 for d in range(rank)]
             out_shapes = [in_shape] * n
-            scale = stack_elementwise_operand([v.reshape(full) for v in gamma.values], axis, rank, out_shapes)
-            shift = stack_elementwise_operand([v.reshape(full) for v in beta.values], axis, rank, out_shapes)
-            if scale is None or shift is None:
+            scale_or_none = stack_elementwise_operand([v.reshape(full) for v in gamma.values], axis, rank, out_shapes)
+            shift_or_none = stack_elementwise_operand([v.reshape(full) for v in beta.values], axis, rank, out_shapes)
+            if scale_or_none is None or shift_or_none is None:
                 return None
+            scale, shift = scale_or_none, shift_or_none
         dtype = dtype_of(call0)
         wide_shape = list(in_shape)
         wide_shape[axis] *= n
@@ -424,7 +427,7 @@ class SoftmaxRule(MergeRule):
 
     def match(self, cand, plan):
         g = plan.group(cand.operands[0].group)
-        rank = len(shape_of(cand.operands[0].args[0]))
+        rank = len(known_shape(cand.operands[0].args[0]))
         if norm_axis(int(cand.call.attrs.axis), rank) == g.axis:
             return None
         return self.same_op(cand, plan, g.axis)
@@ -462,7 +465,7 @@ class ReduceRule(MergeRule):
     def match(self, cand, plan):
         g = plan.group(cand.operands[0].group)
         attrs = cand.call.attrs
-        rank = len(shape_of(cand.operands[0].args[0]))
+        rank = len(known_shape(cand.operands[0].args[0]))
         if attrs.axis is None:
             return None
         axes = {norm_axis(int(a), rank) for a in attrs.axis}
