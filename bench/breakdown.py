@@ -196,8 +196,8 @@ def ort_breakdown(system: str, onnx_paths: list[str], feed: dict[str, np.ndarray
 
 def render(title: str, rows: list[Breakdown]) -> str:
     lines = [f"**{title}**", "",
-             "| system | total ms | kernels ms | overhead ms | kernels | VM builtins | tiny (<20 us) | tiny ms "
-             "| 1-thread gain ms |",
+             ("| system | total ms | kernels ms | overhead ms | kernels | VM builtins | tiny (<20 us) | tiny ms "
+              "| 1-thread gain ms |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         gain = f"{r.single_thread_gain_ms:.3f}" if r.single_thread_gain_ms is not None else "-"

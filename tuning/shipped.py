@@ -57,7 +57,10 @@ def target_class(target: tvm.target.Target) -> str | None:
         return f"cuda-{target.attrs['arch']}" if "arch" in target.attrs else None
     if target.kind.name != "llvm":
         return None
-    arch, features = _arch(target), _cpu_features(target)
+    arch = _arch(target)
+    if arch not in ("x86_64", "aarch64"):
+        return arch or None  # LLVM is only asked about CPUs it knows (a bad triple crashes it)
+    features = _cpu_features(target)
     if arch == "x86_64":
         if all(f in features for f in _AVX512):
             return "x86_64-avx512"
@@ -69,7 +72,7 @@ def target_class(target: tvm.target.Target) -> str | None:
             if level in features:
                 return f"aarch64-{level}"
         return "aarch64-neon"
-    return arch or None
+    return None
 
 
 @dataclass

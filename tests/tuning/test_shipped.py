@@ -40,6 +40,8 @@ VERSION = str(tvm.__version__)
         ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78ae"}, "aarch64-dotprod"),
         ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a57"}, "aarch64-neon"),
         ({"kind": "cuda", "arch": "sm_87"}, "cuda-sm_87"),
+        # A triple LLVM does not know is not asked about (LLVM would crash): its arch is the class.
+        ({"kind": "llvm", "mtriple": "nonsense-foo-bar"}, "nonsense"),
     ],
 )
 def test_target_class_follows_the_vector_isa_of_mcpu_and_mattr(spec, expected):
