@@ -11,7 +11,8 @@ finishes the module for ``tvm.compile``:
   packed weights embedded: TVM's own ``static_shape_tuning`` pipeline instead lifts them into a
   ``main_transform_params`` function callers must run first.
 * CUDA: kernels without tuning records get dlight's default GPU schedules (every kernel must be
-  thread-bound to compile); tuned ones keep their records.
+  thread-bound to compile); tuned ones keep their records. Convolutions are first rewritten to
+  unfold + matmul (:mod:`gmorph_tvm.passes.conv2d_to_gemm`) since dlight has no conv2d rule.
 
 Both must see the same module: workloads are matched by structural hash. Records are applied
 only after they are checked against the default schedule (:mod:`.verify`).
@@ -28,6 +29,7 @@ import tvm
 from tvm import relax
 
 from ..errors import TuningError
+from ..passes.conv2d_to_gemm import Conv2dToGemm
 from ..passes.fold_pad_into_conv import FoldPadIntoConv
 from .ffi_guard import ensure_ir_json_works
 from .verify import VerifiedTuning, verified_database
@@ -45,6 +47,9 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         # Before fusion: a zero pad fused as a kernel's epilogue is mis-scheduled by MetaSchedule
         # (see the pass's docstring); as the next conv's padding it is not.
         FoldPadIntoConv(),
+        # dlight has no conv2d rule: on GPUs convs become unfold + matmul, which its Matmul /
+        # GEMV / Reduction rules schedule (instead of the one-thread-per-output Fallback).
+        *([Conv2dToGemm()] if is_gpu_target(target) else []),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         relax.get_pipeline("zero"),
