@@ -1,20 +1,24 @@
-"""Conv2dToGemm: every static-shape NCHW/OIHW ``nn.conv2d`` becomes an im2col unfold plus a ``matmul``.
+"""Conv2dToGemm: static NCHW/OIHW ``nn.conv2d`` calls dlight cannot schedule well become matmul / spatial kernels.
 
 Why: dlight (``tvm.s_tir.dlight``), which gives CUDA kernels their default schedules when no
-tuning records exist, has no conv2d rule, so every convolution falls to ``dlight.gpu.Fallback``
-(one thread per output element, no shared memory, no reuse). Expressed as a matmul, the
-reduction is scheduled by dlight's ``Matmul`` rule (tiled, shared-memory staged) or, for small
-reductions such as depthwise convs, by its ``GEMV`` / ``Reduction`` rules. The pass is target
-independent; the lowering applies it only for GPU targets (:func:`gmorph_tvm.tuning.pipeline.prepare`).
+tuning records exist, has no conv2d rule. Expressed as a matmul, the reduction is scheduled by
+dlight's ``Matmul`` rule (tiled, shared-memory staged). The pass is target independent; the
+lowering applies it only for GPU targets (:func:`gmorph_tvm.tuning.pipeline.prepare`).
 
-What it rewrites, for ``conv2d(x, w)`` with ``x: (N, C, H, W)``, ``w: (O, C/G, KH, KW)``, G groups:
+What it rewrites, for ``conv2d(x, w)`` with ``x: (N, C, H, W)``, ``w: (O, C/G, KH, KW)``, G groups
+(measured on apache-tvm 0.27: dlight's ``Matmul`` rule already takes a dense KxK conv2d as an
+implicit GEMM, but grouped and depthwise convs fall to ``GeneralReduction``, which spreads each
+output's short reduction over a thread block):
 
 * 1x1 kernel, stride 1, no padding, one group: ``reshape(matmul(reshape(w, (O, C)),
   reshape(x, (N, C, H*W))), (N, O, H, W))``; no copy of ``x``.
-* otherwise: an unfold kernel (``emit_te``; zero padding, stride and dilation folded into its
-  index arithmetic) builds ``cols: (N, G, C/G*KH*KW, OH*OW)``, then a batched
-  ``matmul(reshape(w, (1, G, O/G, C/G*KH*KW)), cols)`` gives ``(N, G, O/G, OH*OW)``, reshaped to
-  ``(N, O, OH, OW)``. Grouped and depthwise convs are the same batched matmul over G.
+* depthwise (``C/G == 1``, ``G == C``): one spatial kernel summing the KH*KW products of each
+  output written out (padding, stride, dilation in its index arithmetic): no reduction block, so
+  one thread per output as a depthwise kernel should be.
+* other grouped convs: an unfold kernel (``emit_te``) builds ``cols: (N, G, C/G*KH*KW, OH*OW)``,
+  then a batched ``matmul(reshape(w, (1, G, O/G, C/G*KH*KW)), cols)`` gives ``(N, G, O/G, OH*OW)``,
+  reshaped to ``(N, O, OH, OW)``.
+* dense KxK convs (one group) are left to dlight's ``Matmul`` rule.
 
 What it preserves: the output's shape and dtype (``out_dtype`` is passed to the matmul), the sums
 computed (same products, reduction order aside: results agree to float rounding), ``main``'s
@@ -60,6 +64,31 @@ def _four(values) -> list[int]:
     if len(values) == 2:
         return values * 2
     return values
+
+
+def _depthwise(x: te.Tensor, w: te.Tensor, kh: int, kw: int, strides, padding, dilation, oh: int, ow: int, out_dtype: str):
+    """``y[n, o, p, q] = sum over (i, j) of x_padded[n, o // M, p*sh + i*dh, q*sw + j*dw] * w[o, 0, i, j]``,
+    the KH*KW products written out as one expression: a spatial kernel with no reduction block."""
+    n, c, h, wd = (int(d) for d in x.shape)
+    o = int(w.shape[0])
+    mult = o // c
+    sh, sw = strides
+    top, left = padding[0], padding[1]
+    dh, dw = dilation
+
+    def compute(b, oc, p, q):
+        total = tir.const(0, out_dtype)
+        for i in range(kh):
+            for j in range(kw):
+                y = p * sh + i * dh - top
+                z = q * sw + j * dw - left
+                inside = tir.all(y >= 0, y < h, z >= 0, z < wd)
+                value = x[b, oc // mult, tir.if_then_else(inside, y, 0), tir.if_then_else(inside, z, 0)]
+                term = value.astype(out_dtype) * w[oc, 0, i, j].astype(out_dtype)
+                total = total + tir.if_then_else(inside, term, tir.const(0, out_dtype))
+        return total
+
+    return te.compute((n, o, oh, ow), compute, name="depthwise_conv")
 
 
 def _unfold(x: te.Tensor, groups: int, kh: int, kw: int, strides, padding, dilation, oh: int, ow: int):
@@ -110,6 +139,13 @@ class _ConvRewriter(relax.PyExprMutator):
             x3 = self.builder_.emit(relax.op.reshape(data, (n, c, h * w)))
             y = self.builder_.emit(relax.op.matmul(w2, x3, out_dtype=out_dtype))
             return relax.op.reshape(y, (n, o, oh, ow))
+        if groups == 1 and not (kh == kw == 1):
+            return call  # dlight's Matmul rule already takes a dense conv2d as an implicit GEMM
+        if cg == 1 and groups == c:
+            return self.builder_.emit_te(
+                _depthwise, data, weight, kh, kw, strides, padding, dilation, oh, ow, out_dtype,
+                primfunc_name_hint="depthwise_conv",
+            )
         cols = self.builder_.emit_te(
             _unfold, data, groups, kh, kw, strides, padding, dilation, oh, ow, primfunc_name_hint="im2col"
         )

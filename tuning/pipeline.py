@@ -154,3 +154,25 @@ def lower_tuned(
                 ]
             )(lowered)
     return lowered, applied
+
+
+def default_gpu_rules(prepared: tvm.IRModule, target: tvm.target.Target) -> dict[str, str]:
+    """Which dlight rule of :func:`_default_gpu_schedules` schedules each kernel of ``prepared``
+    (the output of :func:`prepare`): ``{kernel name: "Matmul" | "GEMV" | ... | "Fallback"}``,
+    the first rule in the list that accepts it, as ``ApplyDefaultSchedule`` picks."""
+    from tvm.s_tir import dlight as dl
+
+    rules = [
+        ("Matmul", dl.gpu.Matmul()), ("GEMV", dl.gpu.GEMV()), ("Reduction", dl.gpu.Reduction()),
+        ("GeneralReduction", dl.gpu.GeneralReduction()), ("Fallback", dl.gpu.Fallback()),
+    ]
+    chosen: dict[str, str] = {}
+    current = prepared
+    with target:
+        for name, rule in rules:
+            current = dl.ApplyDefaultSchedule(rule)(current)
+            for gvar, func in current.functions_items():
+                scheduled = isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and func.attrs.get("tirx.is_scheduled")
+                if scheduled and gvar.name_hint not in chosen:
+                    chosen[gvar.name_hint] = name
+    return chosen
