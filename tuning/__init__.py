@@ -14,12 +14,12 @@ from .tuner import tune
 
 __all__ = [
     "PINNED_TVM_FFI_VERSION",
-    "default_gpu_rules",
     "TaskPlan",
     "TaskReport",
     "TuningReport",
     "TuningWarning",
     "allocate",
+    "default_gpu_rules",
     "ensure_ir_json_works",
     "extract",
     "has_database",

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from tvm import relax
-from tvm.s_tir.dlight.analysis import get_root_block
-
 from gmorph_tvm.passes import Conv2dToGemm
 from gmorph_tvm.tuning import default_gpu_rules, lower, prepare
+from tvm import relax
+from tvm.s_tir.dlight.analysis import get_root_block
 
 CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm"}})
 
@@ -32,11 +31,11 @@ def _run(mod, *arrays):
 
 CASES = [
     ((2, 8, 9, 9), (16, 8, 1, 1), {}),  # 1x1: reshape + matmul
-    ((2, 8, 9, 9), (16, 8, 3, 3), dict(padding=1)),  # dense: left to dlight
-    ((1, 8, 10, 11), (6, 4, 3, 3), dict(strides=2, padding=(1, 2), groups=2, dilation=2)),
-    ((1, 8, 12, 12), (16, 2, 3, 3), dict(strides=(1, 2), padding=(0, 1, 2, 1), groups=4)),
-    ((2, 8, 9, 9), (8, 1, 3, 3), dict(padding=1, groups=8)),  # depthwise
-    ((1, 4, 7, 7), (8, 1, 5, 5), dict(strides=2, padding=2, groups=4, dilation=(1, 2))),  # multiplier 2
+    ((2, 8, 9, 9), (16, 8, 3, 3), {"padding": 1}),  # dense: left to dlight
+    ((1, 8, 10, 11), (6, 4, 3, 3), {"strides": 2, "padding": (1, 2), "groups": 2, "dilation": 2}),
+    ((1, 8, 12, 12), (16, 2, 3, 3), {"strides": (1, 2), "padding": (0, 1, 2, 1), "groups": 4}),
+    ((2, 8, 9, 9), (8, 1, 3, 3), {"padding": 1, "groups": 8}),  # depthwise
+    ((1, 4, 7, 7), (8, 1, 5, 5), {"strides": 2, "padding": 2, "groups": 4, "dilation": (1, 2)}),  # multiplier 2
 ]
 
 
