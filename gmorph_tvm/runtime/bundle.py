@@ -69,7 +69,7 @@ def build_native_runner(build_dir: Path) -> Path:
         ["cmake", "--build", str(build_dir), "-j2"],
     ]
     for step in steps:
-        proc = subprocess.run(step, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(step, check=False, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
             raise BuildError(f"bundle-runtime: {' '.join(step[:2])} failed in {build_dir}: {tail[0]}")
