@@ -16,6 +16,7 @@ import torch
 
 import gmorph_tvm
 from gmorph_tvm.artifact import build
+from gmorph_tvm.cli import main as cli_main
 from gmorph_tvm.errors import BuildError
 from gmorph_tvm.runtime import load
 from gmorph_tvm.runtime.bundle import MAX_BYTES, bundle_runtime
@@ -73,3 +74,11 @@ def test_artifact_runs_from_bundle_in_venv_without_tvm(bundle, tmp_path):
 def test_unknown_target_is_a_build_error(tmp_path):
     with pytest.raises(BuildError, match="unknown target 'rocm'"):
         bundle_runtime("rocm", tmp_path)
+
+
+def test_cli_bundle_runtime_with_a_prebuilt_runner(bundle, tmp_path, capsys):
+    out = tmp_path / "cli-bundle"
+    assert cli_main(["bundle-runtime", "--target", "cuda", "-o", str(out), "--runner", str(bundle / "bin" / "gmorph-run")]) == 0
+    assert "runtime bundle for cuda" in capsys.readouterr().out
+    files = json.loads((out / "BUNDLE.json").read_text())["files"]
+    assert "lib/libtvm_runtime_cuda.so" in files and sum(files.values()) <= MAX_BYTES
