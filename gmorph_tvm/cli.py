@@ -259,6 +259,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(out_dir=args.out_dir, tune_trials=args.tune_trials, batch=args.batch)
 
 
+def _cmd_bundle_runtime(args: argparse.Namespace) -> int:
+    from .runtime.bundle import bundle_runtime
+
+    out = bundle_runtime(args.target, args.output, runner=args.runner)
+    total = json.loads((out / "BUNDLE.json").read_text(encoding="utf-8"))["total_bytes"]
+    print(f"runtime bundle for {args.target}: {out} ({total / 2**20:.1f} MiB); run: {out}/gmorph-run MODEL.so --input x=x.npy")
+    return 0
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from .lossy.cli import run_search_cli
 
@@ -341,6 +350,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--number", type=_positive_int, default=20, help="calls per measurement (>= 1)")
     p.add_argument("--repeat", type=_positive_int, default=5, help="measurements (>= 1)")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("bundle-runtime", help="copy the TVM runtime libraries + gmorph-run into a folder for TVM-less machines")
+    p.add_argument("--target", default="llvm", choices=["llvm", "cuda", "jetson-orin"])
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.add_argument("--runner", metavar="FILE", help="an already built gmorph-run (default: build it with CMake)")
+    p.set_defaults(func=_cmd_bundle_runtime)
 
     p = sub.add_parser("demo", help="the bundled end-to-end demo: import, fuse, tune, build, run, compare")
     p.add_argument("--out-dir", default="out/demo")

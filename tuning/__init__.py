@@ -7,7 +7,7 @@ CPUs, weights pre-packed into the tuned layouts at build time).
 """
 
 from .ffi_guard import PINNED_TVM_FFI_VERSION, ensure_ir_json_works
-from .pipeline import has_database, lower, lower_tuned, prepare
+from .pipeline import default_gpu_rules, has_database, lower, lower_tuned, prepare
 from .report import TaskReport, TuningReport, TuningWarning
 from .tasks import TaskPlan, allocate, extract
 from .tuner import tune
@@ -19,6 +19,7 @@ __all__ = [
     "TuningReport",
     "TuningWarning",
     "allocate",
+    "default_gpu_rules",
     "ensure_ir_json_works",
     "extract",
     "has_database",

@@ -11,7 +11,8 @@ finishes the module for ``tvm.compile``:
   packed weights embedded: TVM's own ``static_shape_tuning`` pipeline instead lifts them into a
   ``main_transform_params`` function callers must run first.
 * CUDA: kernels without tuning records get dlight's default GPU schedules (every kernel must be
-  thread-bound to compile); tuned ones keep their records.
+  thread-bound to compile); tuned ones keep their records. Convolutions are first rewritten to
+  unfold + matmul (:mod:`gmorph_tvm.passes.conv2d_to_gemm`) since dlight has no conv2d rule.
 
 Both must see the same module: workloads are matched by structural hash. Records shipped with
 gmorph-tvm for the target's class (:mod:`.shipped`) are applied too, after the user's database:
@@ -32,6 +33,7 @@ from tvm import relax
 
 from ..errors import TuningError, one_line
 from ..passes import LegalizeNaNSafe
+from ..passes.conv2d_to_gemm import Conv2dToGemm
 from ..passes.fold_pad_into_conv import FoldPadIntoConv
 from .ffi_guard import ensure_ir_json_works
 from .shipped import lookup as lookup_shipped
@@ -50,6 +52,9 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         # Before fusion: a zero pad fused as a kernel's epilogue is mis-scheduled by MetaSchedule
         # (see the pass's docstring); as the next conv's padding it is not.
         FoldPadIntoConv(),
+        # dlight has no conv2d rule: on GPUs convs become unfold + matmul, which its Matmul /
+        # GEMV / Reduction rules schedule (instead of the one-thread-per-output Fallback).
+        *([Conv2dToGemm()] if is_gpu_target(target) else []),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         LegalizeNaNSafe(),  # NaN in -> NaN out for relu/clip/max/min (then "zero" has nothing left to legalise)
@@ -185,3 +190,25 @@ def lower_tuned(
                 ]
             )(lowered)
     return lowered, applied
+
+
+def default_gpu_rules(prepared: tvm.IRModule, target: tvm.target.Target) -> dict[str, str]:
+    """Which dlight rule of :func:`_default_gpu_schedules` schedules each kernel of ``prepared``
+    (the output of :func:`prepare`): ``{kernel name: "Matmul" | "GEMV" | ... | "Fallback"}``,
+    the first rule in the list that accepts it, as ``ApplyDefaultSchedule`` picks."""
+    from tvm.s_tir import dlight as dl
+
+    rules = [
+        ("Matmul", dl.gpu.Matmul()), ("GEMV", dl.gpu.GEMV()), ("Reduction", dl.gpu.Reduction()),
+        ("GeneralReduction", dl.gpu.GeneralReduction()), ("Fallback", dl.gpu.Fallback()),
+    ]
+    chosen: dict[str, str] = {}
+    current = prepared
+    with target:
+        for name, rule in rules:
+            current = dl.ApplyDefaultSchedule(rule)(current)
+            for gvar, func in current.functions_items():
+                scheduled = isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and func.attrs.get("tirx.is_scheduled")
+                if scheduled and gvar.name_hint not in chosen:
+                    chosen[gvar.name_hint] = name
+    return chosen
