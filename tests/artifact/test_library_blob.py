@@ -10,7 +10,7 @@ import tvm
 from helpers import matmul_relu_module
 from tvm import relax
 
-from gmorph_tvm.artifact import cuda as cuda_code
+from gmorph_tvm.core import cuda as cuda_code
 from gmorph_tvm.errors import BuildError
 
 
