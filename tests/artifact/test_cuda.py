@@ -275,7 +275,8 @@ def test_build_where_the_cuda_runtime_is_present(tmp_path):
         """
         import sys, numpy as np, tvm
         from tvm import relax
-        from gmorph_tvm.artifact import build, describe_device_code, cuda as cc
+        from gmorph_tvm.artifact import build, describe_device_code
+        from gmorph_tvm.core import cuda as cc
         assert tvm.get_global_func("ffi.Module.create.cuda", allow_missing=True) is not None
         bb = relax.BlockBuilder()
         x = relax.Var("x", relax.TensorType((4, 8), "float32"))
