@@ -6,6 +6,26 @@ or tuned ones from a tuning database), finishes it with TVM's ``default_build`` 
 :mod:`gmorph_tvm.artifact.cuda`), so the exported library carries binary device code for the
 requested ``sm_XX`` even when built on a machine without a GPU. Every failure is a :class:`BuildError` naming the tasks and the operator
 involved when they can be told, never a raw TVM trace.
+
+Weights (``weights=``): ``"external"`` (the default) lifts every weight out of the compiled code
+after lowering (:class:`~gmorph_tvm.artifact.lift_weights.LiftWeights`), when the tuned CPU layouts
+are already packed into them, so the library holds code only and :meth:`Artifact.export` writes
+the weights once, in their final layout, to ``<stem>.weights.safetensors`` (see
+:mod:`gmorph_tvm.core.weights_file`), which the runners map instead of copying. ``"embedded"``
+keeps them as constants inside the library (one file; the loaded library image and TVM's
+deserialised constant pool then hold about twice the weights).
+
+Several entry points in one artifact, sharing one copy of the weights:
+
+* ``build({1: mm1, 8: mm8, 32: mm32})``: batch buckets. Each is the same model imported (and
+  fused, and tuned) at that batch size; functions ``main_b1``, ``main_b8``, ... are lowered on
+  their own (so each uses the tuning records of its own workloads). A runner picks the bucket by
+  the inputs' leading dimension and pads smaller batches up to the next bucket.
+* ``build([group0, group1])``: the groups of a grouped build (``fuse_grouped``), one function each
+  (``main_g0``, ...); a runner runs them all and returns every task's outputs.
+
+Weights of equal content are stored once across all entry points (a tuned layout that differs
+between buckets is a different tensor, stored once for the buckets that share it).
 """
 
 from __future__ import annotations
@@ -17,7 +37,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import tvm
@@ -26,12 +46,17 @@ from tvm import relax
 from ..core.manifest import FORMAT, FORMAT_VERSION
 from ..core.targets import TargetLike, is_cuda, resolve_target, target_dict
 from ..core.version import __version__
-from ..core.vm import device_for, execute
+from ..core.vm import device_for, entry_weight_args, run_entries
+from ..core.weights_file import unique_arrays
 from ..errors import ArtifactError, BuildError, GmorphError, one_line
 from ..frontend import MultiModel, TaskInfo, TensorSpec, bind_weights
-from ..tuning import lower
+from .. import tuning
 from . import cuda as cuda_code
 from .export import export_artifact
+from .lift_weights import LiftWeights, content_names
+
+WeightsMode = Literal["external", "embedded"]
+WEIGHTS_MODES = ("external", "embedded")
 
 # Ops that survive lowering (VM builtins and packed calls): anything else left in a Relax
 # function means the module still needs TVM's finalizing relax pipeline.
@@ -49,6 +74,9 @@ class Artifact:
     _manifest: dict[str, Any]
     _fatbins: dict[str, bytes] = field(default_factory=dict)  # CUDA source sha256 -> fatbin or cubin
     _vm: Any = field(default=None, repr=False)
+    # External weights: file order (name, value); written by export, passed to main by run.
+    _weights: list[tuple[str, tvm.runtime.Tensor]] = field(default_factory=list, repr=False)
+    _weight_args: Any = field(default=None, repr=False)
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -73,8 +101,14 @@ class Artifact:
     def tasks(self) -> list[TaskInfo]:
         return [TaskInfo.from_json(t) for t in self._manifest["tasks"]]
 
+    @property
+    def weights(self) -> list[tuple[str, tvm.runtime.Tensor]]:
+        """The external weights in file order (empty for embedded weights)."""
+        return list(self._weights)
+
     def export(self, path: str | Path, *, fcompile: Callable | None = None) -> Path:
-        """Write the library (``.so``, or ``.tar`` of objects) and ``<stem>.manifest.json`` beside it.
+        """Write the library (``.so``, or ``.tar`` of objects) and ``<stem>.manifest.json`` beside it
+        (and, for external weights, ``<stem>.weights.safetensors``).
 
         Both are written to temporary files and renamed into place, so a failed export leaves
         nothing behind. ``fcompile`` overrides the linker (default: the host compiler, or
@@ -96,15 +130,34 @@ class Artifact:
                 self._vm = relax.VirtualMachine(self.executable, dev)
             except Exception as err:  # noqa: BLE001 - TVM raises its own error types
                 raise ArtifactError(f"cannot run artifact {self.name!r} here: {one_line(err)}") from None
-        return execute(self._vm, self._manifest, inputs, what=f"artifact {self.name!r}")
+            values = {name: value if dev.dlpack_device_type() == tvm.cpu().dlpack_device_type() else value.copyto(dev) for name, value in self._weights}
+            self._weight_args = entry_weight_args(self._manifest, values, f"artifact {self.name!r}")
+        return run_entries(self._vm, self._manifest, inputs, self._weight_args, what=f"artifact {self.name!r}")
+
+
+ModelLike = MultiModel | tvm.IRModule
+BuildInput = ModelLike | Mapping[int, ModelLike] | Sequence[MultiModel]
+
+
+@dataclass
+class _Entry:
+    """One entry point to compile: its function name, weights-bound module and signature."""
+
+    function: str
+    mod: tvm.IRModule
+    inputs: list[TensorSpec]
+    tasks: list[TaskInfo]
+    batch: int | None = None
+    params: Mapping[str, tvm.runtime.Tensor] = field(default_factory=dict)  # names for lifted weights
 
 
 def build(
-    model: MultiModel | tvm.IRModule,
+    model: BuildInput,
     target: TargetLike = "llvm",
     *,
     tuning_db: str | Path | None = None,
     name: str | None = None,
+    weights: WeightsMode = "external",
 ) -> Artifact:
     """Compile ``model`` for ``target`` (a preset such as ``"llvm"``, ``"cuda"``, ``"jetson-orin"``,
     a TVM target dict, or a ``tvm.target.Target``).
@@ -112,19 +165,16 @@ def build(
     For a MultiModel the weights are bound as constants first (``model.bound_module()``). A bare
     IRModule is compiled as is; its inputs come from ``main``'s parameters and each of its
     outputs becomes a task ``out0``, ``out1``, ... . ``tuning_db`` is a MetaSchedule work dir
-    whose tuned schedules are applied where they match.
+    whose tuned schedules are applied where they match. ``model`` may also be a mapping
+    batch size -> model (batch buckets) or a list of MultiModels (the groups of a grouped build):
+    one artifact, one entry point each, one copy of the weights (see the module docstring).
+    ``weights``: ``"external"`` (a separate, mapped weights file) or ``"embedded"`` (one library).
     """
+    if weights not in WEIGHTS_MODES:
+        raise BuildError(f"weights must be one of {', '.join(WEIGHTS_MODES)}, not {weights!r}")
     tgt = resolve_target(target)
-    if isinstance(model, MultiModel):
-        mod = model.bound_module()
-        inputs, tasks = list(model.inputs), list(model.tasks)
-    elif isinstance(model, tvm.IRModule):
-        if "main" not in [gv.name_hint for gv in model.get_global_vars()]:
-            raise BuildError("the IRModule to build has no 'main' function")
-        mod = bind_weights(model)
-        inputs, tasks = _signature_specs(mod)
-    else:
-        raise BuildError(f"build() takes a MultiModel or a tvm.IRModule, not {type(model).__name__}")
+    entries = _entries(model)
+    inputs, tasks = _artifact_signature(entries)
     name = name or "+".join(t.name for t in tasks)
     device = "cuda" if is_cuda(tgt) else "cpu"
     arch = str(tgt.attrs["arch"]) if device == "cuda" and "arch" in tgt.attrs else None
@@ -133,11 +183,31 @@ def build(
             raise BuildError(f"CUDA target {target_dict(tgt)} has no 'arch' (e.g. 'sm_87')")
         cuda_code.check_arch_supported(arch)  # fail before spending time on lowering
 
-    with _stage("lowering", mod, tasks, tgt):
-        lowered = _lower(mod, tgt, tuning_db)
+    lowered_parts = []
+    for entry in entries:
+        with _stage("lowering", entry.mod, entry.tasks, tgt):
+            lowered_parts.append(_lower(entry.mod, tgt, tuning_db))
+    weight_stats = {"storage": weights}
+    lifted: list[list[tuple[str, tvm.runtime.Tensor]]] = [[] for _ in entries]
+    if weights == "external":
+        names = content_names({k: v for e in entries for k, v in e.params.items()})
+        for i, part in enumerate(lowered_parts):
+            lift = LiftWeights(names=names)
+            lowered_parts[i] = lift(part)
+            lifted[i] = lift.lifted()
+    lowered = lowered_parts[0] if len(entries) == 1 else _combine(lowered_parts, [e.function for e in entries])
     with _stage("compiling", lowered, tasks, tgt), _cuda_compile_callback(arch):
         executable = tvm.compile(lowered, target=tgt, relax_pipeline=_finalize_pipeline(lowered))
     fatbins = _compile_device_code(executable, arch) if device == "cuda" else {}
+
+    file_weights: list[tuple[str, tvm.runtime.Tensor]] = []
+    entry_weights: list[list[str]] = []
+    if weights == "external":
+        file_weights, entry_weights = _unique_weights(lifted)
+        weight_stats.update(count=len(file_weights), bytes=sum(_nbytes(v) for _, v in file_weights))
+    else:
+        weight_stats.update(constant_stats(lowered))
+        entry_weights = [[] for _ in entries]
 
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -150,12 +220,128 @@ def build(
         "host_triple": host_triple(tgt),
         "inputs": [s.to_json() for s in inputs],
         "tasks": [t.to_json() for t in tasks],
-        "weights": constant_stats(lowered),
+        "weights": weight_stats,
+        "entries": [_entry_json(e, w) for e, w in zip(entries, entry_weights)],
         "created": None,
     }
+    if entries[0].batch is not None:
+        manifest["batch_buckets"] = [e.batch for e in entries]
+        manifest["batch_padding"] = "edge"
     if device == "cuda":
         manifest["cuda"] = {"arch": arch, "device_code": cuda_code.device_code_format(arch)}
-    return Artifact(executable, tgt, manifest, fatbins)
+    return Artifact(executable, tgt, manifest, fatbins, _weights=file_weights)
+
+
+def _nbytes(value: tvm.runtime.Tensor) -> int:
+    return int(np.prod([int(d) for d in value.shape], dtype=np.int64)) * np.dtype(str(value.dtype)).itemsize
+
+
+def _entry_json(entry: _Entry, weights: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "function": entry.function,
+        "inputs": [s.to_json() for s in entry.inputs],
+        "tasks": [t.name for t in entry.tasks],
+        "outputs": [o.to_json() for t in entry.tasks for o in t.outputs],
+        "weights": weights,
+    }
+    if entry.batch is not None:
+        out["batch"] = entry.batch
+    return out
+
+
+def _one_entry(model: Any, function: str, what: str) -> _Entry:
+    if isinstance(model, MultiModel):
+        return _Entry(function, model.bound_module(), list(model.inputs), list(model.tasks), params=model.params)
+    if isinstance(model, tvm.IRModule):
+        if "main" not in [gv.name_hint for gv in model.get_global_vars()]:
+            raise BuildError(f"the IRModule to build{what} has no 'main' function")
+        mod = bind_weights(model)
+        inputs, tasks = _signature_specs(mod)
+        return _Entry(function, mod, inputs, tasks)
+    raise BuildError(f"build() takes a MultiModel or a tvm.IRModule{what}, not {type(model).__name__}")
+
+
+def _entries(model: Any) -> list[_Entry]:
+    if isinstance(model, (MultiModel, tvm.IRModule)):
+        return [_one_entry(model, "main", "")]
+    if isinstance(model, Mapping):
+        if not model or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in model):
+            raise BuildError("batch buckets must map batch sizes (integers >= 1) to models, e.g. {1: mm1, 8: mm8}")
+        entries = []
+        for batch in sorted(model):
+            entry = _one_entry(model[batch], f"main_b{batch}", f" (batch bucket {batch})")
+            entry.batch = batch
+            entries.append(entry)
+        _check_buckets(entries)
+        return entries
+    if isinstance(model, Sequence) and not isinstance(model, (str, bytes)):
+        if not model:
+            raise BuildError("build() was given an empty list of groups")
+        entries = [_one_entry(m, f"main_g{i}", f" (group {i})") for i, m in enumerate(model)]
+        seen: dict[str, int] = {}
+        for i, entry in enumerate(entries):
+            for task in entry.tasks:
+                if task.name in seen:
+                    raise BuildError(f"task {task.name!r} is in group {seen[task.name]} and group {i}; "
+                                     "groups must not share tasks")
+                seen[task.name] = i
+        return entries
+    raise BuildError(f"build() takes a MultiModel or a tvm.IRModule, not {type(model).__name__}")
+
+
+def _check_buckets(entries: list[_Entry]) -> None:
+    """Every bucket: the same inputs and tasks, every input and output batched along axis 0."""
+    first = entries[0]
+
+    def unbatched(specs):
+        return [(s.name, s.dtype, s.shape[1:]) for s in specs]
+
+    for entry in entries:
+        for spec in [*entry.inputs, *(o for t in entry.tasks for o in t.outputs)]:
+            if not spec.shape or spec.shape[0] != entry.batch:
+                raise BuildError(f"batch bucket {entry.batch}: {spec.name} has shape {list(spec.shape)}; every input "
+                                 f"and output of a bucket must have the batch size {entry.batch} as its first dimension")
+        if unbatched(entry.inputs) != unbatched(first.inputs):
+            raise BuildError(f"batch bucket {entry.batch} has other inputs than bucket {first.batch}: "
+                             f"{[s.describe() for s in entry.inputs]} vs {[s.describe() for s in first.inputs]}")
+        outs = [(t.name, unbatched(t.outputs)) for t in entry.tasks]
+        if outs != [(t.name, unbatched(t.outputs)) for t in first.tasks]:
+            raise BuildError(f"batch bucket {entry.batch} has other tasks or outputs than bucket {first.batch}")
+
+
+def _artifact_signature(entries: list[_Entry]) -> tuple[list[TensorSpec], list[TaskInfo]]:
+    """The artifact's inputs and tasks: a bucket's (the smallest), or the union over groups."""
+    if len(entries) == 1 or entries[0].batch is not None:
+        return list(entries[0].inputs), list(entries[0].tasks)
+    inputs: dict[str, TensorSpec] = {}
+    for i, entry in enumerate(entries):
+        for spec in entry.inputs:
+            if spec.name in inputs and inputs[spec.name] != spec:
+                raise BuildError(f"group {i} reads input {spec.describe()}, another group "
+                                 f"{inputs[spec.name].describe()}; groups must agree on shared inputs")
+            inputs.setdefault(spec.name, spec)
+    return list(inputs.values()), [t for e in entries for t in e.tasks]
+
+
+def _unique_weights(lifted: list[list[tuple[str, tvm.runtime.Tensor]]]):
+    """One tensor per distinct content over all entries: (file weights, per-entry names in order)."""
+    flat: list[tuple[str, np.ndarray]] = []
+    values: dict[str, tvm.runtime.Tensor] = {}
+    keyed: list[list[str]] = []
+    for i, part in enumerate(lifted):
+        names = []
+        for name, value in part:
+            key = name if name not in values else f"{name}@{i}"
+            n = 1
+            while key in values:
+                key, n = f"{name}@{i}.{n}", n + 1
+            values[key] = value
+            flat.append((key, value.numpy()))
+            names.append(key)
+        keyed.append(names)
+    kept, alias = unique_arrays(flat)
+    file_weights = [(name, values[name]) for name, _ in kept]
+    return file_weights, [[alias.get(n, n) for n in names] for names in keyed]
 
 
 # ---- lowering ------------------------------------------------------------------------------
@@ -163,7 +349,40 @@ def build(
 
 def _lower(mod: tvm.IRModule, target: tvm.target.Target, tuning_db: str | Path | None) -> tvm.IRModule:
     # Same lowering as tuning uses, so tuned workloads match what gets compiled.
-    return lower(mod, target, database_dir=tuning_db)
+    return tuning.lower(mod, target, database_dir=tuning_db)  # looked up at call time (tests patch it)
+
+
+@relax.expr_functor.mutator
+class _Rename(relax.PyExprMutator):
+    """Points calls at renamed kernels (the GlobalVars of the combined module)."""
+
+    def __init__(self, mapping: Mapping[str, tvm.ir.GlobalVar]):
+        super().__init__()
+        self.mapping = mapping
+
+    def visit_global_var_(self, gvar):
+        return self.mapping.get(gvar.name_hint, gvar)
+
+
+def _combine(parts: Sequence[tvm.IRModule], functions: Sequence[str]) -> tvm.IRModule:
+    """One module with each lowered part's ``main`` as ``functions[i]``; kernels renamed apart
+    (identical kernels are kept once)."""
+    bb = relax.BlockBuilder()
+    for part, function in zip(parts, functions):
+        mapping: dict[str, tvm.ir.GlobalVar] = {}
+        for gvar, func in part.functions_items():
+            if isinstance(func, tvm.tirx.PrimFunc):
+                mapping[gvar.name_hint] = bb.add_func(func.without_attr("global_symbol"), gvar.name_hint)
+        for gvar, func in part.functions_items():
+            if isinstance(func, relax.Function):
+                new_name = function if gvar.name_hint == "main" else f"{gvar.name_hint}_{function}"
+                renamed = _Rename(mapping).visit_expr(func)
+                if gvar.name_hint == "main":
+                    renamed = renamed.with_attr("global_symbol", function)
+                else:
+                    renamed = renamed.without_attr("global_symbol")
+                bb.add_func(renamed, new_name)
+    return bb.get()
 
 
 def _finalize_pipeline(mod: tvm.IRModule) -> str | None:

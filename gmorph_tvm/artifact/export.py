@@ -9,6 +9,10 @@ CUDA artifacts go through our own import packer (``fpack_imports``): TVM's packe
 the CUDA module as generated source; ours splices in the fatbin compiled at build time and then
 lets TVM turn the blob into an object for the host triple (``codegen.codegen_blob``), which also
 works for an aarch64 host from an x86 machine.
+
+External weights go to ``<stem>.weights.safetensors`` (:mod:`gmorph_tvm.core.weights_file`), staged
+and renamed with the rest; the manifest's ``weights`` record gets the file name, its sha256 and
+size, and the name, dtype and shape of every tensor in it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from ..errors import BuildError, GmorphError, one_line
 from . import cuda as cuda_code
 from ..core.tvm_log import quiet_tvm_warnings
 from ..core.manifest import manifest_path_for, write_json_atomic
+from ..core.weights_file import weights_path_for, write_weights
 
 if TYPE_CHECKING:
     from .builder import Artifact
@@ -70,12 +75,23 @@ def export_artifact(artifact: "Artifact", path: Path, *, fcompile: Callable | No
         manifest = artifact.manifest
         manifest["library"] = path.name
         manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        renames = [(staged_lib, path)]
+        if manifest["weights"].get("storage") == "external":
+            weights_path = weights_path_for(path)
+            staged_weights = staging / weights_path.name
+            try:
+                record = write_weights(staged_weights, [(n, v.numpy()) for n, v in artifact.weights])
+            except OSError as err:
+                raise BuildError(f"cannot write {weights_path}: {err.strerror}") from None
+            manifest["weights"].update(record)
+            renames.append((staged_weights, weights_path))
         manifest_path = manifest_path_for(path)
         staged_manifest = staging / manifest_path.name
         write_json_atomic(staged_manifest, manifest)
+        renames.append((staged_manifest, manifest_path))
         try:
-            os.replace(staged_lib, path)
-            os.replace(staged_manifest, manifest_path)
+            for staged, final in renames:  # the manifest last: it is what says the artifact is there
+                os.replace(staged, final)
         except OSError as err:
             raise BuildError(f"cannot write {path}: {err.strerror}") from None
         return path

@@ -9,7 +9,14 @@ importing the original models. Schema (``format_version`` 1)::
      "host_triple": "x86_64-linux-gnu",
      "inputs": [{"name", "shape", "dtype"}, ...],
      "tasks": [{"name", "inputs", "outputs", "source", "source_sha256"}, ...],
-     "weights": {"count": N, "bytes": B},
+     "weights": {"count": N, "bytes": B, "storage": "external" | "embedded",
+                 # external only (see gmorph_tvm.core.weights_file):
+                 "file": "model.weights.safetensors", "format": "safetensors", "sha256": ..., "size": ...,
+                 "alignment": 64, "tensors": [{"name", "dtype", "shape"}, ...]},
+     "entries": [{"function": "main", "inputs": [...], "tasks": [names], "outputs": [...],
+                  "weights": [tensor names, in parameter order after the inputs],
+                  "batch": 8}, ...],          # several for batch buckets or groups (gmorph_tvm.core.vm)
+     "batch_buckets": [1, 8, 32], "batch_padding": "edge",   # bucketed builds only
      "cuda": {"arch": "sm_87", "device_code": "fatbin" | "cubin"},  # CUDA targets only
      "created": "2025-01-01T00:00:00+00:00"}
 
@@ -82,6 +89,26 @@ def validate_manifest(data: Any, path: str | Path = "<manifest>") -> None:
         task_infos(data)
     except (KeyError, TypeError, ValueError) as err:
         raise ArtifactError(f"manifest {path}: malformed inputs/tasks ({type(err).__name__}: {err})") from None
+    if is_external(data):
+        weights = data["weights"]
+        for key, kind in (("file", str), ("sha256", str), ("tensors", list)):
+            if not isinstance(weights.get(key), kind):
+                raise ArtifactError(f"manifest {path}: external weights field {key!r} is missing or not a {kind.__name__}")
+    entries = data.get("entries")
+    if entries is not None:
+        if not isinstance(entries, list) or not entries or not all(
+                isinstance(e, dict) and isinstance(e.get("function"), str) and isinstance(e.get("inputs"), list)
+                and isinstance(e.get("tasks"), list) and isinstance(e.get("weights", []), list) for e in entries):
+            raise ArtifactError(f"manifest {path}: malformed 'entries'")
+        if data.get("batch_buckets") is not None and sorted(int(e.get("batch", 0)) for e in entries) != sorted(
+                int(b) for b in data["batch_buckets"]):
+            raise ArtifactError(f"manifest {path}: 'batch_buckets' do not match the entries")
+
+
+def is_external(manifest: Mapping[str, Any]) -> bool:
+    """Whether the artifact keeps its weights in a separate weights file."""
+    weights = manifest.get("weights")
+    return isinstance(weights, Mapping) and weights.get("storage") == "external"
 
 
 def input_specs(manifest: Mapping[str, Any]) -> list[TensorSpec]:

@@ -1,5 +1,14 @@
 """Calling a built ``main`` the way its manifest describes: the device, input checks, and the
-split of the flat output tuple into tasks. Shared by in-process artifacts and loaded runners."""
+split of the flat output tuple into tasks. Shared by in-process artifacts and loaded runners.
+
+An artifact has one or more entry points (manifest ``entries``; a manifest without them has one,
+``main``): a plain build has ``main``; a bucketed build has one function per batch size
+(``batch_buckets``), of which :func:`run_entries` calls the smallest that holds the inputs' batch,
+padding the batch up to it by repeating the last sample ("edge") and cutting the outputs back;
+a batch above the largest bucket is refused. A grouped build has one function per group, all of
+which are called. Each entry point takes its inputs and then its weights (external weights), in
+the order the entry lists them.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +18,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, RuntimeInputError
 from .manifest import input_specs, task_infos
-from .specs import check_inputs
+from .specs import TensorSpec, check_inputs
 
 InputsLike = Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray
 
@@ -34,6 +43,84 @@ def device_for(manifest: Mapping[str, Any], device: str, what: str) -> tvm.runti
     return dev
 
 
+def entries_of(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The entry points of ``manifest`` (one ``main`` for manifests that list none)."""
+    if manifest.get("entries"):
+        return list(manifest["entries"])
+    return [{"function": "main", "inputs": list(manifest["inputs"]), "tasks": [t["name"] for t in manifest["tasks"]],
+             "weights": []}]
+
+
+def entry_weight_args(manifest: Mapping[str, Any], tensors: Mapping[str, Any], what: str) -> dict[str, list]:
+    """function name -> the weight tensors to pass after its inputs, from ``tensors`` (by name)."""
+    out: dict[str, list] = {}
+    for entry in entries_of(manifest):
+        missing = [n for n in entry.get("weights", []) if n not in tensors]
+        if missing:
+            raise ArtifactError(f"{what}: entry {entry['function']!r} needs weight {missing[0]!r}, which the "
+                                "weights file does not hold")
+        out[entry["function"]] = [tensors[n] for n in entry.get("weights", [])]
+    return out
+
+
+def run_entries(vm: relax.VirtualMachine, manifest: Mapping[str, Any], inputs: InputsLike,
+                weight_args: Mapping[str, list] | None, *, what: str,
+                device: tvm.runtime.Device | None = None) -> dict[str, np.ndarray | list[np.ndarray]]:
+    """Check ``inputs``, call the entry point(s) they select, return every task's outputs."""
+    dev = device if device is not None else (tvm.cpu() if manifest["device"] == "cpu" else tvm.cuda())
+    weight_args = weight_args or {}
+    entries = entries_of(manifest)
+    if manifest.get("batch_buckets"):
+        entry, arrays, batch = select_bucket(manifest, inputs, what)
+        args = [tvm.runtime.tensor(a, dev) for a in arrays] + list(weight_args.get(entry["function"], []))
+        result = vm[entry["function"]](*args)
+        outs = split_outputs(manifest, result, what, tasks=entry["tasks"])
+        if batch == entry["batch"]:
+            return outs
+        return {t: [o[:batch] for o in v] if isinstance(v, list) else v[:batch] for t, v in outs.items()}
+    arrays = check_inputs(input_specs(manifest), inputs)
+    by_name = {s["name"]: a for s, a in zip(manifest["inputs"], arrays)}
+    out: dict[str, np.ndarray | list[np.ndarray]] = {}
+    for entry in entries:
+        args = [tvm.runtime.tensor(by_name[s["name"]], dev) for s in entry["inputs"]]
+        result = vm[entry["function"]](*args, *weight_args.get(entry["function"], []))
+        out.update(split_outputs(manifest, result, what, tasks=entry["tasks"]))
+    return out
+
+
+def select_bucket(manifest: Mapping[str, Any], inputs: InputsLike, what: str) -> tuple[dict, list[np.ndarray], int]:
+    """(bucket entry, inputs padded to its batch, the given batch) for a bucketed artifact."""
+    specs = input_specs(manifest)
+    buckets = sorted(int(b) for b in manifest["batch_buckets"])
+    given = _leading_dim(specs, inputs)
+    accepted = ", ".join(map(str, buckets))
+    if given is None or given < 1:
+        raise RuntimeInputError(f"{what}: inputs must have a batch dimension of at least 1 (batch sizes {accepted}, "
+                                "smaller ones padded up)")
+    arrays = check_inputs([TensorSpec(s.name, (given, *s.shape[1:]), s.dtype) for s in specs], inputs)
+    fits = [b for b in buckets if b >= given]
+    if not fits:
+        raise RuntimeInputError(f"{what}: batch {given} is larger than the largest batch bucket {buckets[-1]} "
+                                f"(built for batch sizes {accepted}); split the batch")
+    bucket = fits[0]
+    entry = next(e for e in entries_of(manifest) if int(e["batch"]) == bucket)
+    if bucket != given:
+        arrays = [np.ascontiguousarray(np.pad(a, [(0, bucket - given)] + [(0, 0)] * (a.ndim - 1), mode="edge"))
+                  for a in arrays]
+    return entry, arrays, given
+
+
+def _leading_dim(specs: Sequence[TensorSpec], inputs: InputsLike) -> int | None:
+    if isinstance(inputs, Mapping):
+        value = next((inputs[s.name] for s in specs if s.name in inputs), None)
+    elif isinstance(inputs, (list, tuple)):
+        value = inputs[0] if inputs else None
+    else:
+        value = inputs
+    shape = getattr(value, "shape", None)
+    return int(shape[0]) if shape is not None and len(shape) >= 1 else None
+
+
 def execute(vm: relax.VirtualMachine, manifest: Mapping[str, Any], inputs: InputsLike, *, what: str,
             device: tvm.runtime.Device | None = None) -> dict[str, np.ndarray | list[np.ndarray]]:
     """Check ``inputs`` against the manifest, run ``main`` and split its outputs by task."""
@@ -43,9 +130,11 @@ def execute(vm: relax.VirtualMachine, manifest: Mapping[str, Any], inputs: Input
     return split_outputs(manifest, result, what)
 
 
-def split_outputs(manifest: Mapping[str, Any], result: Any, what: str = "artifact") -> dict[str, np.ndarray | list[np.ndarray]]:
+def split_outputs(manifest: Mapping[str, Any], result: Any, what: str = "artifact",
+                  tasks: Sequence[str] | None = None) -> dict[str, np.ndarray | list[np.ndarray]]:
+    """The flat output tuple of an entry point, by task (``tasks``: that entry's; default all)."""
     flat = [result] if hasattr(result, "numpy") else list(result)
-    tasks = task_infos(manifest)
+    tasks = [t for t in task_infos(manifest) if tasks is None or t.name in tasks]
     expected = sum(len(t.outputs) for t in tasks)
     if len(flat) != expected:
         raise ArtifactError(f"{what} returned {len(flat)} outputs but its manifest lists {expected}")
