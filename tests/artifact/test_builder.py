@@ -257,7 +257,7 @@ def test_export_failure_keeps_previous_artifact(artifact, exported, tmp_path):
     with pytest.raises(BuildError):
         artifact.export(target, fcompile=broken_linker)
     assert (target.read_bytes(), manifest_path_for(target).read_text()) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.manifest.json", "keep.so"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.manifest.json", "keep.so", "keep.weights.safetensors"]
 
 
 def test_export_to_missing_directory_or_bad_suffix(artifact, tmp_path):
