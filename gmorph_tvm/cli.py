@@ -41,6 +41,16 @@ def _parse_input(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _parse_buckets(text: str) -> list[int]:
+    try:
+        sizes = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        sizes = []
+    if not sizes or sizes[0] < 1:
+        raise InputSpecError(f"--batch-buckets {text!r}: give batch sizes >= 1, e.g. 1,8,32")
+    return sizes
+
+
 def _parse_hostport(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit():
@@ -91,20 +101,32 @@ def _cmd_build(args: argparse.Namespace) -> int:
     target = resolve_target(args.target)  # a bad target fails before any slow work
     names = _task_names(args.models, args.names)
     shapes = dict(args.input_shape or [])
-    _progress(f"importing {len(names)} model(s): {', '.join(names)}")
-    mm = import_models(dict(zip(names, args.models)), input_shapes=shapes or None)
-    if args.fuse:
-        _progress("fusing (canonicalise, stitch shared weights, merge compatible ops)")
-        mm = fuse_lossless(mm, merge=args.merge)
+    buckets = _parse_buckets(args.batch_buckets) if args.batch_buckets else [None]
+    if args.batch_buckets and not shapes:
+        raise InputSpecError("--batch-buckets needs --input-shape for every input (its first dimension, the "
+                             "batch, is replaced by each bucket's size)")
+    models: dict = {}
+    for batch in buckets:
+        batch_shapes = {k: [batch, *v[1:]] for k, v in shapes.items()} if batch is not None else shapes
+        label = f" at batch {batch}" if batch is not None else ""
+        _progress(f"importing {len(names)} model(s){label}: {', '.join(names)}")
+        mm = import_models(dict(zip(names, args.models)), input_shapes=batch_shapes or None)
+        if args.fuse:
+            _progress("fusing (canonicalise, stitch shared weights, merge compatible ops)")
+            mm = fuse_lossless(mm, merge=args.merge)
+        models[batch] = mm
     tuning_db = args.tuning_db
     if args.tune_trials:
         from .tuning import tune
 
         tuning_db = tuning_db or str(Path(args.output).with_suffix("")) + ".tuning"
-        _progress(f"tuning with {args.tune_trials} trials, database {tuning_db}")
-        tune(mm.bound_module(), target, trials=args.tune_trials, work_dir=tuning_db)
-    _progress(f"building for target {args.target}")
-    artifact = build(mm, target, tuning_db=tuning_db)
+        for batch, mm in models.items():  # each bucket's own workloads, one database
+            _progress(f"tuning{'' if batch is None else f' batch {batch}'} with {args.tune_trials} trials, "
+                      f"database {tuning_db}")
+            tune(mm.bound_module(), target, trials=args.tune_trials, work_dir=tuning_db)
+    _progress(f"building for target {args.target} ({args.weights} weights)")
+    artifact = build(models if args.batch_buckets else models[None], target, tuning_db=tuning_db,
+                     weights=args.weights)
     path = artifact.export(args.output)
     _progress(f"wrote {path} and its manifest")
     print(path)
@@ -155,7 +177,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"task      {task['name']} ({task['source']}, sha256 {task['source_sha256'][:12]}): {outs}")
     weights = manifest.get("weights", {})
     if weights:
-        print(f"weights:  {weights.get('count')} tensors, {weights.get('bytes', 0) / 1e6:.3f} MB")
+        where = f", in {weights['file']} (sha256 {weights.get('sha256', '')[:12]})" if weights.get("file") else ""
+        print(f"weights:  {weights.get('count')} tensors, {weights.get('bytes', 0) / 1e6:.3f} MB, "
+              f"{weights.get('storage', 'embedded')}{where}")
+    if manifest.get("batch_buckets"):
+        print(f"batches:  {', '.join(map(str, manifest['batch_buckets']))} (one entry point each; smaller batches "
+              "padded up to the next)")
+    elif len(manifest.get("entries") or []) > 1:
+        print(f"groups:   {', '.join(e['function'] for e in manifest['entries'])}")
     return 0
 
 
@@ -209,6 +238,12 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="horizontal merging of compatible ops (default: auto, by the cost rule)")
     p.add_argument("--tune-trials", type=int, default=0, metavar="N", help="MetaSchedule trials (0: no tuning)")
     p.add_argument("--tuning-db", metavar="DIR", help="tuning database to reuse and extend")
+    p.add_argument("--weights", choices=["external", "embedded"], default="external",
+                   help="external: code-only library + <stem>.weights.safetensors, mapped at load (default); "
+                        "embedded: one file with the weights inside the library")
+    p.add_argument("--batch-buckets", metavar="B1,B2,...",
+                   help="one entry point per batch size (e.g. 1,8,32) sharing one copy of the weights; needs "
+                        "--input-shape (the first dimension is the batch)")
     p.add_argument("-o", "--output", required=True, help="output library (.so, or .tar to link on the device)")
     p.set_defaults(func=_cmd_build)
 
