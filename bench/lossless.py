@@ -13,7 +13,13 @@ Systems, all on the same input, timed as their users run them (medians):
   on its own and run one after another · gmorph-tvm fused: stitch only · stitch + merge · grouped.
 "Ideal" is the speedup over the separately compiled models if the time fell exactly with the
 FLOPs of the work left after stitching (shared work counted once). Peak MB is the resident memory
-a fresh process adds to load and run that system. Every fused output is checked against PyTorch.
+a fresh process adds to load and run that system three times (VmHWM minus the resident size after
+importing the runtime); load s is the time that process takes to load it (torch.load of the
+pickled models; ONNX Runtime sessions; gmorph-tvm load(), sha256 check of the weights included).
+Fused artifacts come with external weights (mapped, the default) and, for stitch+merge, embedded
+ones too; the line under each table checks issue 14's bound (peak <= 1.2 x unique weights + 40 MB).
+Device memory is only measured for CUDA artifacts (this script builds for the CPU). Every fused
+output is checked against PyTorch.
 """
 
 from __future__ import annotations
@@ -104,20 +110,25 @@ elif kind == "torch":
 else:
     import onnxruntime as ort
 base = psutil.Process().memory_info().rss
+start = time.perf_counter()
 if kind == "tvm":
     runners = [load(p) for p in json.loads(path)]
+elif kind == "torch":
+    models = torch.load(path, weights_only=False)
+elif kind == "ort":
+    sessions = [ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for p in json.loads(path)]
+load_s = time.perf_counter() - start
+if kind == "tvm":
     for _ in range(runs):
         for r in runners:
             r({k: v for k, v in inputs.items() if k in {s["name"] for s in r.manifest["inputs"]}})
 elif kind == "torch":
-    models = torch.load(path, weights_only=False)
     args = tuple(torch.from_numpy(inputs[k]) for k in sorted(inputs, key=lambda k: int(k.split("_")[0])))
     with torch.inference_mode():
         for _ in range(runs):
             for m in models.values():
                 m(*args)
 elif kind == "ort":
-    sessions = [ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for p in json.loads(path)]
     for _ in range(runs):
         for s in sessions:
             s.run(None, {i.name: inputs[i.name] for i in s.get_inputs()})
@@ -128,12 +139,13 @@ try:
     peak = int(status.split("VmHWM:")[1].split()[0]) * 1024
 except (OSError, IndexError):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"peak_mb": (peak - base) / 1e6}))
+print(json.dumps({"peak_mb": (peak - base) / 1e6, "load_s": load_s, "base_mb": base / 1e6}))
 """
 
 
-def peak_mb(kind: str, path: str, inputs: dict[str, np.ndarray], workdir: Path) -> float | None:
-    """Resident memory a fresh process adds to load ``path`` and run it a few times."""
+def peak_mb(kind: str, path: str, inputs: dict[str, np.ndarray], workdir: Path) -> dict | None:
+    """Resident memory a fresh process adds to load ``path`` and run it a few times (``peak_mb``),
+    and the time it took to load (``load_s``)."""
     npz = workdir / "probe_inputs.npz"
     np.savez(npz, **inputs)
     env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count()))
@@ -142,7 +154,7 @@ def peak_mb(kind: str, path: str, inputs: dict[str, np.ndarray], workdir: Path) 
     if proc.returncode != 0:
         _say(f"memory probe for {kind} failed: {proc.stderr.strip().splitlines()[-1:]}")
         return None
-    return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _tvm_ms(runners, feed) -> float:
@@ -196,6 +208,8 @@ def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, mem
         label: [str(build(fused, target, tuning_db=tuning_db).export(workdir / f"fused_{label.replace('+', '_')}.so"))]
         for label, fused in variants.items()
     }
+    fused_paths["stitch+merge, embedded weights"] = [str(build(
+        variants["stitch+merge"], target, tuning_db=tuning_db, weights="embedded").export(workdir / "fused_embedded.so"))]
     if grouped:
         fused_paths[f"grouped ({len(grouped)} groups)"] = [
             str(build(part, target, tuning_db=tuning_db).export(workdir / f"group{i}.so")) for i, part in enumerate(grouped)
@@ -220,24 +234,28 @@ def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, mem
     mem_inputs = {f"{i}_{n}": a for i, (n, a) in enumerate(feed.items())}
     torch_models_path = workdir / "models.pt"
     torch.save(models, torch_models_path)
+    def row(system: str, ms: float, weight_bytes: int, kind: str, path: str, probe_inputs) -> Row:
+        probe = peak_mb(kind, path, probe_inputs, workdir) if memory else None
+        return Row(system, ms, weight_bytes, probe["peak_mb"] if probe else None,
+                   extra={"load_s": probe["load_s"]} if probe else {})
+
     rows = [
-        Row("PyTorch eager, model by model", time_torch_eager(models, inputs), torch_weight_bytes(models),
-            peak_mb("torch", str(torch_models_path), mem_inputs, workdir) if memory else None),
-        Row("ONNX Runtime, model by model", time_onnxruntime(onnx_paths, {t: feed for t in models}),
-            sum(Path(p).stat().st_size for p in onnx_paths.values()),
-            peak_mb("ort", json.dumps(list(onnx_paths.values())), feed, workdir) if memory else None),
+        row("PyTorch eager, model by model", time_torch_eager(models, inputs), torch_weight_bytes(models),
+            "torch", str(torch_models_path), mem_inputs),
+        row("ONNX Runtime, model by model", time_onnxruntime(onnx_paths, {t: feed for t in models}),
+            sum(Path(p).stat().st_size for p in onnx_paths.values()), "ort", json.dumps(list(onnx_paths.values())),
+            feed),
     ]
     sep_runners = [load(p) for p in sep_paths]
-    rows.append(Row("TVM, compiled separately", _tvm_ms(sep_runners, feed),
-                    sum(r.manifest["weights"]["bytes"] for r in sep_runners),
-                    peak_mb("tvm", json.dumps(sep_paths), feed, workdir) if memory else None))
+    rows.append(row("TVM, compiled separately", _tvm_ms(sep_runners, feed),
+                    sum(r.manifest["weights"]["bytes"] for r in sep_runners), "tvm", json.dumps(sep_paths), feed))
     for label, paths in fused_paths.items():
         runners = [load(p) for p in paths]
-        rows.append(Row(f"gmorph-tvm fused: {label}", _tvm_ms(runners, feed),
-                        sum(r.manifest["weights"]["bytes"] for r in runners),
-                        peak_mb("tvm", json.dumps(paths), feed, workdir) if memory else None))
+        rows.append(row(f"gmorph-tvm fused: {label}", _tvm_ms(runners, feed),
+                        sum(r.manifest["weights"]["bytes"] for r in runners), "tvm", json.dumps(paths), feed))
     info = {"ideal_speedup_vs_tvm_separate": ideal, "max_rel_error": worst, "tuning_s": tuning_s,
-            "flops_separate": flops_sep, "flops_unique": flops_unique}
+            "flops_separate": flops_sep, "flops_unique": flops_unique,
+            "unique_weight_bytes": variants["stitch"].weight_bytes}
     return rows, info
 
 
@@ -258,15 +276,25 @@ def render(set_name: str, batch: int, rows: list[Row], info: dict) -> str:
         f"{info['ideal_speedup_vs_tvm_separate']:.2f}x; max relative error vs PyTorch {info['max_rel_error']:.1e}; "
         f"tuning {info['tuning_s']:.0f} s",
         "",
-        "| system | median ms | vs PyTorch | vs TVM separate | % of ideal | weights MB | peak MB |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| system | median ms | vs PyTorch | vs TVM separate | % of ideal | weights MB | peak MB | load s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         vs_sep = sep_ms / r.median_ms
         pct = f"{100 * vs_sep / info['ideal_speedup_vs_tvm_separate']:.0f}%" if r.system.startswith("gmorph") else ""
         weights = f"{r.weight_bytes / 1e6:.2f}" if r.weight_bytes is not None else "-"
         peak = f"{r.peak_mb:.1f}" if r.peak_mb is not None else "-"
-        lines.append(f"| {r.system} | {r.median_ms:.3f} | {torch_ms / r.median_ms:.2f}x | {vs_sep:.2f}x | {pct} | {weights} | {peak} |")
+        load_s = f"{r.extra['load_s']:.3f}" if "load_s" in r.extra else "-"
+        lines.append(f"| {r.system} | {r.median_ms:.3f} | {torch_ms / r.median_ms:.2f}x | {vs_sep:.2f}x | {pct} | "
+                     f"{weights} | {peak} | {load_s} |")
+    fused = next((r for r in rows if r.system == "gmorph-tvm fused: stitch+merge"), None)
+    if fused is not None and fused.peak_mb is not None:
+        bound = 1.2 * info["unique_weight_bytes"] / 1e6 + 40
+        others = [r.peak_mb for r in rows[:2] if r.peak_mb is not None]
+        lines += ["", f"Fused (external weights) peak {fused.peak_mb:.1f} MB vs bound 1.2 x "
+                  f"{info['unique_weight_bytes'] / 1e6:.1f} MB unique weights + 40 MB = {bound:.1f} MB: "
+                  f"{'within' if fused.peak_mb <= bound else 'OVER'}; "
+                  f"{'below' if others and fused.peak_mb < min(others) else 'not below'} PyTorch's and ONNX Runtime's peaks."]
     return "\n".join(lines)
 
 
