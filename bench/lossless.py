@@ -162,7 +162,8 @@ def _tvm_ms(runners, feed) -> float:
                            number=20, repeat=7)["median_ms"] for r in runners)
 
 
-def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, memory: bool) -> tuple[list[Row], dict]:
+def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, memory: bool,
+              skip: frozenset = frozenset()) -> tuple[list[Row], dict]:
     target = resolve_target("llvm")
     models, args, names = load_set(set_name, n, batch)
     feed = {name: a.numpy() for name, a in zip(names, args)}
@@ -181,7 +182,7 @@ def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, mem
         "stitch": fuse_lossless(mm, merge="never"),
         "stitch+merge": fuse_lossless(mm, merge="auto"),
     }
-    grouped = _grouped(mm)
+    grouped = _grouped(mm) if "grouped" not in skip else []
 
     db = workdir / "tuning"
     tuning_s = 0.0
@@ -190,7 +191,8 @@ def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, mem
 
         start = time.perf_counter()
         _say(f"tuning separate kernels ({trials} trials)")
-        tune(mm.bound_module(), target, trials=trials, work_dir=db)
+        if "separate" not in skip:
+            tune(mm.bound_module(), target, trials=trials, work_dir=db)
         for label, fused in variants.items():
             _say(f"tuning {label} kernels ({trials} trials)")
             tune(fused.bound_module(), target, trials=trials, work_dir=db)
@@ -203,7 +205,7 @@ def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, mem
     sep_paths = [
         str(build(import_models({t: m}, args), target, tuning_db=tuning_db).export(workdir / f"sep_{t}.so"))
         for t, m in models.items()
-    ]
+    ] if "separate" not in skip else []
     fused_paths = {
         label: [str(build(fused, target, tuning_db=tuning_db).export(workdir / f"fused_{label.replace('+', '_')}.so"))]
         for label, fused in variants.items()
@@ -211,8 +213,9 @@ def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, mem
     fused_paths["stitch+merge, embedded weights"] = [str(build(
         variants["stitch+merge"], target, tuning_db=tuning_db, weights="embedded").export(workdir / "fused_embedded.so"))]
     if grouped:
+        # One artifact, one entry point per group, one copy of the weights the groups share.
         fused_paths[f"grouped ({len(grouped)} groups)"] = [
-            str(build(part, target, tuning_db=tuning_db).export(workdir / f"group{i}.so")) for i, part in enumerate(grouped)
+            str(build(grouped, target, tuning_db=tuning_db).export(workdir / "grouped.so"))
         ]
 
     worst = 0.0
@@ -224,7 +227,8 @@ def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, mem
                                for t in models))
     _say(f"fused vs PyTorch: max relative error {worst:.2e}")
 
-    flops_sep = sum(module_flops(import_models({t: m}, args).bound_module()) for t, m in models.items())
+    flops_sep = sum(module_flops(import_models({t: m}, args).bound_module()) for t, m in models.items()) \
+        if "separate" not in skip else float("nan")
     flops_unique = module_flops(variants["stitch"].bound_module())
     ideal = flops_sep / flops_unique if flops_unique else float("nan")
 
@@ -246,9 +250,10 @@ def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, mem
             sum(Path(p).stat().st_size for p in onnx_paths.values()), "ort", json.dumps(list(onnx_paths.values())),
             feed),
     ]
-    sep_runners = [load(p) for p in sep_paths]
-    rows.append(row("TVM, compiled separately", _tvm_ms(sep_runners, feed),
-                    sum(r.manifest["weights"]["bytes"] for r in sep_runners), "tvm", json.dumps(sep_paths), feed))
+    if sep_paths:
+        sep_runners = [load(p) for p in sep_paths]
+        rows.append(row("TVM, compiled separately", _tvm_ms(sep_runners, feed),
+                        sum(r.manifest["weights"]["bytes"] for r in sep_runners), "tvm", json.dumps(sep_paths), feed))
     for label, paths in fused_paths.items():
         runners = [load(p) for p in paths]
         rows.append(row(f"gmorph-tvm fused: {label}", _tvm_ms(runners, feed),
@@ -270,7 +275,7 @@ def _grouped(mm):
 
 def render(set_name: str, batch: int, rows: list[Row], info: dict) -> str:
     torch_ms = rows[0].median_ms
-    sep_ms = next(r.median_ms for r in rows if r.system.startswith("TVM, compiled separately"))
+    sep_ms = next((r.median_ms for r in rows if r.system.startswith("TVM, compiled separately")), float("nan"))
     lines = [
         f"**Set {set_name}, batch {batch}** — ideal speedup over TVM separately (unique FLOPs): "
         f"{info['ideal_speedup_vs_tvm_separate']:.2f}x; max relative error vs PyTorch {info['max_rel_error']:.1e}; "
@@ -305,21 +310,24 @@ def main(argv=None) -> int:
     parser.add_argument("--models", type=int, default=8, help="models per set")
     parser.add_argument("--trials", type=int, default=64, help="MetaSchedule trials per module (0: untuned)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    parser.add_argument("--skip", default="", help="comma-separated systems to leave out: separate, grouped")
     parser.add_argument("--out", help="also append the tables to this markdown file")
     parser.add_argument("--work-dir", help="keep artifacts and tuning records here (per set and batch), so "
                         "a re-run reuses the tuning; default: a temporary directory")
     args = parser.parse_args(argv)
     command = "python bench/lossless.py " + " ".join(sys.argv[1:] if argv is None else argv)
     tables = []
+    skip = frozenset(v for v in args.skip.split(",") if v)
     for set_name in args.sets.split(","):
         for batch in (int(b) for b in args.batch.split(",")):
             if args.work_dir:  # kept: a re-run reuses the tuning records
                 work = Path(args.work_dir) / f"{set_name}{batch}"
                 work.mkdir(parents=True, exist_ok=True)
-                rows, info = bench_one(set_name, batch, args.models, args.trials, work, not args.no_memory)
+                rows, info = bench_one(set_name, batch, args.models, args.trials, work, not args.no_memory, skip)
             else:
                 with tempfile.TemporaryDirectory(prefix=f"lossless_{set_name}{batch}_") as tmp:
-                    rows, info = bench_one(set_name, batch, args.models, args.trials, Path(tmp), not args.no_memory)
+                    rows, info = bench_one(set_name, batch, args.models, args.trials, Path(tmp), not args.no_memory,
+                                           skip)
             table = render(set_name, batch, rows, info)
             print(table + "\n", flush=True)
             tables.append(table)
