@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import tvm
@@ -136,8 +136,8 @@ class Artifact:
         return run_entries(self._vm.get(), self._manifest, inputs, self._weight_args, what=f"artifact {self.name!r}")
 
 
-ModelLike = MultiModel | tvm.IRModule
-BuildInput = ModelLike | Mapping[int, ModelLike] | Sequence[MultiModel]
+ModelLike: TypeAlias = MultiModel | tvm.IRModule
+BuildInput: TypeAlias = ModelLike | Mapping[int, ModelLike] | Sequence[MultiModel]
 
 
 @dataclass
@@ -220,7 +220,7 @@ def build(
         if weights == "external":
             for i, part in enumerate(parts):
                 lift = LiftWeights(names=names)
-                parts[i] = lift(part)
+                parts[i] = lift(part)  # type: ignore[operator]  # a module pass instance
                 lifted[i] = lift.lifted()
             file_weights, entry_weights = _unique_weights(lifted)
         else:

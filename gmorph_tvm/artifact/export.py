@@ -125,8 +125,8 @@ def _install(renames: list[tuple[Path, Path]], staged_manifest: Path, manifest_p
                 pass
         if not done:
             return "nothing was replaced"
-        return "the previous files were put back" if all(b is not None for _, b in done) else (
-            "the new files were removed" if all(b is None for _, b in done) else "the previous files were restored")
+        state = "the previous library was put back" if done[0][1] is not None else "the new library was removed"
+        return state + ("; so was the weights file" if len(done) > 1 else "")
 
     for index, (staged, final) in enumerate(renames):
         backup = None
@@ -146,8 +146,6 @@ def _install(renames: list[tuple[Path, Path]], staged_manifest: Path, manifest_p
         os.replace(staged_manifest, manifest_path)
     except OSError as err:
         state = undo()
-        if len(done) == 1:
-            state = "the previous library was put back" if done[0][1] is not None else "the new library was removed"
         raise BuildError(f"cannot write manifest {manifest_path}: {err.strerror} ({state})") from err
 
 

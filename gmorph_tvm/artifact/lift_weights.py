@@ -43,7 +43,7 @@ class _Collector:
         if handle in self.of_const:
             return
         array = value.numpy()
-        digest = hashlib.blake2b(memoryview(np.ascontiguousarray(array)).cast("B"), digest_size=16).digest()
+        digest = hashlib.blake2b(np.ascontiguousarray(array).data.cast("B"), digest_size=16).digest()
         key = (str(array.dtype), tuple(array.shape), digest)
         match = next((i for i in self.index.get(key, []) if np.array_equal(self.order[i][2], array)), None)
         if match is None:
@@ -60,7 +60,7 @@ class _Collector:
 
 def _content_key(array: np.ndarray) -> bytes:
     """dtype and bytes, not shape: a reshaped weight (a bias as (1, C, 1, 1)) keeps its name."""
-    data = memoryview(np.ascontiguousarray(array)).cast("B")
+    data = np.ascontiguousarray(array).data.cast("B")
     return str(array.dtype).encode() + hashlib.blake2b(data, digest_size=16).digest()
 
 

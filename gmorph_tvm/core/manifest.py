@@ -116,10 +116,10 @@ def validate_manifest(data: Any, path: str | Path = "<manifest>") -> None:
         tasks = task_infos(data)
     except (KeyError, TypeError, ValueError) as err:
         raise ArtifactError(f"manifest {path}: malformed inputs/tasks ({type(err).__name__}: {err})") from err
-    for kind, names in (("input", [s.name for s in specs]), ("task", [t.name for t in tasks])):
+    for label, names in (("input", [s.name for s in specs]), ("task", [t.name for t in tasks])):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ArtifactError(f"manifest {path}: {kind} name {duplicates[0]!r} appears more than once")
+            raise ArtifactError(f"manifest {path}: {label} name {duplicates[0]!r} appears more than once")
     bounds = data.get("index_bounds", {})
     if not isinstance(bounds, dict) or not all(
         isinstance(v, dict) and all(isinstance(v.get(k), int) and not isinstance(v.get(k), bool) for k in ("low", "high"))
@@ -131,9 +131,9 @@ def validate_manifest(data: Any, path: str | Path = "<manifest>") -> None:
             raise ArtifactError(f"manifest {path}: tensor {spec.name!r} has a negative dimension {list(spec.shape)}")
     if is_external(data):
         weights = data["weights"]
-        for key, kind in (("file", str), ("sha256", str), ("tensors", list)):
-            if not isinstance(weights.get(key), kind):
-                raise ArtifactError(f"manifest {path}: external weights field {key!r} is missing or not a {kind.__name__}")
+        for key, wanted in (("file", str), ("sha256", str), ("tensors", list)):
+            if not isinstance(weights.get(key), wanted):
+                raise ArtifactError(f"manifest {path}: external weights field {key!r} is missing or not a {wanted.__name__}")
     entries = data.get("entries")
     if entries is not None:
         if not isinstance(entries, list) or not entries or not all(

@@ -151,6 +151,7 @@ def select_bucket(manifest: Mapping[str, Any], inputs: InputsLike, what: str) ->
 
 
 def _leading_dim(specs: Sequence[TensorSpec], inputs: InputsLike) -> int | None:
+    value: Any
     if isinstance(inputs, Mapping):
         value = next((inputs[s.name] for s in specs if s.name in inputs), None)
     elif isinstance(inputs, (list, tuple)):
@@ -182,13 +183,13 @@ def split_outputs(manifest: Mapping[str, Any], result: Any, what: str = "artifac
 
     ``batch``: a batch-bucket entry's batch size, which replaces the manifest's leading dimension."""
     flat = [result] if hasattr(result, "numpy") else list(result)
-    tasks = [t for t in task_infos(manifest) if tasks is None or t.name in tasks]
-    expected = sum(len(t.outputs) for t in tasks)
+    infos = [t for t in task_infos(manifest) if tasks is None or t.name in tasks]
+    expected = sum(len(t.outputs) for t in infos)
     if len(flat) != expected:
         raise ArtifactError(f"{what} returned {len(flat)} outputs but its manifest lists {expected}")
     out: dict[str, np.ndarray | list[np.ndarray]] = {}
     index = 0
-    for task in tasks:
+    for task in infos:
         arrays = [flat[index + i].numpy() for i in range(len(task.outputs))]
         index += len(task.outputs)
         for spec, array in zip(task.outputs, arrays):

@@ -111,7 +111,7 @@ def write_weights(path: str | Path, tensors: Sequence[tuple[str, np.ndarray]]) -
                 gap = b"\0" * (start - position)
                 out.write(gap)
                 digest.update(gap)
-            data = memoryview(np.ascontiguousarray(array)).cast("B")
+            data = np.ascontiguousarray(array).data.cast("B")
             out.write(data)
             digest.update(data)
             position = start + len(data)
@@ -242,7 +242,7 @@ def unique_arrays(arrays: Iterable[tuple[str, np.ndarray]]) -> tuple[list[tuple[
     alias: dict[str, str] = {}
     seen: dict[tuple, list[int]] = {}
     for name, array in arrays:
-        key = (str(array.dtype), tuple(array.shape), hashlib.blake2b(memoryview(np.ascontiguousarray(array)).cast("B"),
+        key = (str(array.dtype), tuple(array.shape), hashlib.blake2b(np.ascontiguousarray(array).data.cast("B"),
                                                                     digest_size=16).digest())
         match = next((i for i in seen.get(key, []) if np.array_equal(kept[i][1], array)), None)
         if match is None:
