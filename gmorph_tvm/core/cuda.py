@@ -139,8 +139,9 @@ def ptxas_candidates() -> list[str]:
     if not os.environ.get("GMORPH_TVM_PTXAS"):
         found.extend(str(p) for p in sorted(cache_dir().glob("nvcc-cu*/nvidia/cuda_nvcc/bin/ptxas")))
         nvcc = find_nvcc()
-        if nvcc and shutil.which("ptxas", path=str(Path(nvcc).parent)):
-            found.append(str(Path(shutil.which("ptxas", path=str(Path(nvcc).parent)))))
+        beside = shutil.which("ptxas", path=str(Path(nvcc).parent)) if nvcc else None
+        if beside:
+            found.append(str(Path(beside)))
     unique = []
     for path in found:
         if path not in unique and os.access(path, os.X_OK):
