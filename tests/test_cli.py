@@ -94,7 +94,12 @@ def test_build_weights_and_batch_buckets_flags(onnx_pair):
     assert "embedded" in _cli("info", str(one)).stdout
 
     out = tmp / "buckets.so"
-    proc = _cli("build", *(p for _, _, p in models), "--names", "age,gender", "--batch-buckets", "1,4",
+    dynamic = []  # buckets re-shape the batch: the ONNX files need a symbolic batch dimension
+    for name, model, _ in models:
+        dynamic.append(str(tmp / f"{name}_dyn.onnx"))
+        torch.onnx.export(model, (x,), dynamic[-1], dynamo=False, opset_version=17, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch"}})
+    proc = _cli("build", *dynamic, "--names", "age,gender", "--batch-buckets", "1,4",
                 "--input-shape", "x=2,1,28,28", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     info = _cli("info", str(out)).stdout
