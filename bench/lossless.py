@@ -13,7 +13,13 @@ Systems, all on the same input, timed as their users run them (medians):
   on its own and run one after another · gmorph-tvm fused: stitch only · stitch + merge · grouped.
 "Ideal" is the speedup over the separately compiled models if the time fell exactly with the
 FLOPs of the work left after stitching (shared work counted once). Peak MB is the resident memory
-a fresh process adds to load and run that system. Every fused output is checked against PyTorch.
+a fresh process adds to load and run that system three times (VmHWM minus the resident size after
+importing the runtime); load s is the time that process takes to load it (torch.load of the
+pickled models; ONNX Runtime sessions; gmorph-tvm load(), sha256 check of the weights included).
+Fused artifacts come with external weights (mapped, the default) and, for stitch+merge, embedded
+ones too; the line under each table checks issue 14's bound (peak <= 1.2 x unique weights + 40 MB).
+Device memory is only measured for CUDA artifacts (this script builds for the CPU). Every fused
+output is checked against PyTorch.
 """
 
 from __future__ import annotations
@@ -111,20 +117,25 @@ elif kind == "torch":
 else:
     import onnxruntime as ort
 base = psutil.Process().memory_info().rss
+start = time.perf_counter()
 if kind == "tvm":
     runners = [load(p) for p in json.loads(path)]
+elif kind == "torch":
+    models = torch.load(path, weights_only=False)
+elif kind == "ort":
+    sessions = [ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for p in json.loads(path)]
+load_s = time.perf_counter() - start
+if kind == "tvm":
     for _ in range(runs):
         for r in runners:
             r({k: v for k, v in inputs.items() if k in {s["name"] for s in r.manifest["inputs"]}})
 elif kind == "torch":
-    models = torch.load(path, weights_only=False)
     args = tuple(torch.from_numpy(inputs[k]) for k in sorted(inputs, key=lambda k: int(k.split("_")[0])))
     with torch.inference_mode():
         for _ in range(runs):
             for m in models.values():
                 m(*args)
 elif kind == "ort":
-    sessions = [ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for p in json.loads(path)]
     for _ in range(runs):
         for s in sessions:
             s.run(None, {i.name: inputs[i.name] for i in s.get_inputs()})
@@ -135,12 +146,13 @@ try:
     peak = int(status.split("VmHWM:")[1].split()[0]) * 1024
 except (OSError, IndexError):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"peak_mb": (peak - base) / 1e6}))
+print(json.dumps({"peak_mb": (peak - base) / 1e6, "load_s": load_s, "base_mb": base / 1e6}))
 """
 
 
-def peak_mb(kind: str, path: str, inputs: dict[str, np.ndarray], workdir: Path) -> float | None:
-    """Resident memory a fresh process adds to load ``path`` and run it a few times."""
+def peak_mb(kind: str, path: str, inputs: dict[str, np.ndarray], workdir: Path) -> dict | None:
+    """Resident memory a fresh process adds to load ``path`` and run it a few times (``peak_mb``),
+    and the time it took to load (``load_s``)."""
     npz = workdir / "probe_inputs.npz"
     np.savez(npz, **inputs)
     env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count()))
@@ -149,11 +161,11 @@ def peak_mb(kind: str, path: str, inputs: dict[str, np.ndarray], workdir: Path) 
     if proc.returncode != 0:
         _say(f"memory probe for {kind} failed: {proc.stderr.strip().splitlines()[-1:]}")
         return None
-    return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, memory: bool,
-              samples: int = 31) -> tuple[list[Row], dict]:
+              samples: int = 31, skip: frozenset = frozenset()) -> tuple[list[Row], dict]:
     target = resolve_target("llvm")
     models, args, names = load_set(set_name, n, batch)
     feed = {name: a.numpy() for name, a in zip(names, args)}
@@ -172,7 +184,7 @@ def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, mem
         "stitch": fuse_lossless(mm, merge="never"),
         "stitch+merge": fuse_lossless(mm, merge="auto"),
     }
-    grouped = _grouped(mm)
+    grouped = _grouped(mm) if "grouped" not in skip else []
 
     db = workdir / "tuning"
     tuning_s = 0.0
@@ -181,7 +193,8 @@ def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, mem
 
         start = time.perf_counter()
         _say(f"tuning separate kernels ({trials} trials)")
-        tune(mm.bound_module(), target, trials=trials, work_dir=db)
+        if "separate" not in skip:
+            tune(mm.bound_module(), target, trials=trials, work_dir=db)
         for label, fused in variants.items():
             _say(f"tuning {label} kernels ({trials} trials)")
             tune(fused.bound_module(), target, trials=trials, work_dir=db)
@@ -194,14 +207,17 @@ def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, mem
     sep_paths = [
         str(build(import_models({t: m}, args), target, tuning_db=tuning_db).export(workdir / f"sep_{t}.so"))
         for t, m in models.items()
-    ]
+    ] if "separate" not in skip else []
     fused_paths = {
         label: [str(build(fused, target, tuning_db=tuning_db).export(workdir / f"fused_{label.replace('+', '_')}.so"))]
         for label, fused in variants.items()
     }
+    fused_paths["stitch+merge, embedded weights"] = [str(build(
+        variants["stitch+merge"], target, tuning_db=tuning_db, weights="embedded").export(workdir / "fused_embedded.so"))]
     if grouped:
+        # One artifact, one entry point per group, one copy of the weights the groups share.
         fused_paths[f"grouped ({len(grouped)} groups)"] = [
-            str(build(part, target, tuning_db=tuning_db).export(workdir / f"group{i}.so")) for i, part in enumerate(grouped)
+            str(build(grouped, target, tuning_db=tuning_db).export(workdir / "grouped.so"))
         ]
 
     worst = 0.0
@@ -213,7 +229,8 @@ def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, mem
                                for t in models))
     _say(f"fused vs PyTorch: max relative error {worst:.2e}")
 
-    flops_sep = sum(module_flops(import_models({t: m}, args).bound_module()) for t, m in models.items())
+    flops_sep = sum(module_flops(import_models({t: m}, args).bound_module()) for t, m in models.items()) \
+        if "separate" not in skip else float("nan")
     flops_unique = module_flops(variants["stitch"].bound_module())
     ideal = flops_sep / flops_unique if flops_unique else float("nan")
 
@@ -231,25 +248,32 @@ def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, mem
         f"PyTorch eager, {cores} threads": torch_sampler(models, inputs, threads=cores),
         "ONNX Runtime, default sessions": onnxruntime_sampler(onnx_paths, feeds),
         "ONNX Runtime, allow_spinning=0": onnxruntime_sampler(onnx_paths, feeds, spinning=False),
-        "TVM, compiled separately": tvm_sampler(sep_runners, feed),
+        **({"TVM, compiled separately": tvm_sampler(sep_runners, feed)} if sep_runners else {}),
         **{f"gmorph-tvm fused: {label}": tvm_sampler(runners, feed) for label, runners in fused_runners.items()},
     }
     timings = measure(systems, samples=samples)
+
+    def probe(kind: str, path: str, probe_inputs) -> dict:
+        found = peak_mb(kind, path, probe_inputs, workdir) if memory else None
+        return {"peak_mb": found["peak_mb"], "extra": {"load_s": found["load_s"]}} if found else {}
+
     torch_bytes = torch_weight_bytes(models)
     onnx_bytes = sum(Path(p).stat().st_size for p in onnx_paths.values())
-    torch_peak = peak_mb("torch", str(torch_models_path), mem_inputs, workdir) if memory else None
-    ort_peak = peak_mb("ort", json.dumps(list(onnx_paths.values())), feed, workdir) if memory else None
-    rows = [Row.timed(name, timings[name], torch_bytes, peak_mb=torch_peak) for name in list(systems)[:2]]
-    rows += [Row.timed(name, timings[name], onnx_bytes, peak_mb=ort_peak) for name in list(systems)[2:4]]
-    rows.append(Row.timed("TVM, compiled separately", timings["TVM, compiled separately"],
-                          sum(r.manifest["weights"]["bytes"] for r in sep_runners),
-                          peak_mb=peak_mb("tvm", json.dumps(sep_paths), feed, workdir) if memory else None))
+    torch_probe = probe("torch", str(torch_models_path), mem_inputs)
+    ort_probe = probe("ort", json.dumps(list(onnx_paths.values())), feed)
+    rows = [Row.timed(name, timings[name], torch_bytes, **torch_probe) for name in list(systems)[:2]]
+    rows += [Row.timed(name, timings[name], onnx_bytes, **ort_probe) for name in list(systems)[2:4]]
+    if sep_runners:
+        rows.append(Row.timed("TVM, compiled separately", timings["TVM, compiled separately"],
+                              sum(r.manifest["weights"]["bytes"] for r in sep_runners),
+                              **probe("tvm", json.dumps(sep_paths), feed)))
     for label, paths in fused_paths.items():
         name = f"gmorph-tvm fused: {label}"
         rows.append(Row.timed(name, timings[name], sum(r.manifest["weights"]["bytes"] for r in fused_runners[label]),
-                              peak_mb=peak_mb("tvm", json.dumps(paths), feed, workdir) if memory else None))
+                              **probe("tvm", json.dumps(paths), feed)))
     info = {"ideal_speedup_vs_tvm_separate": ideal, "max_rel_error": worst, "tuning_s": tuning_s,
-            "flops_separate": flops_sep, "flops_unique": flops_unique}
+            "flops_separate": flops_sep, "flops_unique": flops_unique,
+            "unique_weight_bytes": variants["stitch"].weight_bytes}
     return rows, info
 
 
@@ -264,7 +288,7 @@ def _grouped(mm):
 
 def render(set_name: str, batch: int, rows: list[Row], info: dict) -> str:
     torch_ms = rows[1].median_ms  # PyTorch on all cores
-    sep_ms = next(r.median_ms for r in rows if r.system.startswith("TVM, compiled separately"))
+    sep_ms = next((r.median_ms for r in rows if r.system.startswith("TVM, compiled separately")), float("nan"))
     ort_ms = min(r.median_ms for r in rows if r.system.startswith("ONNX Runtime"))
     lines = [
         f"**Set {set_name}, batch {batch}** — ideal speedup over TVM separately (unique FLOPs): "
@@ -272,8 +296,8 @@ def render(set_name: str, batch: int, rows: list[Row], info: dict) -> str:
         f"tuning {info['tuning_s']:.0f} s",
         "",
         "| system | median ms | ± | vs PyTorch (all cores) | vs best ONNX Runtime | vs TVM separate | % of ideal "
-        "| weights MB | peak MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| weights MB | peak MB | load s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         vs_sep = sep_ms / r.median_ms
@@ -281,8 +305,17 @@ def render(set_name: str, batch: int, rows: list[Row], info: dict) -> str:
         weights = f"{r.weight_bytes / 1e6:.2f}" if r.weight_bytes is not None else "-"
         peak = f"{r.peak_mb:.1f}" if r.peak_mb is not None else "-"
         spread = f"{r.spread_pct:.0f}%" if r.spread_pct is not None else "-"
+        load_s = f"{r.extra['load_s']:.3f}" if "load_s" in r.extra else "-"
         lines.append(f"| {r.system} | {r.median_ms:.3f} | {spread} | {torch_ms / r.median_ms:.2f}x | "
-                     f"{ort_ms / r.median_ms:.2f}x | {vs_sep:.2f}x | {pct} | {weights} | {peak} |")
+                     f"{ort_ms / r.median_ms:.2f}x | {vs_sep:.2f}x | {pct} | {weights} | {peak} | {load_s} |")
+    fused = next((r for r in rows if r.system == "gmorph-tvm fused: stitch+merge"), None)
+    if fused is not None and fused.peak_mb is not None:
+        bound = 1.2 * info["unique_weight_bytes"] / 1e6 + 40
+        others = [r.peak_mb for r in rows[:4] if r.peak_mb is not None]
+        lines += ["", f"Fused (external weights) peak {fused.peak_mb:.1f} MB vs bound 1.2 x "
+                  f"{info['unique_weight_bytes'] / 1e6:.1f} MB unique weights + 40 MB = {bound:.1f} MB: "
+                  f"{'within' if fused.peak_mb <= bound else 'OVER'}; "
+                  f"{'below' if others and fused.peak_mb < min(others) else 'not below'} PyTorch's and ONNX Runtime's peaks."]
     return "\n".join(lines)
 
 
@@ -294,23 +327,25 @@ def main(argv=None) -> int:
     parser.add_argument("--trials", type=int, default=64, help="MetaSchedule trials per module (0: untuned)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     parser.add_argument("--samples", type=int, default=31, help="interleaved timing samples per system")
+    parser.add_argument("--skip", default="", help="comma-separated systems to leave out: separate, grouped")
     parser.add_argument("--out", help="also append the tables to this markdown file")
     parser.add_argument("--work-dir", help="keep artifacts and tuning records here (per set and batch), so "
                         "a re-run reuses the tuning; default: a temporary directory")
     args = parser.parse_args(argv)
     command = "python bench/lossless.py " + " ".join(sys.argv[1:] if argv is None else argv)
     tables = []
+    skip = frozenset(v for v in args.skip.split(",") if v)
     for set_name in args.sets.split(","):
         for batch in (int(b) for b in args.batch.split(",")):
             if args.work_dir:  # kept: a re-run reuses the tuning records
                 work = Path(args.work_dir) / f"{set_name}{batch}"
                 work.mkdir(parents=True, exist_ok=True)
                 rows, info = bench_one(set_name, batch, args.models, args.trials, work, not args.no_memory,
-                                       args.samples)
+                                       args.samples, skip)
             else:
                 with tempfile.TemporaryDirectory(prefix=f"lossless_{set_name}{batch}_") as tmp:
                     rows, info = bench_one(set_name, batch, args.models, args.trials, Path(tmp),
-                                           not args.no_memory, args.samples)
+                                           not args.no_memory, args.samples, skip)
             table = render(set_name, batch, rows, info)
             print(table + "\n", flush=True)
             tables.append(table)

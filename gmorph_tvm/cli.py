@@ -78,6 +78,16 @@ def _parse_input(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _parse_buckets(text: str) -> list[int]:
+    try:
+        sizes = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        sizes = []
+    if not sizes or sizes[0] < 1:
+        raise InputSpecError(f"--batch-buckets {text!r}: give batch sizes >= 1, e.g. 1,8,32")
+    return sizes
+
+
 def _parse_hostport(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit():
@@ -135,12 +145,21 @@ def _cmd_build(args: argparse.Namespace) -> int:
         raise InputSpecError("--tracker needs --key (the device key the boards registered with)")
     names = _task_names(args.models, args.names)
     shapes = _unique(args.input_shape, "--input-shape for input")
-    _progress(f"importing {len(names)} model(s): {', '.join(names)}")
-    mm = import_models(dict(zip(names, args.models)), input_shapes=shapes or None,
-                       input_map=dict(args.input_map or []) or None)
-    if args.fuse:
-        _progress("fusing (canonicalise, stitch shared weights, merge compatible ops)")
-        mm = fuse_lossless(mm, merge=args.merge)
+    buckets = _parse_buckets(args.batch_buckets) if args.batch_buckets else [None]
+    if args.batch_buckets and not shapes:
+        raise InputSpecError("--batch-buckets needs --input-shape for every input (its first dimension, the "
+                             "batch, is replaced by each bucket's size)")
+    models: dict = {}
+    for batch in buckets:
+        batch_shapes = {k: [batch, *v[1:]] for k, v in shapes.items()} if batch is not None else shapes
+        label = f" at batch {batch}" if batch is not None else ""
+        _progress(f"importing {len(names)} model(s){label}: {', '.join(names)}")
+        mm = import_models(dict(zip(names, args.models)), input_shapes=batch_shapes or None,
+                           input_map=dict(args.input_map or []) or None)
+        if args.fuse:
+            _progress("fusing (canonicalise, stitch shared weights, merge compatible ops)")
+            mm = fuse_lossless(mm, merge=args.merge)
+        models[batch] = mm
     tuning_db = args.tuning_db
     if args.tune_trials:
         from .tuning import tune
@@ -149,11 +168,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
         # Records are kept per target: the default database directory is keyed by it.
         tuning_db = tuning_db or str(Path(str(Path(args.output).with_suffix("")) + ".tuning") / target_key(target))
         where = f" on the boards under key {args.key!r} at tracker {args.tracker[0]}:{args.tracker[1]}" if args.tracker else ""
-        _progress(f"tuning with {args.tune_trials} trials{where}, database {tuning_db}")
         tracker = f"{args.tracker[0]}:{args.tracker[1]}" if args.tracker else None
-        tune(mm.bound_module(), target, trials=args.tune_trials, work_dir=tuning_db, tracker=tracker, key=args.key)
-    _progress(f"building for target {args.target}")
-    artifact = build(mm, target, tuning_db=tuning_db)
+        for batch, mm in models.items():  # each bucket's own workloads, one database
+            _progress(f"tuning{'' if batch is None else f' batch {batch}'} with {args.tune_trials} trials{where}, "
+                      f"database {tuning_db}")
+            tune(mm.bound_module(), target, trials=args.tune_trials, work_dir=tuning_db, tracker=tracker, key=args.key)
+    _progress(f"building for target {args.target} ({args.weights} weights)")
+    artifact = build(models if args.batch_buckets else models[None], target, tuning_db=tuning_db,
+                     weights=args.weights)
     path = artifact.export(args.output)
     _progress(f"wrote {path} and its manifest")
     print(path)
@@ -228,7 +250,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
               f"needs a driver >= {cuda.get('cuda_min_driver', '?')}{board}")
     weights = manifest.get("weights", {})
     if weights:
-        print(f"weights:  {weights.get('count')} tensors, {weights.get('bytes', 0) / 1e6:.3f} MB")
+        where = f", in {weights['file']} (sha256 {weights.get('sha256', '')[:12]})" if weights.get("file") else ""
+        print(f"weights:  {weights.get('count')} tensors, {weights.get('bytes', 0) / 1e6:.3f} MB, "
+              f"{weights.get('storage', 'embedded')}{where}")
+    if manifest.get("batch_buckets"):
+        print(f"batches:  {', '.join(map(str, manifest['batch_buckets']))} (one entry point each; smaller batches "
+              "padded up to the next)")
+    elif len(manifest.get("entries") or []) > 1:
+        print(f"groups:   {', '.join(e['function'] for e in manifest['entries'])}")
     library = Path(args.artifact).with_name(manifest["library"])
     if manifest["device"] == "cuda" and library.is_file():
         code = describe_device_code(library)
@@ -326,6 +355,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracker", type=_parse_hostport, metavar="HOST:PORT",
                    help="tune on the boards registered with this TVM RPC tracker (with --key)")
     p.add_argument("--key", help="device key the boards registered with the tracker")
+    p.add_argument("--weights", choices=["external", "embedded"], default="external",
+                   help="external: code-only library + <stem>.weights.safetensors, mapped at load (default); "
+                        "embedded: one file with the weights inside the library")
+    p.add_argument("--batch-buckets", metavar="B1,B2,...",
+                   help="one entry point per batch size (e.g. 1,8,32) sharing one copy of the weights; needs "
+                        "--input-shape (the first dimension is the batch)")
     p.add_argument("-o", "--output", required=True, help="output library (.so, or .tar to link on the device)")
     p.set_defaults(func=_cmd_build)
 

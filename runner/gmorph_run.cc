@@ -1,13 +1,25 @@
 // gmorph-run: run a gmorph-tvm artifact with the TVM C++ runtime only (no Python).
 //
 //   gmorph-run ARTIFACT.so --input x=x.npy [--input y=y.npy] [--device cpu|cuda[:N]]
-//              [--repeat N] [--warmup N] [--save-outputs DIR]
+//              [--repeat N] [--warmup N] [--save-outputs DIR] [--no-verify-weights]
 //
 // Reads ARTIFACT's manifest (<dir>/<stem>.manifest.json) for the input names/shapes/dtypes and
 // the task outputs, loads the library, creates the Relax VM (vm_load_executable +
 // vm_initialization), runs `main`, prints each task's outputs (shape, first values, sum) and the
 // median latency over --repeat runs. --save-outputs writes every output as DIR/<name>.npy.
+//
+// External weights (manifest weights.storage == "external"): the safetensors file beside the
+// library is mapped (MAP_PRIVATE, never written), checked (size, header, tensor names/dtypes/
+// shapes against the manifest, sha256 unless --no-verify-weights) and handed to the VM: on the CPU
+// as tensors that point into the mapping (no copy; the file is 64-byte aligned), on CUDA copied
+// tensor by tensor to the device, each tensor's host pages dropped after its copy.
+// Entry points (manifest "entries"): a bucketed artifact runs the smallest batch bucket that holds
+// the inputs' leading dimension, padding the batch by repeating the last sample; a grouped one
+// runs every group.
 #include <dlfcn.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <dlpack/dlpack.h>
 #include <tvm/ffi/any.h>
@@ -26,6 +38,7 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <memory>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -33,6 +46,7 @@
 
 #include "json.h"
 #include "npy.h"
+#include "sha256.h"
 
 namespace ffi = tvm::ffi;
 
@@ -49,6 +63,7 @@ struct Options {
   int repeat = 10;
   int warmup = 1;
   std::string save_dir;
+  bool verify_weights = true;
 };
 
 struct Spec {
@@ -74,7 +89,7 @@ Spec SpecOf(const gmorph::json::Value& v) {
 [[noreturn]] void Usage(const std::string& problem) {
   if (!problem.empty()) std::cerr << "gmorph-run: " << problem << "\n";
   std::cerr << "usage: gmorph-run ARTIFACT.so --input NAME=FILE.npy [--input ...] [--device cpu|cuda[:N]]\n"
-               "                  [--repeat N] [--warmup N] [--save-outputs DIR]\n";
+               "                  [--repeat N] [--warmup N] [--save-outputs DIR] [--no-verify-weights]\n";
   std::exit(2);
 }
 
@@ -107,6 +122,8 @@ Options ParseArgs(int argc, char** argv) {
       opt.warmup = std::stoi(value());
     } else if (arg == "--save-outputs") {
       opt.save_dir = value();
+    } else if (arg == "--no-verify-weights") {
+      opt.verify_weights = false;
     } else if (arg == "-h" || arg == "--help") {
       Usage("");
     } else if (!arg.empty() && arg[0] == '-') {
@@ -259,6 +276,127 @@ int ParseCudaVersion(const std::string& text) {
   return 1000 * major + 10 * minor;
 }
 
+std::string DirOf(const std::string& path) {
+  size_t slash = path.find_last_of('/');
+  return slash == std::string::npos ? std::string() : path.substr(0, slash + 1);
+}
+
+// The external weights file, mapped: every tensor by name (CPU: views into the mapping).
+class WeightsFile {
+ public:
+  WeightsFile(const std::string& path, const gmorph::json::Value& record, bool verify) : path_(path) {
+    int fd = open(path.c_str(), O_RDONLY);
+    if (fd < 0) throw std::runtime_error("weights file " + path + " not found (export writes it beside the library)");
+    struct stat st;
+    fstat(fd, &st);
+    size_ = static_cast<size_t>(st.st_size);
+    if (size_ < 8) {
+      close(fd);
+      throw std::runtime_error("weights file " + path + " is truncated (" + std::to_string(size_) + " bytes)");
+    }
+    base_ = static_cast<char*>(mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0));
+    close(fd);
+    if (base_ == MAP_FAILED) throw std::runtime_error("cannot map weights file " + path);
+    uint64_t header_len = 0;
+    for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | static_cast<unsigned char>(base_[i]);
+    if (header_len > size_ - 8) Fail("is truncated or not a safetensors file");
+    gmorph::json::Value header;
+    try {
+      header = gmorph::json::Parse(std::string(base_ + 8, header_len));
+    } catch (const std::exception& e) {
+      Fail(std::string("has a corrupt header: ") + e.what());
+    }
+    data_ = base_ + 8 + header_len;
+    const auto& expected = record["tensors"].Array();
+    uint64_t end_max = 0;
+    for (const auto& kv : header.object) {
+      const auto& info = kv.second;
+      if (kv.first == "__metadata__") continue;
+      uint64_t begin = info["data_offsets"].Array()[0].Int(), end = info["data_offsets"].Array()[1].Int();
+      end_max = std::max(end_max, end);
+      if (kv.first.rfind("__pad__.", 0) == 0) continue;
+      entries_[kv.first] = {begin, end, info};
+    }
+    if (8 + header_len + end_max != size_) {
+      Fail(std::string(8 + header_len + end_max > size_ ? "is truncated" : "is longer than its header says") + " (" +
+           std::to_string(size_) + " bytes, header describes " + std::to_string(8 + header_len + end_max) + ")");
+    }
+    if (entries_.size() != expected.size()) Fail("does not match its manifest (other tensors)");
+    for (const auto& t : expected) {
+      auto it = entries_.find(t["name"].String());
+      if (it == entries_.end()) Fail("does not match its manifest: no tensor '" + t["name"].String() + "'");
+      Spec spec = SpecOf(t);
+      const auto& info = it->second.info;
+      std::vector<int64_t> shape;
+      for (const auto& d : info["shape"].Array()) shape.push_back(d.Int());
+      if (shape != spec.shape || StCode(spec.dtype) != info["dtype"].String()) {
+        Fail("does not match its manifest: tensor '" + spec.name + "' is " + info["dtype"].String() + ShapeText(shape) +
+             ", expected " + spec.dtype + ShapeText(spec.shape));
+      }
+      if (it->second.begin % 64 != 0) Fail("is not 64-byte aligned (tensor '" + spec.name + "')");
+      int64_t count = 1;
+      for (int64_t d : shape) count *= d;
+      if (it->second.end - it->second.begin != static_cast<uint64_t>(count * gmorph::npy::ItemSize(spec.dtype))) {
+        Fail("has a corrupt header (size of tensor '" + spec.name + "')");
+      }
+      specs_[spec.name] = spec;
+    }
+    if (verify && record.Has("sha256")) {
+      gmorph::Sha256 digest;
+      digest.Update(reinterpret_cast<const unsigned char*>(base_), size_);
+      if (digest.HexDigest() != record["sha256"].String()) Fail("is corrupt: sha256 differs from the manifest's");
+    }
+  }
+
+  // The tensor `name` on `dev`: a view into the mapping on the CPU, a device copy otherwise.
+  ffi::Tensor Get(const std::string& name, DLDevice dev) {
+    auto it = entries_.find(name);
+    if (it == entries_.end()) throw std::runtime_error("weights file " + path_ + " has no tensor '" + name + "'");
+    const Spec& spec = specs_.at(name);
+    char* ptr = data_ + it->second.begin;
+    size_t nbytes = it->second.end - it->second.begin;
+    if (dev.device_type == kDLCPU) {
+      struct Mapped {  // the mapping outlives every tensor (it is never unmapped)
+        void* ptr;
+        void AllocData(DLTensor* t) { t->data = ptr; }
+        void FreeData(DLTensor*) {}
+      };
+      return ffi::Tensor::FromNDAlloc(Mapped{ptr}, ffi::Shape(spec.shape), ParseDtype(spec.dtype), dev);
+    }
+    ffi::Function alloc = ffi::Function::GetGlobalRequired("runtime.TVMTensorAllocWithScope");
+    ffi::Function copy_from = ffi::Function::GetGlobalRequired("runtime.TVMTensorCopyFromBytes");
+    ffi::Tensor t = alloc(ffi::Shape(spec.shape), ParseDtype(spec.dtype), dev, ffi::Optional<ffi::String>()).cast<ffi::Tensor>();
+    copy_from(t, static_cast<void*>(ptr), static_cast<int64_t>(nbytes));
+    size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    uintptr_t lo = reinterpret_cast<uintptr_t>(ptr) / page * page;
+    uintptr_t hi = (reinterpret_cast<uintptr_t>(ptr) + nbytes + page - 1) / page * page;
+    madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);  // the host copy is no longer needed
+    return t;
+  }
+
+ private:
+  struct Entry {
+    uint64_t begin, end;
+    gmorph::json::Value info;
+  };
+  [[noreturn]] void Fail(const std::string& what) { throw std::runtime_error("weights file " + path_ + " " + what); }
+  static std::string StCode(const std::string& dtype) {
+    static const std::map<std::string, std::string> codes = {
+        {"float64", "F64"}, {"float32", "F32"}, {"float16", "F16"}, {"bfloat16", "BF16"}, {"int64", "I64"},
+        {"int32", "I32"}, {"int16", "I16"}, {"int8", "I8"}, {"uint64", "U64"}, {"uint32", "U32"},
+        {"uint16", "U16"}, {"uint8", "U8"}, {"bool", "BOOL"}};
+    auto it = codes.find(dtype);
+    return it == codes.end() ? dtype : it->second;
+  }
+
+  std::string path_;
+  size_t size_ = 0;
+  char* base_ = nullptr;
+  char* data_ = nullptr;
+  std::map<std::string, Entry> entries_;
+  std::map<std::string, Spec> specs_;
+};
+
 int Run(const Options& opt) {
   const std::string manifest_path = ManifestPathFor(opt.library);
   gmorph::json::Value manifest;
@@ -292,10 +430,36 @@ int Run(const Options& opt) {
 
   std::vector<Spec> input_specs;
   for (const auto& v : manifest["inputs"].Array()) input_specs.push_back(SpecOf(v));
-  std::vector<std::pair<std::string, Spec>> output_specs;  // (task, spec)
+  std::map<std::string, std::vector<Spec>> task_outputs;
   for (const auto& task : manifest["tasks"].Array()) {
-    for (const auto& o : task["outputs"].Array()) output_specs.emplace_back(task["name"].String(), SpecOf(o));
+    for (const auto& o : task["outputs"].Array()) task_outputs[task["name"].String()].push_back(SpecOf(o));
   }
+  struct EntryPoint {
+    std::string function;
+    std::vector<Spec> inputs;
+    std::vector<std::string> tasks;
+    std::vector<std::string> weights;
+    int64_t batch = 0;
+  };
+  std::vector<EntryPoint> entries;
+  if (manifest.Has("entries")) {
+    for (const auto& e : manifest["entries"].Array()) {
+      EntryPoint entry;
+      entry.function = e["function"].String();
+      for (const auto& v : e["inputs"].Array()) entry.inputs.push_back(SpecOf(v));
+      for (const auto& t : e["tasks"].Array()) entry.tasks.push_back(t.String());
+      if (e.Has("weights")) for (const auto& w : e["weights"].Array()) entry.weights.push_back(w.String());
+      if (e.Has("batch")) entry.batch = e["batch"].Int();
+      entries.push_back(entry);
+    }
+  } else {
+    EntryPoint entry;
+    entry.function = "main";
+    entry.inputs = input_specs;
+    for (const auto& task : manifest["tasks"].Array()) entry.tasks.push_back(task["name"].String());
+    entries.push_back(entry);
+  }
+  const bool bucketed = manifest.Has("batch_buckets");
 
   // Inputs: by name, or positional when given without NAME=.
   std::map<std::string, std::string> paths = opt.inputs;
@@ -315,7 +479,8 @@ int Run(const Options& opt) {
       return 2;
     }
   }
-  std::vector<gmorph::npy::Array> host_inputs;
+  std::map<std::string, gmorph::npy::Array> host_inputs;
+  int64_t given_batch = -1;
   for (const auto& spec : input_specs) {
     auto it = paths.find(spec.name);
     if (it == paths.end()) {
@@ -324,8 +489,13 @@ int Run(const Options& opt) {
       return 2;
     }
     gmorph::npy::Array arr = gmorph::npy::Read(it->second);
-    if (arr.shape != spec.shape) {
-      std::cerr << "gmorph-run: input '" << spec.name << "': expected shape " << ShapeText(spec.shape) << ", given "
+    std::vector<int64_t> want = spec.shape;
+    if (bucketed && !arr.shape.empty() && !want.empty()) {
+      if (given_batch < 0) given_batch = arr.shape[0];
+      want[0] = given_batch;
+    }
+    if (arr.shape != want) {
+      std::cerr << "gmorph-run: input '" << spec.name << "': expected shape " << ShapeText(want) << ", given "
                 << ShapeText(arr.shape) << " (" << it->second << ")\n";
       return 2;
     }
@@ -334,12 +504,41 @@ int Run(const Options& opt) {
                 << " (" << it->second << ")\n";
       return 2;
     }
-    host_inputs.push_back(std::move(arr));
+    host_inputs[spec.name] = std::move(arr);
+  }
+  std::vector<EntryPoint> selected = entries;
+  if (bucketed) {  // the smallest bucket that holds the batch; smaller batches padded up (edge)
+    std::vector<EntryPoint> fits;
+    for (const auto& e : entries) if (e.batch >= given_batch) fits.push_back(e);
+    std::sort(fits.begin(), fits.end(), [](const EntryPoint& a, const EntryPoint& b) { return a.batch < b.batch; });
+    if (given_batch < 1 || fits.empty()) {
+      std::cerr << "gmorph-run: batch " << given_batch << " is not accepted (batch buckets:";
+      for (const auto& e : entries) std::cerr << " " << e.batch;
+      std::cerr << "; smaller batches are padded up)\n";
+      return 2;
+    }
+    selected = {fits[0]};
+    for (auto& kv : host_inputs) {
+      gmorph::npy::Array& arr = kv.second;
+      size_t row = arr.data.size() / static_cast<size_t>(given_batch);
+      for (int64_t i = given_batch; i < fits[0].batch; ++i) {
+        arr.data.insert(arr.data.end(), arr.data.end() - row, arr.data.end());
+      }
+      arr.shape[0] = fits[0].batch;
+    }
   }
 
   CheckHostArch(opt.library);
   if (opt.device == "cuda") LoadCudaRuntime();
   DLDevice dev{opt.device == "cuda" ? kDLCUDA : kDLCPU, opt.device_id};
+
+  std::unique_ptr<WeightsFile> weights;
+  static const gmorph::json::Value kNoRecord;
+  const auto& weight_record = manifest.Has("weights") ? manifest["weights"] : kNoRecord;
+  if (weight_record.Has("storage") && weight_record["storage"].String() == "external") {
+    weights = std::make_unique<WeightsFile>(DirOf(opt.library) + weight_record["file"].String(), weight_record,
+                                            opt.verify_weights);
+  }
 
   ffi::Module vm = [&]() {
     QuietScopeWarnings quiet;
@@ -355,76 +554,107 @@ int Run(const Options& opt) {
     init(static_cast<int>(dev.device_type), dev.device_id, kPooledAllocator, static_cast<int>(kDLCPU), 0,
          kPooledAllocator);
   }
-  ffi::Function main_fn = vm->GetFunction("main", false).value();
 
   ffi::Function alloc = ffi::Function::GetGlobalRequired("runtime.TVMTensorAllocWithScope");
   ffi::Function copy_from = ffi::Function::GetGlobalRequired("runtime.TVMTensorCopyFromBytes");
   ffi::Function copy_to = ffi::Function::GetGlobalRequired("runtime.TVMTensorCopyToBytes");
-  std::vector<ffi::Any> args;
-  for (size_t i = 0; i < input_specs.size(); ++i) {
-    ffi::Tensor t = alloc(ffi::Shape(input_specs[i].shape), ParseDtype(input_specs[i].dtype), dev, ffi::Optional<ffi::String>())
-                        .cast<ffi::Tensor>();
-    copy_from(t, static_cast<void*>(host_inputs[i].data.data()), static_cast<int64_t>(host_inputs[i].data.size()));
-    args.emplace_back(t);
+  std::map<std::string, ffi::Tensor> weight_tensors;  // one per name, shared by every entry point
+  struct Call {
+    ffi::Function fn;
+    std::vector<ffi::Any> args;
+    std::vector<ffi::AnyView> views;
+  };
+  std::vector<Call> calls(selected.size());
+  for (size_t c = 0; c < selected.size(); ++c) {
+    const EntryPoint& entry = selected[c];
+    calls[c].fn = vm->GetFunction(entry.function, false).value();
+    for (const auto& spec : entry.inputs) {
+      gmorph::npy::Array& host = host_inputs.at(spec.name);
+      ffi::Tensor t = alloc(ffi::Shape(host.shape), ParseDtype(spec.dtype), dev, ffi::Optional<ffi::String>()).cast<ffi::Tensor>();
+      copy_from(t, static_cast<void*>(host.data.data()), static_cast<int64_t>(host.data.size()));
+      calls[c].args.emplace_back(t);
+    }
+    for (const auto& name : entry.weights) {
+      if (!weights) throw std::runtime_error("the manifest lists weights for " + entry.function + " but no weights file");
+      auto it = weight_tensors.find(name);
+      if (it == weight_tensors.end()) it = weight_tensors.emplace(name, weights->Get(name, dev)).first;
+      calls[c].args.emplace_back(it->second);
+    }
+    calls[c].views.assign(calls[c].args.begin(), calls[c].args.end());
   }
-  std::vector<ffi::AnyView> arg_views(args.begin(), args.end());
-  auto call_main = [&]() {
-    ffi::Any result;
-    main_fn.CallPacked(ffi::PackedArgs(arg_views.data(), static_cast<int32_t>(arg_views.size())), &result);
-    return result;
+  auto call_all = [&]() {
+    std::vector<ffi::Any> results(calls.size());
+    for (size_t c = 0; c < calls.size(); ++c) {
+      calls[c].fn.CallPacked(ffi::PackedArgs(calls[c].views.data(), static_cast<int32_t>(calls[c].views.size())),
+                             &results[c]);
+    }
+    return results;
   };
   auto sync = [&]() {
     if (dev.device_type != kDLCPU) ffi::Function::GetGlobalRequired("runtime.Device_StreamSync")(dev, static_cast<int64_t>(0));
   };
 
-  ffi::Any result = call_main();
+  std::vector<ffi::Any> results = call_all();
   sync();
-  for (int i = 0; i < opt.warmup; ++i) call_main();
+  for (int i = 0; i < opt.warmup; ++i) call_all();
   sync();
   std::vector<double> ms;
   for (int i = 0; i < opt.repeat; ++i) {
     auto t0 = std::chrono::steady_clock::now();
-    call_main();
+    call_all();
     sync();
     auto t1 = std::chrono::steady_clock::now();
     ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
   }
 
-  std::vector<ffi::Tensor> outputs;
-  if (auto arr = result.as<ffi::Array<ffi::Any>>()) {
-    for (const ffi::Any& item : *arr) outputs.push_back(item.cast<ffi::Tensor>());
-  } else {
-    outputs.push_back(result.cast<ffi::Tensor>());
-  }
-  if (outputs.size() != output_specs.size()) {
-    std::cerr << "gmorph-run: main returned " << outputs.size() << " outputs, the manifest lists " << output_specs.size() << "\n";
-    return 1;
-  }
-  for (size_t i = 0; i < outputs.size(); ++i) {
-    const ffi::Tensor& t = outputs[i];
-    std::vector<int64_t> shape(t.shape().begin(), t.shape().end());
-    std::string dtype = DtypeName(t.dtype());
-    int64_t count = 1;
-    for (int64_t d : shape) count *= d;
-    size_t nbytes = static_cast<size_t>(count) * ((t.dtype().bits * t.dtype().lanes + 7) / 8);
-    std::vector<char> host(nbytes);
-    copy_to(t, static_cast<void*>(host.data()), static_cast<int64_t>(nbytes));
-    const Spec& spec = output_specs[i].second;
-    double sum = 0.0;
-    std::ostringstream first;
-    int item = gmorph::npy::ItemSize(dtype);
-    for (int64_t k = 0; k < count; ++k) {
-      double v = ElementAsDouble(dtype, host.data() + k * item);
-      sum += v;
-      if (k < 5) first << (k ? ", " : "") << v;
+  for (size_t c = 0; c < calls.size(); ++c) {
+    std::vector<ffi::Tensor> outputs;
+    if (auto arr = results[c].as<ffi::Array<ffi::Any>>()) {
+      for (const ffi::Any& item : *arr) outputs.push_back(item.cast<ffi::Tensor>());
+    } else {
+      outputs.push_back(results[c].cast<ffi::Tensor>());
     }
-    std::printf("%s: %s%s first [%s%s] sum %.6g\n", spec.name.c_str(), dtype.c_str(), ShapeText(shape).c_str(),
-                first.str().c_str(), count > 5 ? ", ..." : "", sum);
-    if (!opt.save_dir.empty()) {
-      std::string file = spec.name;
-      std::replace(file.begin(), file.end(), ':', '_');
-      std::replace(file.begin(), file.end(), '/', '_');
-      gmorph::npy::Write(opt.save_dir + "/" + file + ".npy", dtype, shape, host.data(), nbytes);
+    std::vector<Spec> output_specs;
+    for (const auto& task : selected[c].tasks) {
+      for (const auto& spec : task_outputs[task]) output_specs.push_back(spec);
+    }
+    if (outputs.size() != output_specs.size()) {
+      std::cerr << "gmorph-run: " << selected[c].function << " returned " << outputs.size()
+                << " outputs, the manifest lists " << output_specs.size() << "\n";
+      return 1;
+    }
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      const ffi::Tensor& t = outputs[i];
+      std::vector<int64_t> shape(t.shape().begin(), t.shape().end());
+      std::string dtype = DtypeName(t.dtype());
+      int64_t count = 1;
+      for (int64_t d : shape) count *= d;
+      size_t nbytes = static_cast<size_t>(count) * ((t.dtype().bits * t.dtype().lanes + 7) / 8);
+      std::vector<char> host(nbytes);
+      copy_to(t, static_cast<void*>(host.data()), static_cast<int64_t>(nbytes));
+      if (bucketed && !shape.empty() && shape[0] > given_batch) {  // cut the padding off
+        count = count / shape[0] * given_batch;
+        nbytes = nbytes / static_cast<size_t>(shape[0]) * static_cast<size_t>(given_batch);
+        shape[0] = given_batch;
+        host.resize(nbytes);
+      }
+      const Spec& spec = output_specs[i];
+      double sum = 0.0;
+      std::ostringstream first;
+      int item = gmorph::npy::ItemSize(dtype);
+      for (int64_t k = 0; k < count; ++k) {
+        double v = ElementAsDouble(dtype, host.data() + k * item);
+        sum += v;
+        if (k < 5) first << (k ? ", " : "") << v;
+      }
+      std::printf("%s: %s%s first [%s%s] sum %.6g\n", spec.name.c_str(), dtype.c_str(), ShapeText(shape).c_str(),
+                  first.str().c_str(), count > 5 ? ", ..." : "", sum);
+      if (!opt.save_dir.empty()) {
+        std::string file = spec.name;
+        std::replace(file.begin(), file.end(), ':', '_');
+        std::replace(file.begin(), file.end(), '/', '_');
+        gmorph::npy::Write(opt.save_dir + "/" + file + ".npy", dtype, shape, host.data(), nbytes);
+      }
     }
   }
   std::vector<double> sorted = ms;

@@ -83,3 +83,35 @@ def test_usage_errors_and_help():
     assert proc.returncode == 2 and "-o/--output" in proc.stderr
     proc = _cli("build", "a.onnx", "-o", "x.so", "--target", "nonsense")
     assert proc.returncode == 1 and "unknown target preset 'nonsense'" in proc.stderr
+
+
+def test_build_weights_and_batch_buckets_flags(onnx_pair):
+    tmp, x, models = onnx_pair
+    one = tmp / "one.so"
+    proc = _cli("build", models[0][2], "--weights", "embedded", "-o", str(one))
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp / "one.weights.safetensors").exists()
+    assert "embedded" in _cli("info", str(one)).stdout
+
+    out = tmp / "buckets.so"
+    dynamic = []  # buckets re-shape the batch: the ONNX files need a symbolic batch dimension
+    for name, model, _ in models:
+        dynamic.append(str(tmp / f"{name}_dyn.onnx"))
+        torch.onnx.export(model, (x,), dynamic[-1], dynamo=False, opset_version=17, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch"}})
+    proc = _cli("build", *dynamic, "--names", "age,gender", "--batch-buckets", "1,4",
+                "--input-shape", "x=2,1,28,28", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    info = _cli("info", str(out)).stdout
+    assert "batches:  1, 4" in info and "external, in buckets.weights.safetensors" in info
+    x3 = np.concatenate([x.numpy(), x.numpy()[:1]])
+    np.save(tmp / "x3.npy", x3)
+    saved = tmp / "bucket_outputs"
+    run = _cli("run", str(out), "--input", f"x={tmp / 'x3.npy'}", "--save-outputs", str(saved))
+    assert run.returncode == 0, run.stderr
+    with torch.no_grad():
+        for name, model, _ in models:
+            np.testing.assert_allclose(np.load(saved / f"{name}.npy"), model(torch.from_numpy(x3)).numpy(),
+                                       rtol=1e-5, atol=1e-5)
+    proc = _cli("build", models[0][2], "--batch-buckets", "1,8", "-o", str(tmp / "never.so"))
+    assert proc.returncode == 1 and "--batch-buckets needs --input-shape" in proc.stderr

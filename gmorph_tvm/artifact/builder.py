@@ -6,10 +6,31 @@ or tuned ones from a tuning database), finishes it with TVM's ``default_build`` 
 :mod:`gmorph_tvm.core.cuda`), so the exported library carries binary device code for the
 requested ``sm_XX`` even when built on a machine without a GPU. Every failure is a :class:`BuildError` naming the tasks and the operator
 involved when they can be told, never a raw TVM trace.
+
+Weights (``weights=``): ``"external"`` (the default) lifts every weight out of the compiled code
+after lowering (:class:`~gmorph_tvm.artifact.lift_weights.LiftWeights`), when the tuned CPU layouts
+are already packed into them, so the library holds code only and :meth:`Artifact.export` writes
+the weights once, in their final layout, to ``<stem>.weights.safetensors`` (see
+:mod:`gmorph_tvm.core.weights_file`), which the runners map instead of copying. ``"embedded"``
+keeps them as constants inside the library (one file; the loaded library image and TVM's
+deserialised constant pool then hold about twice the weights).
+
+Several entry points in one artifact, sharing one copy of the weights:
+
+* ``build({1: mm1, 8: mm8, 32: mm32})``: batch buckets. Each is the same model imported (and
+  fused, and tuned) at that batch size; functions ``main_b1``, ``main_b8``, ... are lowered on
+  their own (so each uses the tuning records of its own workloads). A runner picks the bucket by
+  the inputs' leading dimension and pads smaller batches up to the next bucket.
+* ``build([group0, group1])``: the groups of a grouped build (``fuse_grouped``), one function each
+  (``main_g0``, ...); a runner runs them all and returns every task's outputs.
+
+Weights of equal content are stored once across all entry points (a tuned layout that differs
+between buckets is a different tensor, stored once for the buckets that share it).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import platform
 import re
@@ -18,7 +39,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import tvm
@@ -28,7 +49,8 @@ from ..core import cuda as cuda_code
 from ..core.manifest import FORMAT, FORMAT_VERSION, SIGNATURE_FUNCTION, encode_signature
 from ..core.targets import JETPACK_CUDA, TargetLike, is_cuda, jetpack_of, resolve_target, runs_here, target_dict
 from ..core.version import __version__
-from ..core.vm import VMPool, device_for, execute
+from ..core.vm import VMPool, device_for, entry_weight_args, run_entries
+from ..core.weights_file import unique_arrays
 from ..errors import ArtifactError, BuildError, GmorphError, one_line
 from ..frontend import MultiModel, TaskInfo, TensorSpec, bind_weights
 from ..passes import index_bounds
@@ -36,6 +58,10 @@ from ..tuning import lower_tuned
 from ..tuning.shipped import lookup as lookup_shipped
 from . import tuned_check
 from .export import export_artifact
+from .lift_weights import LiftWeights, content_names
+
+WeightsMode = Literal["external", "embedded"]
+WEIGHTS_MODES = ("external", "embedded")
 
 # Ops that survive lowering (VM builtins and packed calls): anything else left in a Relax
 # function means the module still needs TVM's finalizing relax pipeline.
@@ -53,12 +79,13 @@ class Artifact:
     _manifest: dict[str, Any]
     _fatbins: dict[str, bytes] = field(default_factory=dict)  # CUDA source sha256 -> fatbin or cubin
     _vm: Any = field(default=None, repr=False)
+    # External weights: file order (name, value); written by export, passed to main by run.
+    _weights: list[tuple[str, tvm.runtime.Tensor]] = field(default_factory=list, repr=False)
+    _weight_args: Any = field(default=None, repr=False)
 
     @property
     def manifest(self) -> dict[str, Any]:
         """The manifest (``library`` and ``created`` are filled in by :meth:`export`)."""
-        import copy
-
         return copy.deepcopy(self._manifest)
 
     @property
@@ -77,8 +104,14 @@ class Artifact:
     def tasks(self) -> list[TaskInfo]:
         return [TaskInfo.from_json(t) for t in self._manifest["tasks"]]
 
+    @property
+    def weights(self) -> list[tuple[str, tvm.runtime.Tensor]]:
+        """The external weights in file order (empty for embedded weights)."""
+        return list(self._weights)
+
     def export(self, path: str | Path, *, fcompile: Callable | None = None) -> Path:
-        """Write the library (``.so``, or ``.tar`` of objects) and ``<stem>.manifest.json`` beside it.
+        """Write the library (``.so``, or ``.tar`` of objects) and ``<stem>.manifest.json`` beside it
+        (and, for external weights, ``<stem>.weights.safetensors``).
 
         Both are written to temporary files and renamed into place, so a failed export leaves
         nothing behind. ``fcompile`` overrides the linker (default: the host compiler, or
@@ -97,16 +130,36 @@ class Artifact:
                 )
             dev = device_for(self._manifest, self.device, f"artifact {self.name!r}")
             self._vm = VMPool(self.executable, dev, f"artifact {self.name!r}")  # one VM per thread
-        return execute(self._vm.get(), self._manifest, inputs, what=f"artifact {self.name!r}")
+            on_cpu = dev.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+            values = {name: value if on_cpu else value.copyto(dev) for name, value in self._weights}
+            self._weight_args = entry_weight_args(self._manifest, values, f"artifact {self.name!r}")
+        return run_entries(self._vm.get(), self._manifest, inputs, self._weight_args, what=f"artifact {self.name!r}")
+
+
+ModelLike: TypeAlias = MultiModel | tvm.IRModule
+BuildInput: TypeAlias = ModelLike | Mapping[int, ModelLike] | Sequence[MultiModel]
+
+
+@dataclass
+class _Entry:
+    """One entry point to compile: its function name, weights-bound module and signature."""
+
+    function: str
+    mod: tvm.IRModule
+    inputs: list[TensorSpec]
+    tasks: list[TaskInfo]
+    batch: int | None = None
+    params: Mapping[str, tvm.runtime.Tensor] = field(default_factory=dict)  # names for lifted weights
 
 
 def build(
-    model: MultiModel | tvm.IRModule,
+    model: BuildInput,
     target: TargetLike = "llvm",
     *,
     tuning_db: str | Path | None = None,
     name: str | None = None,
     shipped_records: bool = True,
+    weights: WeightsMode = "external",
 ) -> Artifact:
     """Compile ``model`` for ``target`` (a preset such as ``"llvm"``, ``"cuda"``, ``"jetson-orin"``,
     a TVM target dict, or a ``tvm.target.Target``).
@@ -121,68 +174,111 @@ def build(
     is returned (:mod:`gmorph_tvm.artifact.tuned_check`). Records that fail either check are
     dropped with a :class:`~gmorph_tvm.tuning.TuningWarning` naming the kernel; manifest field
     ``tuning`` says which databases were used and what was applied, dropped and measured.
+
+    ``model`` may also be a mapping batch size -> model (batch buckets) or a list of MultiModels (the groups of a grouped build):
+    one artifact, one entry point each, one copy of the weights (see the module docstring); the
+    tuned-build check runs on the whole multi-entry module (every entry point).
+    ``weights``: ``"external"`` (a separate, mapped weights file) or ``"embedded"`` (one library).
     """
+    if weights not in WEIGHTS_MODES:
+        raise BuildError(f"weights must be one of {', '.join(WEIGHTS_MODES)}, not {weights!r}")
     tgt = resolve_target(target)
-    if isinstance(model, MultiModel):
-        mod = model.bound_module()
-        inputs, tasks = list(model.inputs), list(model.tasks)
-    elif isinstance(model, tvm.IRModule):
-        if "main" not in [gv.name_hint for gv in model.get_global_vars()]:
-            raise BuildError("the IRModule to build has no 'main' function")
-        mod = bind_weights(model)
-        inputs, tasks = _signature_specs(mod)
-    else:
-        raise BuildError(f"build() takes a MultiModel or a tvm.IRModule, not {type(model).__name__}")
+    entries = _entries(model)
+    inputs, tasks = _artifact_signature(entries)
     task_names = [t.name for t in tasks]
     duplicates = sorted({n for n in task_names if task_names.count(n) > 1})
     if duplicates:
         raise BuildError(f"task name {duplicates[0]!r} appears more than once; every task needs its own name")
     name = name or "+".join(task_names)
     device = "cuda" if is_cuda(tgt) else "cpu"
-    arch = str(tgt.attrs["arch"]) if device == "cuda" and "arch" in tgt.attrs else None
-    if device == "cuda":
-        if arch is None:
-            raise BuildError(f"CUDA target {target_dict(tgt)} has no 'arch' (e.g. 'sm_87')")
+    arch: str | None = None
     jetpack = jetpack_of(tgt) if device == "cuda" else None
     board_cuda = JETPACK_CUDA[jetpack] if jetpack else None  # SASS that board's driver loads
     if device == "cuda":
+        if "arch" not in tgt.attrs:
+            raise BuildError(f"CUDA target {target_dict(tgt)} has no 'arch' (e.g. 'sm_87')")
+        arch = str(tgt.attrs["arch"])
         cuda_code.check_arch_supported(arch, board_cuda)  # fail before spending time on lowering
         cuda_code.check_library_blob_format()  # ... also when export could not embed the compiled code
 
-    bounds = index_bounds(mod)
-    signature = {"inputs": [s.to_json() for s in inputs], "tasks": [t.to_json() for t in tasks], "index_bounds": bounds}
+    bounds: dict[str, Any] = {}
+    for entry in entries:
+        bounds.update(index_bounds(entry.mod))
+    names = content_names({k: v for e in entries for k, v in e.params.items()}) if weights == "external" else {}
+    # What each compiled executable was built from (tuned and untuned builds pre-pack differently):
+    # id -> (lowered module, lifted weights per entry, file weights, weight names per entry).
+    built: dict[int, tuple[tvm.IRModule, list, list, list]] = {}
 
     def lower_and_compile(database: str | Path | None, exclude: Sequence[str] = (), shipped: bool = True):
-        with _stage("lowering", mod, tasks, tgt):
-            lowered, applied = _lower(mod, tgt, database, exclude, shipped_records and shipped)
+        parts, applied_parts = [], []
+        for entry in entries:
+            with _stage("lowering", entry.mod, entry.tasks, tgt):
+                part, part_applied = _lower(entry.mod, tgt, database, exclude, shipped_records and shipped)
+            parts.append(part)
+            applied_parts.append(part_applied)
+        lifted: list[list[tuple[str, tvm.runtime.Tensor]]] = [[] for _ in entries]
+        if weights == "external":
+            for i, part in enumerate(parts):
+                lift = LiftWeights(names=names)
+                parts[i] = lift(part)  # type: ignore[operator]  # a module pass instance
+                lifted[i] = lift.lifted()
+            file_weights, entry_weights = _unique_weights(lifted)
+        else:
+            file_weights, entry_weights = [], [[] for _ in entries]
+        lowered = parts[0] if len(entries) == 1 else _combine(parts, [e.function for e in entries])
+        signature = {
+            "inputs": [s.to_json() for s in inputs],
+            "tasks": [t.to_json() for t in tasks],
+            "index_bounds": bounds,
+            "entries": [_entry_json(e, w) for e, w in zip(entries, entry_weights)],
+            "batch_buckets": [e.batch for e in entries] if entries[0].batch is not None else [],
+        }
         with _stage("compiling", lowered, tasks, tgt), _cuda_compile_callback(arch, board_cuda):
             executable = tvm.compile(_with_signature(lowered, signature), target=tgt,
                                      relax_pipeline=_finalize_pipeline(lowered))
-        return lowered, executable, applied
+        built[id(executable)] = (lowered, lifted, file_weights, entry_weights)
+        return executable, _merge_applied(applied_parts)
 
-    lowered, executable, applied = lower_and_compile(tuning_db)
+    def call_entries(vm: relax.VirtualMachine, executable: Any, device: Any, data: Sequence[np.ndarray]) -> list:
+        """Every entry point of ``executable`` on ``data`` (a bucket: padded to its batch), outputs in order."""
+        by_name = {s.name: a for s, a in zip(inputs, data)}
+        on_cpu = device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+        out: list = []
+        for entry, lifted in zip(entries, built[id(executable)][1]):
+            args = []
+            for spec in entry.inputs:
+                array = by_name[spec.name]
+                if entry.batch is not None and array.shape[0] != entry.batch:
+                    array = np.pad(array, [(0, entry.batch - array.shape[0])] + [(0, 0)] * (array.ndim - 1),
+                                   mode="edge")
+                args.append(tvm.runtime.tensor(np.ascontiguousarray(array), device))
+            values = [v if on_cpu else v.copyto(device) for _, v in lifted]
+            out.append(vm[entry.function](*args, *values))
+        return out
+
+    executable, applied = lower_and_compile(tuning_db)
     tuning_check = None
     if applied is not None and applied.applied:
-        # No tuned artifact leaves here unless it computes what the untuned build computes.
+        # No tuned artifact leaves here unless it computes what the untuned build computes
+        # (the whole multi-entry module: every entry point, with its weights).
         def rebuild(exclude: Sequence[str]):
-            nonlocal lowered
-            lowered, rebuilt, redone = lower_and_compile(tuning_db, exclude)
-            return rebuilt, redone
-
-        untuned: list = []
-
-        def compile_untuned():
-            untuned[:] = lower_and_compile(None, shipped=False)[:2]
-            return untuned[1]
+            return lower_and_compile(tuning_db, exclude)
 
         executable, tuning_check = tuned_check.verify_tuned_build(
-            executable, applied, tgt, inputs, compile_untuned=compile_untuned, rebuild=rebuild
+            executable, applied, tgt, inputs, compile_untuned=lambda: lower_and_compile(None, shipped=False)[0],
+            rebuild=rebuild, call=call_entries,
         )
-        if tuning_check.fell_back:
-            lowered = untuned[0]
     elif applied is not None:
         tuning_check = tuned_check.ModuleCheck(dropped=dict(applied.dropped), kernel_seconds=applied.seconds)
-    fatbins = _compile_device_code(executable, arch, board_cuda) if device == "cuda" else {}
+    lowered, _, file_weights, entry_weights = built[id(executable)]
+    built.clear()
+    fatbins = _compile_device_code(executable, arch, board_cuda) if arch is not None else {}
+
+    weight_stats: dict[str, Any] = {"storage": weights}
+    if weights == "external":
+        weight_stats.update(count=len(file_weights), bytes=sum(_nbytes(v) for _, v in file_weights))
+    else:
+        weight_stats.update(constant_stats(lowered))
 
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -195,21 +291,153 @@ def build(
         "host_triple": host_triple(tgt),
         "inputs": [s.to_json() for s in inputs],
         "tasks": [t.to_json() for t in tasks],
-        "weights": constant_stats(lowered),
+        "weights": weight_stats,
+        "entries": [_entry_json(e, w) for e, w in zip(entries, entry_weights)],
         "index_bounds": bounds,
         "created": None,
     }
+    if entries[0].batch is not None:
+        manifest["batch_buckets"] = [e.batch for e in entries]
+        manifest["batch_padding"] = "edge"
     manifest["tuning"] = {
         "database": str(tuning_db) if tuning_db is not None else None,
         "shipped": lookup_shipped(tgt).key if shipped_records else None,
         **(tuning_check.to_json() if tuning_check is not None else {}),
     }
-    if device == "cuda":
+    if arch is not None:
         # toolkit: the CUDA release that made the SASS; cuda_min_driver: the oldest driver that loads it.
         manifest["cuda"] = {"arch": arch, **cuda_code.device_code_info(arch, board_cuda)}
         if jetpack:
             manifest["cuda"].update(jetpack=jetpack, board_cuda=board_cuda)
-    return Artifact(executable, tgt, manifest, fatbins)
+    return Artifact(executable, tgt, manifest, fatbins, _weights=file_weights)
+
+
+def _nbytes(value: tvm.runtime.Tensor) -> int:
+    return int(np.prod([int(d) for d in value.shape], dtype=np.int64)) * np.dtype(str(value.dtype)).itemsize
+
+
+def _entry_json(entry: _Entry, weights: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "function": entry.function,
+        "inputs": [s.to_json() for s in entry.inputs],
+        "tasks": [t.name for t in entry.tasks],
+        "outputs": [o.to_json() for t in entry.tasks for o in t.outputs],
+        "weights": weights,
+    }
+    if entry.batch is not None:
+        out["batch"] = entry.batch
+    return out
+
+
+def _one_entry(model: Any, function: str, what: str) -> _Entry:
+    if isinstance(model, MultiModel):
+        return _Entry(function, model.bound_module(), list(model.inputs), list(model.tasks), params=model.params)
+    if isinstance(model, tvm.IRModule):
+        if "main" not in [gv.name_hint for gv in model.get_global_vars()]:
+            raise BuildError(f"the IRModule to build{what} has no 'main' function")
+        mod = bind_weights(model)
+        inputs, tasks = _signature_specs(mod)
+        return _Entry(function, mod, inputs, tasks)
+    raise BuildError(f"build() takes a MultiModel or a tvm.IRModule{what}, not {type(model).__name__}")
+
+
+def _entries(model: Any) -> list[_Entry]:
+    if isinstance(model, (MultiModel, tvm.IRModule)):
+        return [_one_entry(model, "main", "")]
+    if isinstance(model, Mapping):
+        if not model or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in model):
+            raise BuildError("batch buckets must map batch sizes (integers >= 1) to models, e.g. {1: mm1, 8: mm8}")
+        entries = []
+        for batch in sorted(model):
+            entry = _one_entry(model[batch], f"main_b{batch}", f" (batch bucket {batch})")
+            entry.batch = batch
+            entries.append(entry)
+        _check_buckets(entries)
+        return entries
+    if isinstance(model, Sequence) and not isinstance(model, (str, bytes)):
+        if not model:
+            raise BuildError("build() was given an empty list of groups")
+        entries = [_one_entry(m, f"main_g{i}", f" (group {i})") for i, m in enumerate(model)]
+        seen: dict[str, int] = {}
+        for i, entry in enumerate(entries):
+            for task in entry.tasks:
+                if task.name in seen:
+                    raise BuildError(f"task {task.name!r} is in group {seen[task.name]} and group {i}; "
+                                     "groups must not share tasks")
+                seen[task.name] = i
+        return entries
+    raise BuildError(f"build() takes a MultiModel or a tvm.IRModule, not {type(model).__name__}")
+
+
+def _check_buckets(entries: list[_Entry]) -> None:
+    """Every bucket: the same inputs and tasks, every input and output batched along axis 0."""
+    first = entries[0]
+
+    def unbatched(specs):
+        return [(s.name, s.dtype, s.shape[1:]) for s in specs]
+
+    for entry in entries:
+        for spec in [*entry.inputs, *(o for t in entry.tasks for o in t.outputs)]:
+            if not spec.shape or spec.shape[0] != entry.batch:
+                raise BuildError(f"batch bucket {entry.batch}: {spec.name} has shape {list(spec.shape)}; every input "
+                                 f"and output of a bucket must have the batch size {entry.batch} as its first dimension")
+        if unbatched(entry.inputs) != unbatched(first.inputs):
+            raise BuildError(f"batch bucket {entry.batch} has other inputs than bucket {first.batch}: "
+                             f"{[s.describe() for s in entry.inputs]} vs {[s.describe() for s in first.inputs]}")
+        outs = [(t.name, unbatched(t.outputs)) for t in entry.tasks]
+        if outs != [(t.name, unbatched(t.outputs)) for t in first.tasks]:
+            raise BuildError(f"batch bucket {entry.batch} has other tasks or outputs than bucket {first.batch}")
+
+
+def _artifact_signature(entries: list[_Entry]) -> tuple[list[TensorSpec], list[TaskInfo]]:
+    """The artifact's inputs and tasks: a bucket's (the smallest), or the union over groups."""
+    if len(entries) == 1 or entries[0].batch is not None:
+        return list(entries[0].inputs), list(entries[0].tasks)
+    inputs: dict[str, TensorSpec] = {}
+    for i, entry in enumerate(entries):
+        for spec in entry.inputs:
+            if spec.name in inputs and inputs[spec.name] != spec:
+                raise BuildError(f"group {i} reads input {spec.describe()}, another group "
+                                 f"{inputs[spec.name].describe()}; groups must agree on shared inputs")
+            inputs.setdefault(spec.name, spec)
+    return list(inputs.values()), [t for e in entries for t in e.tasks]
+
+
+def _unique_weights(lifted: list[list[tuple[str, tvm.runtime.Tensor]]]):
+    """One tensor per distinct content over all entries: (file weights, per-entry names in order)."""
+    flat: list[tuple[str, np.ndarray]] = []
+    values: dict[str, tvm.runtime.Tensor] = {}
+    keyed: list[list[str]] = []
+    for i, part in enumerate(lifted):
+        names = []
+        for name, value in part:
+            key = name if name not in values else f"{name}@{i}"
+            n = 1
+            while key in values:
+                key, n = f"{name}@{i}.{n}", n + 1
+            values[key] = value
+            flat.append((key, value.numpy()))
+            names.append(key)
+        keyed.append(names)
+    kept, alias = unique_arrays(flat)
+    file_weights = [(name, values[name]) for name, _ in kept]
+    return file_weights, [[alias.get(n, n) for n in names] for names in keyed]
+
+
+
+def _merge_applied(parts: list[Any]) -> Any:
+    """The per-entry tuning results as one (None when no entry was lowered with records)."""
+    found = [p for p in parts if p is not None]
+    if not found:
+        return None
+    if len(found) == 1:
+        return found[0]
+    merged = copy.copy(found[0])
+    merged.applied = sorted({k for p in found for k in p.applied})
+    merged.unverified = sorted({k for p in found for k in p.unverified})
+    merged.dropped = {k: v for p in found for k, v in p.dropped.items()}
+    merged.seconds = sum(p.seconds for p in found)
+    return merged
 
 
 # ---- lowering ------------------------------------------------------------------------------
@@ -231,6 +459,42 @@ def _with_signature(mod: tvm.IRModule, manifest: Mapping[str, Any]) -> tvm.IRMod
     out = mod.clone()
     out[SIGNATURE_FUNCTION] = func
     return out
+
+
+
+
+@relax.expr_functor.mutator
+class _Rename(relax.PyExprMutator):
+    """Points calls at renamed kernels (the GlobalVars of the combined module)."""
+
+    def __init__(self, mapping: Mapping[str, tvm.ir.GlobalVar]):
+        super().__init__()
+        self.mapping = mapping
+
+    def visit_global_var_(self, gvar):
+        return self.mapping.get(gvar.name_hint, gvar)
+
+
+def _combine(parts: Sequence[tvm.IRModule], functions: Sequence[str]) -> tvm.IRModule:
+    """One module with each lowered part's ``main`` as ``functions[i]``; kernels renamed apart
+    (identical kernels are kept once)."""
+    bb = relax.BlockBuilder()
+    for part, function in zip(parts, functions):
+        mapping: dict[str, tvm.ir.GlobalVar] = {}
+        for gvar, func in part.functions_items():
+            if isinstance(func, tvm.tirx.PrimFunc):
+                mapping[gvar.name_hint] = bb.add_func(func.without_attr("global_symbol"), gvar.name_hint)
+        for gvar, func in part.functions_items():
+            if isinstance(func, relax.Function):
+                new_name = function if gvar.name_hint == "main" else f"{gvar.name_hint}_{function}"
+                renamed = _Rename(mapping).visit_expr(func)
+                if gvar.name_hint == "main":
+                    renamed = renamed.with_attr("global_symbol", function)
+                else:
+                    renamed = renamed.without_attr("global_symbol")
+                bb.add_func(renamed, new_name)
+    return bb.get()
+
 
 
 def _finalize_pipeline(mod: tvm.IRModule) -> str | None:

@@ -12,6 +12,10 @@ CUDA artifacts go through our own import packer (``fpack_imports``): TVM's packe
 the CUDA module as generated source; ours splices in the fatbin compiled at build time and then
 lets TVM turn the blob into an object for the host triple (``codegen.codegen_blob``), which also
 works for an aarch64 host from an x86 machine.
+
+External weights go to ``<stem>.weights.safetensors`` (:mod:`gmorph_tvm.core.weights_file`), staged
+and renamed with the rest; the manifest's ``weights`` record gets the file name, its sha256 and
+size, and the name, dtype and shape of every tensor in it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ..core import cuda as cuda_code
 from ..core.manifest import manifest_path_for, sha256_of_file, write_json_atomic
 from ..core.targets import runs_here
 from ..core.tvm_log import quiet_tvm_warnings
+from ..core.weights_file import weights_path_for, write_weights
 from ..errors import BuildError, GmorphError, one_line
 
 if TYPE_CHECKING:
@@ -81,42 +86,66 @@ def _export_staged(artifact: Artifact, path: Path, directory: Path, fcompile: Ca
         manifest["library"] = path.name
         manifest["library_sha256"] = sha256_of_file(staged_lib)
         manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        renames = [(staged_lib, path)]
+        if manifest["weights"].get("storage") == "external":
+            weights_path = weights_path_for(path)
+            staged_weights = staging / weights_path.name
+            try:
+                record = write_weights(staged_weights, [(n, v.numpy()) for n, v in artifact.weights])
+            except OSError as err:
+                raise BuildError(f"cannot write {weights_path}: {err.strerror}") from err
+            manifest["weights"].update(record)
+            renames.append((staged_weights, weights_path))
         manifest_path = manifest_path_for(path)
         staged_manifest = staging / manifest_path.name
         try:
             write_json_atomic(staged_manifest, manifest)
         except OSError as err:
             raise BuildError(f"cannot write manifest {manifest_path}: {err.strerror}") from err
-        _install_pair(staged_lib, path, staged_manifest, manifest_path, staging)
+        _install(renames, staged_manifest, manifest_path, staging)
         return path
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _install_pair(staged_lib: Path, path: Path, staged_manifest: Path, manifest_path: Path, staging: Path) -> None:
-    """Rename library and manifest into place; undo the library when the manifest fails."""
-    backup = staging / f"previous{path.suffix}"
-    had_previous = path.is_file()
-    if had_previous:
+def _install(renames: list[tuple[Path, Path]], staged_manifest: Path, manifest_path: Path, staging: Path) -> None:
+    """Rename the library (and the weights file) into place, then the manifest last: it is what
+    says the artifact is there. When any rename fails, the files already replaced are put back
+    (or removed where there was none before), so the directory keeps a consistent old artifact."""
+    done: list[tuple[Path, Path | None]] = []  # (final, backup of what it replaced)
+
+    def undo() -> str:
+        for final, backup in reversed(done):
+            try:
+                if backup is not None:
+                    os.replace(backup, final)
+                else:
+                    final.unlink()
+            except OSError:
+                pass
+        if not done:
+            return "nothing was replaced"
+        state = "the previous library was put back" if done[0][1] is not None else "the new library was removed"
+        return state + ("; so was the weights file" if len(done) > 1 else "")
+
+    for index, (staged, final) in enumerate(renames):
+        backup = None
+        if final.is_file():
+            backup = staging / f"previous-{index}{final.suffix}"
+            try:
+                os.link(final, backup)
+            except OSError:
+                shutil.copy2(final, backup)
         try:
-            os.link(path, backup)
-        except OSError:
-            shutil.copy2(path, backup)
-    try:
-        os.replace(staged_lib, path)
-    except OSError as err:
-        raise BuildError(f"cannot write {path}: {err.strerror}") from err
+            os.replace(staged, final)
+        except OSError as err:
+            state = undo()
+            raise BuildError(f"cannot write {final}: {err.strerror} ({state})") from err
+        done.append((final, backup))
     try:
         os.replace(staged_manifest, manifest_path)
     except OSError as err:
-        try:
-            if had_previous:
-                os.replace(backup, path)
-            else:
-                path.unlink()
-        except OSError:
-            pass
-        state = "the previous library was put back" if had_previous else "the new library was removed"
+        state = undo()
         raise BuildError(f"cannot write manifest {manifest_path}: {err.strerror} ({state})") from err
 
 

@@ -84,8 +84,17 @@ def _kernel_name(name: str) -> str:
     return name.removesuffix(_PREPACKED_SUFFIX)
 
 
-def _run(executable: Any, device: Any, inputs: list[np.ndarray], trace: bool = False):
-    """Outputs of ``main`` and, with ``trace``, every kernel call as (kernel, args after the call)."""
+# How to call a build: (vm, executable, device, inputs) -> outputs; default: ``main(*inputs)``.
+Call = Callable[[relax.VirtualMachine, Any, Any, Sequence[np.ndarray]], Any]
+
+
+def _call_main(vm: relax.VirtualMachine, executable: Any, device: Any, inputs: Sequence[np.ndarray]) -> Any:
+    return vm["main"](*[tvm.runtime.tensor(a, device) for a in inputs])
+
+
+def _run(executable: Any, device: Any, inputs: list[np.ndarray], trace: bool = False, call: Call = _call_main):
+    """Outputs of the build (``call``: every entry point) and, with ``trace``, every kernel call as
+    (kernel, args after the call)."""
     vm = relax.VirtualMachine(executable, device)
     calls: list[tuple[str, list[np.ndarray]]] = []
     if trace:
@@ -97,7 +106,7 @@ def _run(executable: Any, device: Any, inputs: list[np.ndarray], trace: bool = F
             return 0
 
         vm.set_instrument(instrument)
-    outputs = _flatten(vm["main"](*[tvm.runtime.tensor(a, device) for a in inputs]))
+    outputs = _flatten(call(vm, executable, device, inputs))
     return outputs, calls
 
 
@@ -107,10 +116,10 @@ def _max_error(got: list[np.ndarray], want: list[np.ndarray]) -> float:
     return max((relative_error(g, w) for g, w in zip(got, want) if g.shape == w.shape), default=0.0)
 
 
-def _first_bad_kernel(tuned, baseline, device, inputs, rtol) -> str | None:
+def _first_bad_kernel(tuned, baseline, device, inputs, rtol, call: Call = _call_main) -> str | None:
     """The first kernel call whose buffers differ between the tuned and untuned builds."""
-    _, tuned_calls = _run(tuned, device, inputs, trace=True)
-    _, base_calls = _run(baseline, device, inputs, trace=True)
+    _, tuned_calls = _run(tuned, device, inputs, trace=True, call=call)
+    _, base_calls = _run(baseline, device, inputs, trace=True, call=call)
     if [n for n, _ in tuned_calls] != [n for n, _ in base_calls]:
         return None  # different call sequences: cannot pair them up
     for (name, got), (_, want) in zip(tuned_calls, base_calls):
@@ -135,6 +144,7 @@ def verify_tuned_build(
     compile_untuned: Callable[[], Any],
     rebuild: Callable[[Sequence[str]], tuple[Any, VerifiedTuning]],
     seed: int = 0,
+    call: Call = _call_main,
 ) -> tuple[Any, ModuleCheck]:
     """``executable`` (tuned) if it computes what the untuned build computes, else a rebuild
     without the offending kernels' records, else the untuned build; plus what was found."""
@@ -153,17 +163,17 @@ def verify_tuned_build(
         return executable, report
     data = random_inputs(inputs, seed)
     baseline = compile_untuned()
-    want, _ = _run(baseline, device, data)
+    want, _ = _run(baseline, device, data, call=call)
     rtol = max(MODULE_RTOL, rtol_for([s.dtype for s in inputs]))
     excluded: list[str] = []
     for _ in range(MAX_REBUILDS + 1):
-        got, _ = _run(executable, device, data)
+        got, _ = _run(executable, device, data, call=call)
         error = _max_error(got, want)
         if error <= rtol:
             report.max_rel_error = error
             report.seconds = time.monotonic() - started
             return executable, report
-        culprit = _first_bad_kernel(executable, baseline, device, data, rtol)
+        culprit = _first_bad_kernel(executable, baseline, device, data, rtol, call)
         if culprit is None or culprit in excluded or culprit not in report.applied:
             break
         warnings.warn(

@@ -10,7 +10,14 @@ importing the original models. Schema (``format_version`` 2)::
      "host_triple": "x86_64-linux-gnu",
      "inputs": [{"name", "shape", "dtype"}, ...],
      "tasks": [{"name", "inputs", "outputs", "source", "source_sha256"}, ...],
-     "weights": {"count": N, "bytes": B},
+     "weights": {"count": N, "bytes": B, "storage": "external" | "embedded",
+                 # external only (see gmorph_tvm.core.weights_file):
+                 "file": "model.weights.safetensors", "format": "safetensors", "sha256": ..., "size": ...,
+                 "alignment": 64, "tensors": [{"name", "dtype", "shape"}, ...]},
+     "entries": [{"function": "main", "inputs": [...], "tasks": [names], "outputs": [...],
+                  "weights": [tensor names, in parameter order after the inputs],
+                  "batch": 8}, ...],          # several for batch buckets or groups (gmorph_tvm.core.vm)
+     "batch_buckets": [1, 8, 32], "batch_padding": "edge",   # bucketed builds only
      "index_bounds": {input name: {"low": lo, "high": hi}},  # inputs that index a table (take)
      "cuda": {"arch": "sm_87", "device_code": "fatbin" | "cubin",   # CUDA targets only
               "toolkit": "12.2",          # CUDA release of the nvcc/ptxas that made the SASS
@@ -122,6 +129,26 @@ def validate_manifest(data: Any, path: str | Path = "<manifest>") -> None:
     for spec in [*specs, *(o for t in tasks for o in t.outputs)]:
         if any(d < 0 for d in spec.shape):
             raise ArtifactError(f"manifest {path}: tensor {spec.name!r} has a negative dimension {list(spec.shape)}")
+    if is_external(data):
+        weights = data["weights"]
+        for key, wanted in (("file", str), ("sha256", str), ("tensors", list)):
+            if not isinstance(weights.get(key), wanted):
+                raise ArtifactError(f"manifest {path}: external weights field {key!r} is missing or not a {wanted.__name__}")
+    entries = data.get("entries")
+    if entries is not None:
+        if not isinstance(entries, list) or not entries or not all(
+                isinstance(e, dict) and isinstance(e.get("function"), str) and isinstance(e.get("inputs"), list)
+                and isinstance(e.get("tasks"), list) and isinstance(e.get("weights", []), list) for e in entries):
+            raise ArtifactError(f"manifest {path}: malformed 'entries'")
+        if data.get("batch_buckets") is not None and sorted(int(e.get("batch", 0)) for e in entries) != sorted(
+                int(b) for b in data["batch_buckets"]):
+            raise ArtifactError(f"manifest {path}: 'batch_buckets' do not match the entries")
+
+
+def is_external(manifest: Mapping[str, Any]) -> bool:
+    """Whether the artifact keeps its weights in a separate weights file."""
+    weights = manifest.get("weights")
+    return isinstance(weights, Mapping) and weights.get("storage") == "external"
 
 
 def input_specs(manifest: Mapping[str, Any]) -> list[TensorSpec]:
@@ -134,12 +161,22 @@ def task_infos(manifest: Mapping[str, Any]) -> list[TaskInfo]:
 
 def signature_of(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """What the library computes, as embedded in it at build time: inputs, every task (name,
-    inputs, output specs, source) in ``main``'s output order, and the index bounds."""
-    return {
+    inputs, output specs, source) in ``main``'s output order, the index bounds and, for
+    multi-entry builds (batch buckets, groups), every entry point: function, batch, inputs, tasks
+    and the weight tensors it takes (so a manifest naming other entries or weights is refused)."""
+    signature: dict[str, Any] = {
         "inputs": [s.to_json() for s in input_specs(manifest)],
         "tasks": [t.to_json() for t in task_infos(manifest)],
         "index_bounds": {k: dict(v) for k, v in (manifest.get("index_bounds") or {}).items()},
     }
+    if manifest.get("entries"):
+        signature["entries"] = [
+            {"function": e["function"], "batch": e.get("batch"), "inputs": list(e["inputs"]),
+             "tasks": list(e["tasks"]), "weights": list(e.get("weights", []))}
+            for e in manifest["entries"]
+        ]
+        signature["batch_buckets"] = list(manifest.get("batch_buckets") or [])
+    return signature
 
 
 def encode_signature(manifest: Mapping[str, Any]) -> bytes:

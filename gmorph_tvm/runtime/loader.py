@@ -10,6 +10,12 @@ inputs and tasks. TVM keeps one open library per file path for the life of the p
 library rebuilt at the same path would keep running the old code; ``load`` therefore opens a
 private copy named by the library's sha256 (in a per-process temp dir, removed at exit), which
 also lets a ``.tar`` from a read-only directory be linked (TVM writes ``<name>.so`` beside it).
+
+External weights (manifest ``weights.storage == "external"``) are mapped, not read: on the CPU
+every kernel reads the weights straight from the mapped ``<stem>.weights.safetensors`` (numpy
+view -> DLPack -> TVM tensor, no copy; the file is 64-byte aligned, as TVM's kernels assume); on
+CUDA each tensor is copied to device memory in chunks of at most :data:`DEVICE_COPY_CHUNK` bytes
+and its host pages are dropped right after. Each entry point gets its weights after its inputs.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax
 
 from ..core import device_code
@@ -35,6 +42,7 @@ from ..core.manifest import (
     SIGNATURE_FUNCTION,
     check_signature,
     input_specs,
+    is_external,
     library_path_for,
     manifest_path_for,
     read_manifest,
@@ -42,9 +50,22 @@ from ..core.manifest import (
 from ..core.specs import check_inputs
 from ..core.targets import runs_here
 from ..core.tvm_log import quiet_tvm_warnings
-from ..core.vm import InputsLike, VMPool, device_for, execute, split_outputs  # noqa: F401 (re-exported)
+from ..core.vm import (  # noqa: F401 (re-exported)
+    InputsLike,
+    VMPool,
+    device_for,
+    entries_of,
+    entry_weight_args,
+    execute,
+    run_entries,
+    select_bucket,
+    split_outputs,
+)
+from ..core.weights_file import ALIGNMENT, WeightsFile, read_weights
 from ..errors import ArtifactError, InputSpecError, one_line
 from .cuda_driver import check_cuda_driver, cuda_driver_version
+
+DEVICE_COPY_CHUNK = 64 << 20  # bytes per host -> device copy of external weights
 
 _MACHINE_ELF = {"x86_64": device_code.EM_X86_64, "AMD64": device_code.EM_X86_64,
                 "aarch64": device_code.EM_AARCH64, "arm64": device_code.EM_AARCH64}
@@ -54,11 +75,15 @@ _ELF_NAME = {device_code.EM_X86_64: "x86_64", device_code.EM_AARCH64: "aarch64",
 class Runner:
     """A loaded artifact: ``runner(inputs) -> {task: output}``."""
 
-    def __init__(self, library: Path, manifest: dict[str, Any], pool: VMPool):
+    def __init__(self, library: Path, manifest: dict[str, Any], pool: VMPool,
+                 weights: Mapping[str, tvm.runtime.Tensor] | None = None):
         self.library = library
         self._manifest = manifest
         self._pool = pool
         self.device = pool.device
+        # Mapped (CPU) or copied (CUDA) once; every thread's VM is passed the same tensors.
+        self._weights = dict(weights or {})
+        self._weight_args = entry_weight_args(manifest, self._weights, str(library))
 
     @property
     def vm(self) -> relax.VirtualMachine:
@@ -87,7 +112,8 @@ class Runner:
 
         ``inputs``: a dict name -> array, a list in manifest order, or a single array.
         """
-        return execute(self._pool.get(), self._manifest, inputs, what=str(self.library), device=self.device)
+        return run_entries(self._pool.get(), self._manifest, inputs, self._weight_args, what=str(self.library),
+                           device=self.device)
 
     def benchmark(self, inputs: InputsLike | None = None, number: int = 10, repeat: int = 5,
                   min_repeat_ms: int = 0) -> dict[str, float | int]:
@@ -95,19 +121,35 @@ class Runner:
 
         Returns ``median_ms``, ``mean_ms``, ``std_ms``, ``min_ms`` over ``repeat`` measurements, each
         the mean of ``number`` calls. Random inputs from the manifest when ``inputs`` is None.
+        A bucketed artifact times the bucket the inputs select; a grouped one, every group (summed).
         """
-        arrays = check_inputs(input_specs(self._manifest), inputs) if inputs is not None else random_inputs(self._manifest)
-        args = [tvm.runtime.tensor(a, self.device) for a in arrays]
-        return time_main(self._pool.get(), self.device, args, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
+        if inputs is None:
+            inputs = random_inputs(self._manifest)
+        if self._manifest.get("batch_buckets"):
+            entry, arrays, _ = select_bucket(self._manifest, inputs, str(self.library))
+            calls = [(entry, arrays)]
+        else:
+            arrays = check_inputs(input_specs(self._manifest), inputs)
+            by_name = {s["name"]: a for s, a in zip(self._manifest["inputs"], arrays)}
+            calls = [(e, [by_name[s["name"]] for s in e["inputs"]]) for e in entries_of(self._manifest)]
+        vm = self._pool.get()
+        total: dict[str, float | int] = {}
+        for entry, arrays in calls:
+            args = [tvm.runtime.tensor(a, self.device) for a in arrays] + self._weight_args[entry["function"]]
+            timing = time_main(vm, self.device, args, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms,
+                               func=entry["function"])
+            total = timing if not total else {k: (total[k] + v if k.endswith("_ms") else v) for k, v in timing.items()}
+        return total
 
 
-def load(path: str | Path, device: str = "cpu") -> Runner:
+def load(path: str | Path, device: str = "cpu", *, verify_weights: bool = True) -> Runner:
     """Load ``path`` (the ``.so``/``.tar`` library, or its ``.manifest.json``) on ``device``.
 
     ``device`` is ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. Raises ArtifactError (naming the file)
     when the manifest is missing or corrupt, the library is missing, it was built for another
     device kind or CPU architecture, its sha256 or embedded signature is not the manifest's, or
-    TVM cannot load it.
+    TVM cannot load it; and when the external weights file is missing, truncated, corrupt
+    (sha256, checked unless ``verify_weights=False``) or not the one the manifest describes.
     """
     path = Path(path)
     library = library_path_for(path)
@@ -127,6 +169,9 @@ def load(path: str | Path, device: str = "cpu") -> Runner:
             f"library {library} (sha256 {digest[:12]}...) is not the one manifest {manifest_file} describes "
             f"(sha256 {manifest['library_sha256'][:12]}...); rebuild, or keep each library with its own manifest"
         )
+    weights = None
+    if is_external(manifest):
+        weights = load_weights(library, manifest, dev, verify=verify_weights)
     try:
         with quiet_tvm_warnings():
             module = tvm.runtime.load_module(str(private))
@@ -134,7 +179,7 @@ def load(path: str | Path, device: str = "cpu") -> Runner:
         raise ArtifactError(f"cannot load {library}: {one_line(err)}") from err
     pool = VMPool(module, dev, str(library))
     _check_embedded_signature(pool, manifest, library, manifest_file)
-    return Runner(library, manifest, pool)
+    return Runner(library, manifest, pool, weights)
 
 
 def _check_embedded_signature(pool: VMPool, manifest: Mapping[str, Any], library: Path, manifest_file: Path) -> None:
@@ -189,6 +234,44 @@ def _private_copy(library: Path) -> tuple[Path, str]:
     return final, digest.hexdigest()
 
 
+
+def load_weights(library: Path, manifest: Mapping[str, Any], dev: tvm.runtime.Device, *,
+                 verify: bool = True) -> dict[str, tvm.runtime.Tensor]:
+    """The external weights of ``library``'s artifact as TVM tensors on ``dev``, by name."""
+    record = manifest["weights"]
+    if not isinstance(record.get("file"), str):
+        raise ArtifactError(f"manifest {manifest_path_for(library)}: external weights without a 'file'")
+    path = library.with_name(record["file"])
+    on_cpu = dev.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+    wf = read_weights(path, record, verify=verify)
+    tensors: dict[str, tvm.runtime.Tensor] = {}
+    for entry in wf.entries:
+        try:
+            if on_cpu:
+                tensors[entry.name] = tvm_ffi.from_dlpack(wf.array(entry), require_alignment=ALIGNMENT)
+            else:
+                tensors[entry.name] = _copy_to_device(wf, entry, dev)
+        except Exception as err:  # noqa: BLE001 - TVM / DLPack errors
+            raise ArtifactError(f"cannot load weight {entry.name!r} of {path}: {one_line(err)}") from err
+    return tensors
+
+
+def _copy_to_device(wf: WeightsFile, entry, dev: tvm.runtime.Device) -> tvm.runtime.Tensor:
+    """One weight copied to ``dev`` in bounded chunks; its mapped host pages dropped after."""
+    tensor = tvm.runtime.empty(entry.shape, entry.dtype, dev)
+    source = wf.array(entry).reshape(-1).view(np.uint8)
+    if entry.nbytes <= DEVICE_COPY_CHUNK:
+        tensor.copyfrom(wf.array(entry))
+    else:
+        flat = tensor._create_view((entry.nbytes,), "uint8")
+        for start in range(0, entry.nbytes, DEVICE_COPY_CHUNK):
+            stop = min(start + DEVICE_COPY_CHUNK, entry.nbytes)
+            flat._create_view((stop - start,), "uint8", start).copyfrom(source[start:stop])
+    wf.release(entry)
+    return tensor
+
+
+
 def _check_host_arch(library: Path, manifest: Mapping[str, Any]) -> None:
     machine = platform.machine()
     expected = _MACHINE_ELF.get(machine)
@@ -222,10 +305,10 @@ def random_inputs(manifest: Mapping[str, Any], seed: int = 0) -> list[np.ndarray
 
 
 def time_main(vm: relax.VirtualMachine, dev: tvm.runtime.Device, args: list, *, number: int, repeat: int,
-              min_repeat_ms: int = 0) -> dict[str, float | int]:
+              min_repeat_ms: int = 0, func: str = "main") -> dict[str, float | int]:
     if number < 1 or repeat < 1:
         raise InputSpecError(f"number and repeat must be >= 1 (given number={number}, repeat={repeat})")
-    timer = vm.time_evaluator("main", dev, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
+    timer = vm.time_evaluator(func, dev, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
     result = timer(*args)
     results_ms = np.array(result.results, dtype=np.float64) * 1e3
     return {

@@ -37,8 +37,17 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..core.manifest import input_specs, library_path_for, manifest_path_for, read_manifest, signature_of
+from ..core.manifest import (
+    input_specs,
+    is_external,
+    library_path_for,
+    manifest_path_for,
+    read_manifest,
+    signature_of,
+)
 from ..core.specs import check_inputs
+from ..core.vm import entries_of
+from ..core.weights_file import read_weights
 from ..errors import ArtifactError, GmorphError, one_line
 from .loader import InputsLike, load, random_inputs, split_outputs, time_main
 
@@ -118,7 +127,7 @@ def remote_benchmark(
             library, manifest = _artifact(path)
             vm, dev = _remote_vm(session, library, manifest, index)
             arrays = random_inputs(manifest)
-            args = [tvm.runtime.tensor(a, dev) for a in arrays]
+            args = [tvm.runtime.tensor(a, dev) for a in arrays] + _remote_weights(library, manifest, dev)
             try:
                 timing = time_main(vm, dev, args, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
                 outputs = _run_remote(vm, manifest, args, str(library))
@@ -177,7 +186,8 @@ def remote_run(artifact_path: str | Path, inputs: InputsLike, *, rpc: Address | 
     with connect(rpc=rpc, tracker=tracker, key=key, session_timeout=session_timeout) as session:
         vm, dev = _remote_vm(session, library, manifest)
         try:
-            return _run_remote(vm, manifest, [tvm.runtime.tensor(a, dev) for a in arrays], str(library))
+            args = [tvm.runtime.tensor(a, dev) for a in arrays] + _remote_weights(library, manifest, dev)
+            return _run_remote(vm, manifest, args, str(library))
         except GmorphError:
             raise
         except Exception as err:  # noqa: BLE001
@@ -226,6 +236,19 @@ def _remote_vm(session: Any, library: Path, manifest: dict[str, Any], index: int
         raise
     except Exception as err:  # noqa: BLE001
         raise ArtifactError(f"cannot load {library.name} on the remote device: {one_line(err)}") from err
+
+
+def _remote_weights(library: Path, manifest: dict[str, Any], dev: Any) -> list:
+    """External weights, read here (checked) and copied to the remote device, in ``main``'s order."""
+    entries = entries_of(manifest)
+    if len(entries) != 1 or entries[0]["function"] != "main":
+        raise ArtifactError(f"{library.name} has {len(entries)} entry points (batch buckets or groups); remote "
+                            "benchmarking times single-entry artifacts: build one per batch size or group")
+    if not is_external(manifest):
+        return []
+    weights = read_weights(library.with_name(manifest["weights"]["file"]), manifest["weights"])
+    by_name = {e.name: e for e in weights.entries}
+    return [tvm.runtime.tensor(np.array(weights.array(by_name[n])), dev) for n in entries[0]["weights"]]
 
 
 def _run_remote(vm: relax.VirtualMachine, manifest: dict[str, Any], args: list, what: str) -> dict[str, Any]:

@@ -85,14 +85,24 @@ def test_manifest_content(exported, multimodel):
     assert [o["shape"] for t in manifest["tasks"] for o in t["outputs"]] == [[1, 4], [1, 3]]
     assert "cuda" not in manifest
     assert re.match(r"\d{4}-\d\d-\d\dT", manifest["created"])
-    # Two CNNs of 4 parameters each, nothing shared: 8 constants holding every weight byte.
-    assert manifest["weights"] == {"count": 8, "bytes": multimodel.weight_bytes}
+    # Two CNNs of 4 parameters each, nothing shared: 8 tensors holding every weight byte, in the
+    # weights file beside the library (the default), named after the weights they hold.
+    weights = manifest["weights"]
+    assert (weights["count"], weights["bytes"], weights["storage"]) == (8, multimodel.weight_bytes, "external")
+    assert weights["file"] == "two_cnns.weights.safetensors" and weights["format"] == "safetensors"
+    assert weights["size"] == exported.with_name(weights["file"]).stat().st_size
+    names = {t["name"].removesuffix(".T") for t in weights["tensors"]}
+    assert names == set(multimodel.params)  # each named after its weight (linear ones transposed)
+    assert manifest["entries"][0]["function"] == "main"
+    assert sorted(manifest["entries"][0]["weights"]) == sorted(t["name"] for t in weights["tensors"])
     # Which tuning records were applied: none of the user's, the shipped ones for this host's class.
     shipped_key = lookup_shipped(resolve_target("llvm")).key
     assert {k: manifest["tuning"][k] for k in ("database", "shipped")} == {"database": None, "shipped": shipped_key}
 
 
-def test_weight_count_matches_vm_constant_pool(artifact):
+def test_weight_count_matches_vm_constant_pool(multimodel):
+    artifact = build(multimodel, "llvm", weights="embedded")
+    assert artifact.manifest["weights"]["storage"] == "embedded"
     stats = str(artifact.executable.mod["stats"]())
     pool = re.search(r"Constant pool \(# \d+\): \[(.*)\]\n", stats).group(1)
     pool = re.sub(r'"[^"]*"', "", pool)  # drop string constants (error messages)
@@ -123,16 +133,18 @@ def _two_matmuls(shared_object: bool):
     return mod, w
 
 
+@pytest.mark.parametrize("weights", ["external", "embedded"])
 @pytest.mark.parametrize("shared_object", [True, False])
-def test_bare_irmodule_and_equal_weights_stored_once(shared_object):
+def test_bare_irmodule_and_equal_weights_stored_once(shared_object, weights):
     mod, w = _two_matmuls(shared_object)
-    art = build(mod, "llvm", name="mm")
+    art = build(mod, "llvm", name="mm", weights=weights)
     manifest = art.manifest
     assert manifest["name"] == "mm"
     assert [t["name"] for t in manifest["tasks"]] == ["out0", "out1"]
     assert manifest["inputs"] == [{"name": "x", "shape": [2, 3], "dtype": "float32"}]
-    # The VM constant pool keeps one copy of equal weights, whether or not they are one object.
-    assert manifest["weights"] == {"count": 1, "bytes": w.nbytes}
+    # One copy of equal weights, whether or not they are one object (the VM constant pool
+    # deduplicates embedded ones; LiftWeights compares external ones by content).
+    assert (manifest["weights"]["count"], manifest["weights"]["bytes"]) == (1, w.nbytes)
     x = np.linspace(-1, 1, 6, dtype="float32").reshape(2, 3)
     out = art.run(x)
     np.testing.assert_allclose(out["out0"], x @ w, rtol=1e-6)
@@ -257,7 +269,7 @@ def test_export_failure_keeps_previous_artifact(artifact, exported, tmp_path):
     with pytest.raises(BuildError):
         artifact.export(target, fcompile=broken_linker)
     assert (target.read_bytes(), manifest_path_for(target).read_text()) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.manifest.json", "keep.so"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.manifest.json", "keep.so", "keep.weights.safetensors"]
 
 
 def test_export_to_missing_directory_or_bad_suffix(artifact, tmp_path):

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import gmorph_tvm
-from gmorph_tvm.artifact import build
+from gmorph_tvm.artifact import build, manifest_path_for
+from gmorph_tvm.core.weights_file import weights_path_for
 from gmorph_tvm.runtime import load
 
 REPO = Path(__file__).resolve().parents[2]
@@ -184,3 +185,62 @@ def test_native_runner_refuses_a_cuda_driver_older_than_the_code_needs(gmorph_ru
     assert proc.returncode == 1
     assert proc.stderr.strip() == (f"gmorph-run: {library} needs a CUDA driver >= 12.0, but this driver is CUDA 11.4; "
                                    "rebuild for this board's JetPack (e.g. --target jetson-orin:jp5) or upgrade the driver")
+
+
+# ---- external weights and batch buckets ------------------------------------------------------
+
+
+def test_native_runner_embedded_and_external_agree(gmorph_run, artifact, tmp_path):
+    """The default artifact maps its weights file; an embedded build gives the same outputs."""
+    library, x_file = artifact
+    assert weights_path_for(library).is_file()
+    mm = gmorph_tvm.import_models({"cls": Net(5, 0).eval(), "aux": Net(2, 1).eval()},
+                                  example_inputs=torch.from_numpy(np.load(x_file)))
+    embedded = build(mm, "llvm", weights="embedded").export(tmp_path / "one.so")
+    outs = {}
+    for name, lib in (("external", library), ("embedded", embedded)):
+        out_dir = tmp_path / name
+        out_dir.mkdir()
+        proc = _run(gmorph_run, str(lib), "--input", f"x={x_file}", "--repeat", "1", "--save-outputs", str(out_dir))
+        assert proc.returncode == 0, proc.stderr
+        outs[name] = {t: np.load(out_dir / f"{t}.npy") for t in ("cls", "aux")}
+    for task in ("cls", "aux"):
+        np.testing.assert_array_equal(outs["external"][task], outs["embedded"][task])
+
+
+def test_native_runner_reports_weights_problems(gmorph_run, artifact, tmp_path):
+    library, x_file = artifact
+    copy = tmp_path / "nets.so"
+    for path in (library, manifest_path_for(library), weights_path_for(library)):
+        shutil.copy(path, tmp_path / path.name)
+    weights = weights_path_for(copy)
+    data = weights.read_bytes()
+    weights.unlink()
+    proc = _run(gmorph_run, str(copy), "--input", f"x={x_file}")
+    assert proc.returncode == 1 and re.search(r"weights file .*nets\.weights\.safetensors not found", proc.stderr)
+    weights.write_bytes(data[:-64])
+    proc = _run(gmorph_run, str(copy), "--input", f"x={x_file}")
+    assert proc.returncode == 1 and re.search(r"weights file .*nets\.weights\.safetensors is truncated", proc.stderr)
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0x40]))
+    proc = _run(gmorph_run, str(copy), "--input", f"x={x_file}")
+    assert proc.returncode == 1 and re.search(r"weights file .*nets\.weights\.safetensors is corrupt: sha256", proc.stderr)
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = _run(gmorph_run, str(copy), "--input", f"x={x_file}", "--no-verify-weights")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_native_runner_picks_and_pads_batch_buckets(gmorph_run, tmp_path):
+    model = Net(3, 2).eval()
+    buckets = {b: gmorph_tvm.import_models({"cls": model}, example_inputs=torch.zeros(b, 3, 12, 12)) for b in (1, 4)}
+    library = build(buckets, "llvm").export(tmp_path / "buckets.so")
+    x = np.random.default_rng(2).standard_normal((3, 3, 12, 12)).astype("float32")
+    np.save(tmp_path / "x3.npy", x)
+    proc = _run(gmorph_run, str(library), "--input", f"x={tmp_path / 'x3.npy'}", "--repeat", "1",
+                "--save-outputs", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "cls.npy"), ref, rtol=1e-5, atol=1e-5)
+    np.save(tmp_path / "x5.npy", np.zeros((5, 3, 12, 12), "float32"))
+    proc = _run(gmorph_run, str(library), "--input", f"x={tmp_path / 'x5.npy'}")
+    assert proc.returncode == 2 and "batch 5 is not accepted (batch buckets: 1 4" in proc.stderr

@@ -14,6 +14,7 @@ from torch import nn
 
 import gmorph_tvm
 from gmorph_tvm.artifact import build, manifest_path_for
+from gmorph_tvm.core.weights_file import weights_path_for
 from gmorph_tvm.errors import ArtifactError, RuntimeInputError
 from gmorph_tvm.runtime import load
 
@@ -110,6 +111,7 @@ def copy(library, tmp_path) -> Path:
     """A private copy of the artifact that a test may damage."""
     shutil.copy(library, tmp_path / library.name)
     shutil.copy(manifest_path_for(library), manifest_path_for(tmp_path / library.name))
+    shutil.copy(weights_path_for(library), weights_path_for(tmp_path / library.name))
     return tmp_path / library.name
 
 
@@ -203,3 +205,71 @@ def test_read_manifest_from_library_path(library):
 
     assert read_manifest(library) == read_manifest(manifest_path_for(library))
     assert read_manifest(library)["library"] == "fuse.so"
+
+
+# ---- external weights ----------------------------------------------------------------------
+
+
+def test_weights_are_mapped_not_copied(runner, library):
+    """On the CPU the kernels read the weights in the mapped file: no tensor owns its own copy."""
+    weights = weights_path_for(library)
+    maps = Path("/proc/self/maps").read_text()
+    assert str(weights) in maps
+    (tensor,) = runner._weight_args["main"][:1]
+    address = np.from_dlpack(tensor).__array_interface__["data"][0]
+    ranges = [line.split()[0].split("-") for line in maps.splitlines() if line.endswith(str(weights))]
+    assert any(int(lo, 16) <= address < int(hi, 16) for lo, hi in ranges)
+    assert address % 64 == 0
+
+
+def test_missing_weights_file(copy):
+    weights_path_for(copy).unlink()
+    with pytest.raises(ArtifactError, match=r"^weights file .*fuse\.weights\.safetensors not found"):
+        load(copy)
+
+
+def test_truncated_weights_file(copy):
+    path = weights_path_for(copy)
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    with pytest.raises(ArtifactError, match=r"^weights file .*fuse\.weights\.safetensors is truncated"):
+        load(copy)
+    path.write_bytes(data[:5])
+    with pytest.raises(ArtifactError, match=r"^weights file .*fuse\.weights\.safetensors is truncated"):
+        load(copy)
+
+
+def test_corrupted_weights_file(copy, example, model):
+    path = weights_path_for(copy)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40  # one exponent bit of the last weight: only the checksum can tell
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"^weights file .*fuse\.weights\.safetensors is corrupt: sha256"):
+        load(copy)
+    # Without the check the file loads (the header is intact) and the damage shows in the output.
+    out = load(copy, verify_weights=False)(example)["fuse"]
+    assert not np.allclose(out, _reference(model, example), rtol=1e-5, atol=1e-6)
+    header = bytearray(data)
+    header[10:14] = b"\xff\xfe{["
+    path.write_bytes(bytes(header))
+    with pytest.raises(ArtifactError, match=r"^weights file .*fuse\.weights\.safetensors has a corrupt header"):
+        load(copy)
+
+
+def test_weights_file_of_another_artifact(copy, tmp_path_factory):
+    other = gmorph_tvm.import_models({"other": nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))},
+                                     example_inputs=torch.zeros(1, 3, 8, 8))
+    other_lib = build(other, "llvm").export(tmp_path_factory.mktemp("other") / "other.so")
+    shutil.copy(weights_path_for(other_lib), weights_path_for(copy))
+    with pytest.raises(ArtifactError, match=r"^weights file .*fuse\.weights\.safetensors does not (belong to|match)"):
+        load(copy)
+
+
+def test_embedded_weights_need_no_weights_file(model, example, tmp_path):
+    mm = gmorph_tvm.import_models(
+        {"fuse": model}, example_inputs=(torch.from_numpy(example["image"]), torch.from_numpy(example["feats"]))
+    )
+    lib = build(mm, "llvm", weights="embedded").export(tmp_path / "one.so")
+    assert not weights_path_for(lib).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.manifest.json", "one.so"]
+    np.testing.assert_allclose(load(lib)(example)["fuse"], _reference(model, example), rtol=1e-5, atol=1e-6)
