@@ -288,8 +288,14 @@ def _release_frames(err: BaseException) -> None:
     """Free the failed frontend's frames now (its BlockBuilder with unfinished blocks among them),
     with TVM's follow-on ``BlockBuilder destroyed with remaining blocks!`` warning filtered, so a
     failed import leaves nothing behind and the next import starts clean."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and cause not in chain:  # the frontend's own error may be wrapped
+        chain.append(cause)
+        cause = getattr(cause, "cause", None) or cause.__cause__ or cause.__context__
     with quiet_tvm_warnings():
-        traceback.clear_frames(err.__traceback__)
+        for link in chain:
+            traceback.clear_frames(link.__traceback__)
         gc.collect()
     while relax.BlockBuilder._stack:  # noqa: SLF001 - a scope the frontend left open
         relax.BlockBuilder._stack.pop()  # noqa: SLF001
@@ -493,6 +499,7 @@ def _import_onnx(
             raise InputSpecError(
                 f"model {task!r}: ONNX input {inp.name!r} has a symbolic shape [{shown}]; "
                 f"give it with input_shapes={{'{inp.name}': [...]}} (CLI: --input-shape {inp.name}=D1,D2,...)"
+                + _unknown_hint(task_shapes, graph_inputs)
             )
         shape_dict[inp.name] = dims
         dtype_dict[inp.name] = (dtypes or {}).get(inp.name, dtype)
