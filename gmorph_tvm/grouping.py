@@ -62,6 +62,7 @@ def measured_latency(target=None, fuse: Fuse | None = None, number: int = 5) -> 
             else:
                 arr = np.zeros(spec.shape, dtype=spec.dtype)
             args.append(tvm.runtime.tensor(arr))
+        args += artifact.weight_args()  # external weights (the default build) follow the inputs
         vm["main"](*args)  # warm up
         return seconds_per_call(lambda: vm["main"](*args), number)[0]
 

@@ -109,6 +109,15 @@ class Artifact:
         """The external weights in file order (empty for embedded weights)."""
         return list(self._weights)
 
+    def weight_args(self, function: str = "main") -> list[tvm.runtime.Tensor]:
+        """The weights to pass to ``function`` of this executable after its inputs, in order (CPU
+        tensors; empty for embedded weights): ``vm[function](*inputs, *artifact.weight_args())``."""
+        values = dict(self._weights)
+        entry = next((e for e in self._manifest["entries"] if e["function"] == function), None)
+        if entry is None:
+            raise ArtifactError(f"artifact {self.name!r} has no entry point {function!r}")
+        return [values[n] for n in entry["weights"]]
+
     def export(self, path: str | Path, *, fcompile: Callable | None = None) -> Path:
         """Write the library (``.so``, or ``.tar`` of objects) and ``<stem>.manifest.json`` beside it
         (and, for external weights, ``<stem>.weights.safetensors``).

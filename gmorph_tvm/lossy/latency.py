@@ -70,7 +70,7 @@ def time_artifact(artifact, timing: TimingConfig = TimingConfig(), seed: int = 0
         )
     dev = tvm.cpu()
     vm = relax.VirtualMachine(artifact.executable, dev)
-    args = [tvm.runtime.tensor(a, dev) for a in random_inputs(manifest, seed)]
+    args = [tvm.runtime.tensor(a, dev) for a in random_inputs(manifest, seed)] + artifact.weight_args()
     main = vm["main"]
     main(*args)  # warm up (first-call allocations)
     if timing.clock == "cpu":
