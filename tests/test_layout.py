@@ -124,6 +124,16 @@ def test_no_import_cycle_between_subpackages():
             dfs(node, [])
 
 
+def test_errors_keep_their_cause():
+    """No ``raise ... from None``: a wrapped error keeps what caused it (``raise ... from err``)."""
+    dropped = []
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Raise) and isinstance(node.cause, ast.Constant) and node.cause.value is None:
+                dropped.append(f"{module}:{node.lineno}")
+    assert not dropped, "raise ... from None (use `from err`): " + ", ".join(sorted(dropped))
+
+
 def test_pytest_collects_every_test_file():
     present = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py"))
     out = subprocess.run(

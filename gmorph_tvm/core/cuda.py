@@ -155,7 +155,7 @@ def tool_release(tool: str) -> str:
     try:
         text = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as err:
-        raise BuildError(f"cannot run {tool}: {err}") from None
+        raise BuildError(f"cannot run {tool}: {err}") from err
     match = re.search(r"release (\d+\.\d+)", text)
     if not match:
         raise BuildError(f"{tool} --version names no CUDA release")

@@ -192,7 +192,7 @@ def _check_shapes_used(
         for name in names:
             if name not in used:
                 raise InputSpecError(
-                    f"input_shapes gives a shape for {name.replace('/', ' input ')!r}, but no ONNX model has an "
+                    f"input_shapes gives a shape for {name.replace('/', ' input ')!r}, but no model has an "
                     "input of that name"
                 )
 
@@ -217,13 +217,13 @@ def _import_one(task: str, model: Any, examples: tuple | None, shapes: dict, dty
         import torch
 
         if isinstance(model, torch.nn.Module):
-            return _import_torch(task, model, examples, shapes)
+            return _import_torch(task, model, examples, shapes, used)
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
     if isinstance(model, (str, os.PathLike)) and str(model).endswith(".pt2"):
-        return _import_torch(task, _load_exported_program(task, Path(model)), examples, shapes)
+        return _import_torch(task, _load_exported_program(task, Path(model)), examples, shapes, used)
     if type(model).__name__ == "ExportedProgram":
-        return _import_torch(task, model, examples, shapes)
+        return _import_torch(task, model, examples, shapes, used)
     if isinstance(model, (str, os.PathLike)) or type(model).__name__ == "ModelProto":
         return _import_onnx(task, model, examples, shapes, dtypes, used)
     raise ModelImportError(
@@ -327,13 +327,21 @@ def _load_exported_program(task: str, path: Path):
         ) from err
 
 
-def _import_torch(task: str, model, examples: tuple | None, shapes: Mapping[str, Any] | None = None) -> _ImportedTask:
-    """Import an ``nn.Module`` (exported here with ``examples``) or an ``ExportedProgram``."""
+def _import_torch(task: str, model, examples: tuple | None, shapes: Mapping[str, Any] | None = None,
+                  used: set[str] | None = None) -> _ImportedTask:
+    """Import an ``nn.Module`` (exported here with ``examples``) or an ``ExportedProgram``.
+
+    Every input named in ``shapes`` is recorded in ``used``; its shape must be the one the
+    (specialised) program reads.
+    """
     import torch
 
+    shapes = shapes or {}
     if isinstance(model, torch.export.ExportedProgram):
         source_hash = _hash_arrays((k, v.detach().cpu().numpy()) for k, v in model.state_dict.items())
-        return _import_exported(task, _specialise(task, model, examples, shapes or {}), source_hash)
+        exported = _specialise(task, model, examples, shapes)
+        _check_torch_shapes(task, exported, shapes, used)
+        return _import_exported(task, exported, source_hash)
     if examples is None:
         raise ModelImportError(f"model {task!r}: a PyTorch model needs example_inputs for torch.export")
     examples = tuple(torch.as_tensor(e) if isinstance(e, np.ndarray) else e for e in examples)
@@ -345,8 +353,28 @@ def _import_torch(task: str, model, examples: tuple | None, shapes: Mapping[str,
             exported = torch.export.export(model, examples)
     except Exception as err:
         raise ModelImportError(f"model {task!r}: torch.export failed: {_torch_export_reason(err)}") from err
+    _check_torch_shapes(task, exported, shapes, used)
     state = model.state_dict()
     return _import_exported(task, exported, _hash_arrays((k, v.detach().cpu().numpy()) for k, v in state.items()))
+
+
+def _check_torch_shapes(task: str, exported, shapes: Mapping[str, Any], used: set[str] | None) -> None:
+    """Each user input of ``exported`` named in ``shapes`` has that static shape; record it as used."""
+    nodes = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
+    for name in exported.graph_signature.user_inputs:
+        if name not in shapes:
+            continue
+        meta = nodes[name].meta.get("val") if name in nodes else None
+        have = [d for d in meta.shape] if meta is not None and hasattr(meta, "shape") else None
+        if have is not None and not all(isinstance(d, int) for d in have):
+            have = None  # a dim left symbolic: the import itself reports it
+        if have is not None and have != [int(d) for d in shapes[name]]:
+            raise InputSpecError(
+                f"model {task!r}: input_shapes gives input {name!r} the shape {list(shapes[name])}, but the "
+                f"program reads {have} (the example input's shape); give matching example inputs and shapes"
+            )
+        if used is not None:
+            used.update((f"{task}/{name}", name))
 
 
 def _specialise(task: str, exported, examples: tuple | None, shapes: Mapping[str, Any]):
@@ -386,7 +414,7 @@ def _specialise(task: str, exported, examples: tuple | None, shapes: Mapping[str
         raise ModelImportError(
             f"model {task!r}: re-exporting the program at static shapes {shapes_text} failed: "
             f"{_torch_export_reason(err)}; try other --input-shape values"
-        ) from None
+        ) from err
 
 
 def _import_exported(task: str, exported, source_hash: str) -> _ImportedTask:
@@ -444,7 +472,7 @@ def _read_onnx(task: str, path: Path):
     try:
         proto = onnx.load_from_string(raw)
     except Exception as err:
-        raise ModelImportError(f"model {task!r}: {str(path)!r} is not a valid ONNX file ({_short(err)})") from None
+        raise ModelImportError(f"model {task!r}: {str(path)!r} is not a valid ONNX file ({_short(err)})") from err
     locations = sorted({
         entry.value
         for tensor in external_data_helper._get_all_tensors(proto)

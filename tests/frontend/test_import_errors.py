@@ -114,7 +114,7 @@ def test_bad_input_shapes_are_clear_errors(shapes, pattern):
 
 
 def test_input_shape_for_an_unknown_input_is_an_error():
-    with pytest.raises(InputSpecError, match=r"shape for 'y', but no ONNX model has an input of that name"):
+    with pytest.raises(InputSpecError, match=r"shape for 'y', but no model has an input of that name"):
         gmorph_tvm.import_models({"t": _relu([2, 3, 4])}, input_shapes={"y": [2, 3, 4]})
 
 

@@ -157,6 +157,18 @@ def test_dynamic_exported_program_is_specialised_to_the_given_shape(tmp_path):
         np.testing.assert_allclose(run_relax(mm.bound_module(), [x.numpy()])[0], model(x).numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_input_shapes_of_a_torch_model_are_used_and_checked():
+    """A shape given for a PyTorch model's input counts as used, and must be the example's shape."""
+    model, x = zoo.make("mlp", seed=3), zoo.example_input("mlp", 2)
+    mm = import_models({"m": model}, x, input_shapes={"x": [2, 1, 28, 28]})
+    assert mm.inputs[0].shape == (2, 1, 28, 28)
+    with pytest.raises(InputSpecError, match=r"model 'm': input_shapes gives input 'x' the shape \[4, 1, 28, 28\], "
+                                             r"but the program reads \[2, 1, 28, 28\]"):
+        import_models({"m": model}, x, input_shapes={"x": [4, 1, 28, 28]})
+    with pytest.raises(InputSpecError, match=r"shape for 'y', but no model has an input of that name"):
+        import_models({"m": model}, x, input_shapes={"y": [2, 1, 28, 28]})
+
+
 def test_cli_build_takes_input_shape_for_pt2_and_input_map(tmp_path):
     _, pt2 = _dynamic_pt2(tmp_path)
     _, x, onnx_path = _mlp_onnx(tmp_path, 1, "input.1")

@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import tvm
 from torch import nn
 
 import gmorph_tvm
 from gmorph_tvm.artifact import build, manifest_path_for
 from gmorph_tvm.core.manifest import FORMAT_VERSION
+from gmorph_tvm.core.weights_file import weights_path_for
 from gmorph_tvm.core.vm import split_outputs
 from gmorph_tvm.errors import ArtifactError
 from gmorph_tvm.runtime import load
@@ -112,6 +114,7 @@ def test_rebuild_at_the_same_path_runs_the_new_code(tmp_path):
 def copy(two_tasks, tmp_path) -> Path:
     shutil.copy(two_tasks, tmp_path / two_tasks.name)
     shutil.copy(manifest_path_for(two_tasks), manifest_path_for(tmp_path / two_tasks.name))
+    shutil.copy(weights_path_for(two_tasks), weights_path_for(tmp_path / two_tasks.name))
     return tmp_path / two_tasks.name
 
 
@@ -174,7 +177,7 @@ def test_version_1_manifest_is_refused_clearly(copy):
 
 def test_outputs_are_checked_against_the_manifest(two_tasks):
     runner = load(two_tasks)
-    result = runner.vm["main"](*[__import__("tvm").runtime.tensor(X)])
+    result = runner.vm["main"](tvm.runtime.tensor(X), *runner._weight_args["main"])
     manifest = runner.manifest
     manifest["tasks"][1]["outputs"][0]["dtype"] = "float16"
     with pytest.raises(ArtifactError, match=r"output 'b' of task 'b' is float32\[1, 3\] but its manifest says float16\[1, 3\]"):

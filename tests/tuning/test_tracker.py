@@ -183,7 +183,8 @@ def test_board_candidates_are_cross_linked_with_sass(tmp_path):
     from tvm.s_tir import dlight as dl
 
     from gmorph_tvm.core import cuda as cuda_code
-    from gmorph_tvm.core import describe_device_code, resolve_target
+    from gmorph_tvm.core.device_code import describe_device_code
+    from gmorph_tvm.core.targets import resolve_target
     from gmorph_tvm.tuning.remote import export_spec, make_export
 
     target = resolve_target("jetson-orin:jp6")

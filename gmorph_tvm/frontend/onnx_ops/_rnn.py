@@ -114,8 +114,8 @@ def static_shape(expr: relax.Expr, what: str) -> list[int]:
     ty = expr.ty
     try:
         return [int(d) for d in ty.shape.values]
-    except (AttributeError, TypeError):
-        raise ValueError(f"{what} needs a static shape, got {ty}; give static input shapes") from None
+    except (AttributeError, TypeError) as err:
+        raise ValueError(f"{what} needs a static shape, got {ty}; give static input shapes") from err
 
 
 def setup(bb: relax.BlockBuilder, inputs, attr: dict, gates: int) -> RnnSetup:
