@@ -118,7 +118,7 @@ def tvm_breakdown(system: str, paths: list[str], feed: dict[str, np.ndarray], co
     for path in paths:
         runner = load(path)
         names = [s["name"] for s in runner.manifest["inputs"]]
-        args = [tvm.runtime.tensor(feed[n], runner.device) for n in names]
+        args = [tvm.runtime.tensor(feed[n], runner.device) for n in names] + runner.weight_args("main")
         _config_threads(cores)
         timing = runner.benchmark({n: feed[n] for n in names}, number=50, repeat=15)
         total_ms += timing["median_ms"]

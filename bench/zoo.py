@@ -64,7 +64,7 @@ TOL = 1e-4
 
 def _tvm_ms(artifact, arrays) -> float:
     vm = relax.VirtualMachine(artifact.executable, tvm.cpu())
-    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays] + artifact.weight_args()
     timer = vm.time_evaluator("main", tvm.cpu(), number=5, repeat=7, min_repeat_ms=100)
     return float(timer(*args).median) * 1e3
 

@@ -166,7 +166,7 @@ def tvm_sampler(runners: Sequence, inputs: Mapping[str, np.ndarray], *, min_time
     prepared = []
     for runner in runners:
         names = [s["name"] for s in runner.manifest["inputs"]]
-        args = [tvm.runtime.tensor(inputs[n], runner.device) for n in names]
+        args = [tvm.runtime.tensor(inputs[n], runner.device) for n in names] + runner.weight_args("main")
         for _ in range(3):
             runner.vm["main"](*args)
         start = time.perf_counter()

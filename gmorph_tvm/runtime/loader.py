@@ -107,6 +107,14 @@ class Runner:
     def task_names(self) -> list[str]:
         return [t["name"] for t in self._manifest["tasks"]]
 
+    def weight_args(self, function: str = "main") -> list[tvm.runtime.Tensor]:
+        """The weights to pass to ``function`` after its inputs, in order (empty for embedded
+        weights): ``runner.vm[function](*inputs, *runner.weight_args(function))``."""
+        if function not in self._weight_args:
+            raise ArtifactError(f"{self.library}: no entry point {function!r}; it has "
+                                f"{', '.join(map(repr, self._weight_args))}")
+        return list(self._weight_args[function])
+
     def __call__(self, inputs: InputsLike) -> dict[str, np.ndarray | list[np.ndarray]]:
         """Run ``main``; one array per task (a list of arrays for a task with several outputs).
 

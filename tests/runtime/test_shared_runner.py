@@ -16,6 +16,7 @@ from torch import nn
 
 import gmorph_tvm
 from gmorph_tvm.artifact import build, manifest_path_for
+from gmorph_tvm.benchmark import tvm_sampler
 from gmorph_tvm.core.manifest import FORMAT_VERSION
 from gmorph_tvm.core.weights_file import weights_path_for
 from gmorph_tvm.core.vm import split_outputs
@@ -177,8 +178,20 @@ def test_version_1_manifest_is_refused_clearly(copy):
 
 def test_outputs_are_checked_against_the_manifest(two_tasks):
     runner = load(two_tasks)
-    result = runner.vm["main"](tvm.runtime.tensor(X), *runner._weight_args["main"])
+    result = runner.vm["main"](tvm.runtime.tensor(X), *runner.weight_args("main"))
     manifest = runner.manifest
     manifest["tasks"][1]["outputs"][0]["dtype"] = "float16"
     with pytest.raises(ArtifactError, match=r"output 'b' of task 'b' is float32\[1, 3\] but its manifest says float16\[1, 3\]"):
         split_outputs(manifest, result, "ab.so")
+
+
+def test_weight_args_let_callers_drive_the_vm_and_the_benchmark(two_tasks):
+    """External weights follow the inputs of ``main``; the benchmark's sampler passes them."""
+    runner = load(two_tasks)
+    assert len(runner.weight_args("main")) == len(runner.manifest["entries"][0]["weights"]) == 8
+    direct = runner.vm["main"](tvm.runtime.tensor(X), *runner.weight_args("main"))
+    np.testing.assert_array_equal(direct[0].numpy(), runner(X)["a"])
+    with pytest.raises(ArtifactError, match=r"no entry point 'main_b1'"):
+        runner.weight_args("main_b1")
+    sample = tvm_sampler([runner], {"input": X}, min_time_s=0.001)
+    assert 0 < sample() < 1.0

@@ -45,10 +45,20 @@ def _pad_kernel(prepared: tvm.IRModule) -> str | None:
     return next((n for n in names if "conv2d" in n and "pad" in n), None)
 
 
+def _trace() -> list:
+    """The saved trace, for the kernel as ``prepare`` now writes it.
+
+    The record was tuned when relu6 lowered to topi's clip, a block named ``compute``;
+    LegalizeNaNSafe (issue 12) now writes the NaN-propagating clip as a block named ``clip``. The
+    schedule itself is unchanged (the clip is inlined either way).
+    """
+    return json.loads(TRACE.read_text().replace('["compute","main"]', '["clip","main"]'))
+
+
 def _record_database(directory: Path, workload: tvm.IRModule) -> None:
     """A JSON database holding the saved trace for ``workload``."""
     sch = tvm.s_tir.Schedule(workload)
-    tvm.s_tir.Trace.apply_json_to_schedule(json.loads(TRACE.read_text()), sch)
+    tvm.s_tir.Trace.apply_json_to_schedule(_trace(), sch)
     directory.mkdir(parents=True, exist_ok=True)
     for name in DATABASE_FILES:
         (directory / name).touch()
@@ -74,7 +84,7 @@ def test_saved_record_leaves_the_pad_border_unwritten(x):
     assert name is not None
     workload = verify.normalize_workload(prepared[name])
     sch = tvm.s_tir.Schedule(workload)
-    tvm.s_tir.Trace.apply_json_to_schedule(json.loads(TRACE.read_text()), sch)
+    tvm.s_tir.Trace.apply_json_to_schedule(_trace(), sch)
     rng = np.random.default_rng(0)
     buffers = [rng.uniform(-1, 1, [int(d) for d in p.shape]).astype("float32") for p in workload["main"].params]
     buffers[-1][:] = np.nan  # the output: NaN where the kernel does not write
