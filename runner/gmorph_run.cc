@@ -256,6 +256,27 @@ void LoadCudaRuntime() {
   }
 }
 
+// Free memory on a GPU (bytes, TVM's kAvailableGlobalMemory), or -1 where TVM cannot tell (CPU).
+int64_t FreeDeviceBytes(DLDevice dev) {
+  if (dev.device_type == kDLCPU) return -1;
+  auto attr = ffi::Function::GetGlobal("runtime.GetDeviceAttr");
+  if (!attr.has_value()) return -1;
+  constexpr int kAvailableGlobalMemory = 15;
+  ffi::Any value = (*attr)(static_cast<int>(dev.device_type), dev.device_id, kAvailableGlobalMemory);
+  if (auto bytes = value.try_cast<int64_t>()) return *bytes;
+  return -1;
+}
+
+// This process's peak resident set (VmHWM), MiB, or -1 where /proc does not tell.
+double PeakRssMiB() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;  // kB
+  }
+  return -1.0;
+}
+
 // The CUDA driver's version, 1000 * major + 10 * minor (cuDriverGetVersion, which needs no
 // cuInit), or 0 where there is no driver.
 int CudaDriverVersion() {
@@ -531,6 +552,7 @@ int Run(const Options& opt) {
   CheckHostArch(opt.library);
   if (opt.device == "cuda") LoadCudaRuntime();
   DLDevice dev{opt.device == "cuda" ? kDLCUDA : kDLCPU, opt.device_id};
+  const int64_t free_before = FreeDeviceBytes(dev);  // the context exists now; nothing of ours is allocated
 
   std::unique_ptr<WeightsFile> weights;
   static const gmorph::json::Value kNoRecord;
@@ -665,6 +687,13 @@ int Run(const Options& opt) {
   for (double v : ms) mean += v / n;
   std::printf("latency: median %.4f ms, mean %.4f ms, min %.4f ms over %zu runs on %s:%d\n", median, mean, sorted[0], n,
               opt.device.c_str(), opt.device_id);
+  const int64_t free_after = FreeDeviceBytes(dev);
+  if (free_before >= 0 && free_after >= 0) {
+    std::printf("memory: device %.1f MiB in use by this run (weights, workspace, pool), host peak RSS %.1f MiB\n",
+                static_cast<double>(free_before - free_after) / (1024.0 * 1024.0), PeakRssMiB());
+  } else {
+    std::printf("memory: host peak RSS %.1f MiB\n", PeakRssMiB());
+  }
   return 0;
 }
 

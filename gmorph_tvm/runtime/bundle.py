@@ -2,8 +2,9 @@
 
 ``bundle_runtime(target, out_dir)`` writes::
 
-    DIR/lib/   libtvm_ffi.so, libtvm_runtime.so (+ libtvm_runtime_cuda.so for CUDA targets),
-               copied from the installed apache-tvm / apache-tvm-ffi wheels
+    DIR/lib/   libtvm_ffi.so, libtvm_runtime.so (+ libtvm_runtime_cuda.so and, where this machine
+               has it, libcudart.so.13 for CUDA), copied from the installed apache-tvm /
+               apache-tvm-ffi wheels and the CUDA toolkit
     DIR/bin/   gmorph-run (the native runner, built with CMake from this checkout's runner/)
     DIR/gmorph-run   a shell wrapper: LD_LIBRARY_PATH=DIR/lib, then bin/gmorph-run "$@"
     DIR/BUNDLE.json  target, TVM version, files and sizes
@@ -30,6 +31,7 @@ from pathlib import Path
 from ..errors import BuildError
 
 MAX_BYTES = 16 * 1024 * 1024
+CUDART = "libcudart.so.13"  # what libtvm_runtime_cuda.so of apache-tvm 0.27 is linked against
 REPO = Path(__file__).resolve().parents[2]
 
 _WRAPPER = """#!/bin/sh
@@ -56,7 +58,22 @@ def runtime_libraries(target: str) -> list[Path]:
     for library in libraries:
         if not library.is_file():
             raise BuildError(f"bundle-runtime: {library} is missing from the installed wheel")
+    if target == "cuda":
+        cudart = find_cudart()
+        if cudart is not None:  # redistributable; a GPU box with only PyTorch's wheels may lack it on its path
+            libraries.append(cudart)
     return libraries
+
+
+def find_cudart() -> Path | None:
+    """The ``libcudart.so.13`` the wheel's CUDA runtime links (CUDA_HOME, /usr/local/cuda), or None."""
+    roots = [os.environ.get("CUDA_HOME", ""), os.environ.get("CUDA_PATH", ""), "/usr/local/cuda"]
+    for root in filter(None, roots):
+        for sub in ("lib64", "lib", "targets/x86_64-linux/lib"):
+            path = Path(root) / sub / CUDART
+            if path.is_file():
+                return path  # copied under this name (copy2 follows the link to the file)
+    return None
 
 
 def build_native_runner(build_dir: Path) -> Path:
@@ -117,4 +134,4 @@ def bundle_runtime(target: str, out_dir: str | os.PathLike, *, runner: str | os.
     return out
 
 
-__all__ = ["MAX_BYTES", "build_native_runner", "bundle_runtime", "runtime_libraries"]
+__all__ = ["CUDART", "MAX_BYTES", "build_native_runner", "bundle_runtime", "find_cudart", "runtime_libraries"]

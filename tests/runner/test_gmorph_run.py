@@ -74,6 +74,8 @@ def test_native_runner_matches_python(gmorph_run, artifact, tmp_path):
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("cls: float32[1, 5] first [") and lines[1].startswith("aux: float32[1, 2] first [")
     assert lines[2].startswith("latency: median ") and "over 5 runs on cpu:0" in lines[2]
+    rss = re.fullmatch(r"memory: host peak RSS (\S+) MiB", lines[3])
+    assert rss and 1 < float(rss.group(1)) < 4096, lines[3]
 
     expected = load(library)(np.load(x_file))
     for task in ("cls", "aux"):

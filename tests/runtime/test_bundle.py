@@ -19,7 +19,7 @@ from gmorph_tvm.artifact import build
 from gmorph_tvm.cli import main as cli_main
 from gmorph_tvm.errors import BuildError
 from gmorph_tvm.runtime import load
-from gmorph_tvm.runtime.bundle import MAX_BYTES, bundle_runtime
+from gmorph_tvm.runtime.bundle import CUDART, MAX_BYTES, bundle_runtime, find_cudart
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import TinyCNN
@@ -82,3 +82,5 @@ def test_cli_bundle_runtime_with_a_prebuilt_runner(bundle, tmp_path, capsys):
     assert "runtime bundle for cuda" in capsys.readouterr().out
     files = json.loads((out / "BUNDLE.json").read_text())["files"]
     assert "lib/libtvm_runtime_cuda.so" in files and sum(files.values()) <= MAX_BYTES
+    if find_cudart() is not None:  # the CUDA runtime the TVM CUDA runtime links travels with it
+        assert f"lib/{CUDART}" in files
