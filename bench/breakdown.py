@@ -43,7 +43,7 @@ import lossless
 from gmorph_tvm import import_models
 from gmorph_tvm.artifact import build, resolve_target
 from gmorph_tvm.data import fashion_mnist
-from gmorph_tvm.pipeline import fuse_lossless
+from gmorph_tvm.pipeline import fuse_lossless, fuse_separately
 from gmorph_tvm.runtime import load
 from gmorph_tvm.zoo import pretrained
 
@@ -232,8 +232,8 @@ def main(argv=None) -> int:
             torch.onnx.export(model, inputs, str(path), dynamo=False, opset_version=17, input_names=names)
             onnx_paths.append(str(path))
         _say(f"building {len(models)} separate models and the fused one")
-        sep = [str(build(import_models({t: m}, inputs), target, tuning_db=args.tuning_db).export(work / f"sep_{t}.so"))
-               for t, m in models.items()]
+        sep = [str(build(single, target, tuning_db=args.tuning_db).export(work / f"sep_{t}.so"))
+               for t, single in fuse_separately(models, inputs).items()]
         fused = [str(build(fuse_lossless(import_models(models, inputs)), target,
                            tuning_db=args.tuning_db).export(work / "fused.so"))]
         _say("timing")

@@ -45,7 +45,7 @@ from gmorph_tvm.lossy.graph import LayerGraph
 from gmorph_tvm.lossy.mutate import Calibration, build_fused, to_multimodel
 from gmorph_tvm.lossy.plan import FusionPlan, Share
 from gmorph_tvm.lossy.tasks import load_benchmark
-from gmorph_tvm.pipeline import fuse_lossless
+from gmorph_tvm.pipeline import fuse_lossless, fuse_separately
 from gmorph_tvm.runtime.bundle import bundle_runtime
 from gmorph_tvm.zoo import pretrained
 
@@ -174,8 +174,8 @@ class Writer:
 
         model_refs = {t: {"tasks": [t], **self.reference(f"{set_name}_{t}", m, example)} for t, m in models.items()}
         model_expected = {t: f for t, m in models.items() for t, f in expected_of("", m, [t]).items()}
-        separate = [self.artifact(case_dir, f"sep_{t}", gmorph_tvm.import_models({t: m}, example), [model_refs[t]],
-                                  model_expected) for t, m in models.items()]
+        separate = [self.artifact(case_dir, f"sep_{t}", single, [model_refs[t]], model_expected)
+                    for t, single in fuse_separately(models, example).items()]
         if fused_model is None:
             mm, refs, expected = gmorph_tvm.import_models(models, example), list(model_refs.values()), model_expected
         else:

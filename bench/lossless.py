@@ -49,7 +49,7 @@ from gmorph_tvm.benchmark import (  # noqa: E402  # noqa: E402
     torch_weight_bytes,
     tvm_sampler,
 )
-from gmorph_tvm.pipeline import fuse_lossless  # noqa: E402
+from gmorph_tvm.pipeline import fuse_lossless, fuse_separately  # noqa: E402
 from gmorph_tvm.runtime import load  # noqa: E402
 
 
@@ -194,7 +194,8 @@ def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, mem
         start = time.perf_counter()
         _say(f"tuning separate kernels ({trials} trials)")
         if "separate" not in skip:
-            tune(mm.bound_module(), target, trials=trials, work_dir=db)
+            # the kernels of the separate builds: each model canonicalised (BN folded), none shared
+            tune(fuse_lossless(mm, stitch=False, merge="never").bound_module(), target, trials=trials, work_dir=db)
         for label, fused in variants.items():
             _say(f"tuning {label} kernels ({trials} trials)")
             tune(fused.bound_module(), target, trials=trials, work_dir=db)
@@ -205,8 +206,8 @@ def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, mem
 
     _say("building")
     sep_paths = [
-        str(build(import_models({t: m}, args), target, tuning_db=tuning_db).export(workdir / f"sep_{t}.so"))
-        for t, m in models.items()
+        str(build(single, target, tuning_db=tuning_db).export(workdir / f"sep_{t}.so"))
+        for t, single in fuse_separately(models, args).items()
     ] if "separate" not in skip else []
     fused_paths = {
         label: [str(build(fused, target, tuning_db=tuning_db).export(workdir / f"fused_{label.replace('+', '_')}.so"))]

@@ -22,13 +22,14 @@ target, with no gmorph-tvm call in between (:func:`gmorph_relax_pipeline`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal, overload
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, overload
 
 import tvm
 from tvm import relax
 
 from .errors import FusionError
+from .frontend.importer import import_models
 from .frontend.multimodel import MultiModel
 from .passes import CanonicalizeOps, HorizontalMerge, StitchSharedWeights
 from .passes.group_models import group_tasks, split_into_groups
@@ -88,6 +89,14 @@ def fuse_grouped(
 
 
 fuse = fuse_lossless
+
+
+def fuse_separately(models: Mapping[str, Any], example_inputs=None, **import_options) -> dict[str, MultiModel]:
+    """Each model imported on its own and fused as ``gmorph-tvm build`` fuses a single model (ops
+    canonical, batch norm folded into convs; nothing shared between models): the models compiled
+    separately, the baseline fusion is measured against. ``import_options`` go to ``import_models``."""
+    return {task: fuse_lossless(import_models({task: model}, example_inputs, **import_options))
+            for task, model in models.items()}
 
 
 # ---- the same fusion as a TVM relax pipeline ------------------------------------------------------

@@ -262,8 +262,11 @@ int64_t FreeDeviceBytes(DLDevice dev) {
   auto attr = ffi::Function::GetGlobal("runtime.GetDeviceAttr");
   if (!attr.has_value()) return -1;
   constexpr int kAvailableGlobalMemory = 15;
-  ffi::Any value = (*attr)(static_cast<int>(dev.device_type), dev.device_id, kAvailableGlobalMemory);
-  if (auto bytes = value.try_cast<int64_t>()) return *bytes;
+  try {
+    ffi::Any value = (*attr)(static_cast<int>(dev.device_type), dev.device_id, kAvailableGlobalMemory);
+    if (auto bytes = value.try_cast<int64_t>()) return *bytes;
+  } catch (const std::exception&) {  // a device TVM cannot query: the run itself reports the problem
+  }
   return -1;
 }
 
@@ -418,6 +421,78 @@ class WeightsFile {
   std::map<std::string, Spec> specs_;
 };
 
+// Whether `manifest` holds everything `embedded` (the signature the library was built with) says,
+// with equal values; on a difference, `where` names the first field that differs. A field the
+// signature has as null, {} or [] may be absent from the manifest (Python writes it so).
+bool Covers(const gmorph::json::Value& manifest, const gmorph::json::Value& embedded, const std::string& path,
+            std::string* where) {
+  using Kind = gmorph::json::Value::Kind;
+  if (manifest.kind == Kind::kNull &&
+      (embedded.kind == Kind::kNull || (embedded.kind == Kind::kObject && embedded.object.empty()) ||
+       (embedded.kind == Kind::kArray && embedded.array.empty()))) {
+    return true;
+  }
+  bool same = manifest.kind == embedded.kind;
+  if (same && embedded.kind == Kind::kObject) {
+    static const gmorph::json::Value kAbsent;
+    for (const auto& kv : embedded.object) {
+      auto it = manifest.object.find(kv.first);
+      if (!Covers(it == manifest.object.end() ? kAbsent : it->second, kv.second, path + "." + kv.first, where)) return false;
+    }
+    return true;
+  }
+  if (same && embedded.kind == Kind::kArray) {
+    if (manifest.array.size() != embedded.array.size()) {
+      *where = path + " (" + std::to_string(manifest.array.size()) + " entries in the manifest, " +
+               std::to_string(embedded.array.size()) + " in the library)";
+      return false;
+    }
+    for (size_t i = 0; i < embedded.array.size(); ++i) {
+      if (!Covers(manifest.array[i], embedded.array[i], path + "[" + std::to_string(i) + "]", where)) return false;
+    }
+    return true;
+  }
+  if (same) {
+    same = embedded.kind == Kind::kString   ? manifest.string == embedded.string
+           : embedded.kind == Kind::kNumber ? manifest.number == embedded.number
+           : embedded.kind == Kind::kBool   ? manifest.boolean == embedded.boolean
+                                            : true;
+  }
+  if (!same) *where = path + (embedded.kind == Kind::kString ? " ('" + manifest.string + "' in the manifest, '" +
+                                                                  embedded.string + "' in the library)"
+                                                             : "");
+  return same;
+}
+
+std::string FileSha256(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot read " + path);
+  gmorph::Sha256 digest;
+  std::vector<char> chunk(1 << 20);
+  while (in) {
+    in.read(chunk.data(), static_cast<std::streamsize>(chunk.size()));
+    digest.Update(reinterpret_cast<const unsigned char*>(chunk.data()), static_cast<size_t>(in.gcount()));
+  }
+  return digest.HexDigest();
+}
+
+// Index inputs (Gather / embedding ids) outside the table they index: the message Python's
+// runner gives, or "" when every index is in range.
+std::string IndexOutOfRange(const std::string& name, const gmorph::npy::Array& arr, int64_t low, int64_t high) {
+  const int item = gmorph::npy::ItemSize(arr.dtype);
+  const size_t count = arr.data.size() / static_cast<size_t>(item);
+  for (size_t k = 0; k < count; ++k) {
+    const double v = ElementAsDouble(arr.dtype, arr.data.data() + k * item);
+    if (v < static_cast<double>(low) || v >= static_cast<double>(high)) {
+      std::ostringstream msg;
+      msg << "input '" << name << "': index " << static_cast<int64_t>(v) << " at flat position " << k
+          << " is out of range; it indexes a table of " << high << " entries (valid " << low << ".." << high - 1 << ")";
+      return msg.str();
+    }
+  }
+  return "";
+}
+
 int Run(const Options& opt) {
   const std::string manifest_path = ManifestPathFor(opt.library);
   gmorph::json::Value manifest;
@@ -434,6 +509,17 @@ int Run(const Options& opt) {
     std::cerr << "gmorph-run: " << opt.library << " was built for " << built_for << "; run it with --device "
               << built_for << "\n";
     return 1;
+  }
+
+  // The library must be the one the manifest was written for (a rebuild replaces both).
+  if (manifest.Has("library_sha256")) {
+    const std::string digest = FileSha256(opt.library);
+    if (digest != manifest["library_sha256"].String()) {
+      std::cerr << "gmorph-run: library " << opt.library << " (sha256 " << digest.substr(0, 12)
+                << "...) is not the one manifest " << manifest_path << " describes (sha256 "
+                << manifest["library_sha256"].String().substr(0, 12) << "...); copy the artifact's files together\n";
+      return 1;
+    }
   }
 
   // The manifest names the oldest CUDA driver that loads the artifact's SASS; refuse an older one
@@ -525,6 +611,14 @@ int Run(const Options& opt) {
                 << " (" << it->second << ")\n";
       return 2;
     }
+    if (manifest.Has("index_bounds") && manifest["index_bounds"].Has(spec.name)) {
+      const auto& bounds = manifest["index_bounds"][spec.name];
+      std::string bad = IndexOutOfRange(spec.name, arr, bounds["low"].Int(), bounds["high"].Int());
+      if (!bad.empty()) {
+        std::cerr << "gmorph-run: " << bad << " (" << it->second << ")\n";
+        return 2;
+      }
+    }
     host_inputs[spec.name] = std::move(arr);
   }
   std::vector<EntryPoint> selected = entries;
@@ -552,7 +646,6 @@ int Run(const Options& opt) {
   CheckHostArch(opt.library);
   if (opt.device == "cuda") LoadCudaRuntime();
   DLDevice dev{opt.device == "cuda" ? kDLCUDA : kDLCPU, opt.device_id};
-  const int64_t free_before = FreeDeviceBytes(dev);  // the context exists now; nothing of ours is allocated
 
   std::unique_ptr<WeightsFile> weights;
   static const gmorph::json::Value kNoRecord;
@@ -580,6 +673,34 @@ int Run(const Options& opt) {
   ffi::Function alloc = ffi::Function::GetGlobalRequired("runtime.TVMTensorAllocWithScope");
   ffi::Function copy_from = ffi::Function::GetGlobalRequired("runtime.TVMTensorCopyFromBytes");
   ffi::Function copy_to = ffi::Function::GetGlobalRequired("runtime.TVMTensorCopyToBytes");
+
+  // The signature the library was built with (inputs, tasks, outputs, index bounds, entry points)
+  // must be what the manifest says: an edited manifest is refused, naming both files.
+  {
+    auto signature_fn = vm->GetFunction("gmorph_signature", false);
+    if (!signature_fn.has_value()) {
+      std::cerr << "gmorph-run: library " << opt.library << " has no embedded signature (not built by this "
+                << "gmorph-tvm); its manifest is " << manifest_path << "\n";
+      return 1;
+    }
+    ffi::Tensor blob = (*signature_fn)().cast<ffi::Tensor>();
+    std::string text(static_cast<size_t>(blob.shape()[0]), '\0');
+    copy_to(blob, static_cast<void*>(text.data()), static_cast<int64_t>(text.size()));
+    std::string where;
+    gmorph::json::Value embedded;
+    try {
+      embedded = gmorph::json::Parse(text);
+    } catch (const std::exception& e) {
+      std::cerr << "gmorph-run: library " << opt.library << " holds a corrupt signature (" << e.what() << ")\n";
+      return 1;
+    }
+    if (!Covers(manifest, embedded, "manifest", &where)) {
+      std::cerr << "gmorph-run: manifest " << manifest_path << " does not describe library " << opt.library
+                << ": " << where << " differs\n";
+      return 1;
+    }
+  }
+  const int64_t free_before = FreeDeviceBytes(dev);  // before any weight, input or pool allocation
   std::map<std::string, ffi::Tensor> weight_tensors;  // one per name, shared by every entry point
   struct Call {
     ffi::Function fn;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ from torch import nn
 
 import gmorph_tvm
 from gmorph_tvm.artifact import build, manifest_path_for
+from gmorph_tvm.core.manifest import sha256_of_file
 from gmorph_tvm.core.weights_file import weights_path_for
 from gmorph_tvm.runtime import load
 
@@ -119,6 +121,53 @@ def test_native_runner_reports_manifest_problems(gmorph_run, artifact, tmp_path)
     assert proc.returncode == 1 and "invalid JSON" in proc.stderr
 
 
+def _copy_artifact(library: Path, into: Path) -> Path:
+    stem = library.name.removesuffix(".so")
+    for name in (library.name, f"{stem}.manifest.json", f"{stem}.weights.safetensors"):
+        shutil.copy(library.parent / name, into / name)
+    return into / library.name
+
+
+def test_native_runner_refuses_an_edited_manifest_naming_both_files(gmorph_run, artifact, tmp_path):
+    """Like load(): the library's embedded signature must be what the manifest says."""
+    library, x_file = artifact
+    copy = _copy_artifact(library, tmp_path)
+    manifest = json.loads((tmp_path / "nets.manifest.json").read_text())
+    manifest["tasks"][1]["name"] = "other"
+    (tmp_path / "nets.manifest.json").write_text(json.dumps(manifest))
+    proc = _run(gmorph_run, str(copy), "--input", f"x={x_file}")
+    assert proc.returncode == 1
+    assert (f"manifest {tmp_path / 'nets.manifest.json'} does not describe library {copy}: "
+            "manifest.tasks[1].name ('other' in the manifest, 'aux' in the library) differs") in proc.stderr
+
+
+def test_native_runner_refuses_a_library_the_manifest_does_not_describe(gmorph_run, artifact, tmp_path):
+    library, x_file = artifact
+    copy = _copy_artifact(library, tmp_path)
+    with open(copy, "ab") as handle:  # still a loadable library, but not the one built with this manifest
+        handle.write(b"\0")
+    proc = _run(gmorph_run, str(copy), "--input", f"x={x_file}")
+    assert proc.returncode == 1 and f"library {copy} (sha256 " in proc.stderr
+    assert "is not the one manifest" in proc.stderr and "nets.manifest.json" in proc.stderr
+
+
+def test_native_runner_refuses_indices_outside_the_table(gmorph_run, tmp_path):
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(10, 4).eval()
+    ids = torch.tensor([[1, 2, 3]])
+    library = build(gmorph_tvm.import_models({"e": embedding}, example_inputs=ids), "llvm").export(tmp_path / "e.so")
+    good, bad = tmp_path / "good.npy", tmp_path / "bad.npy"
+    np.save(good, np.array([[0, 9, 4]], np.int64))
+    np.save(bad, np.array([[0, 10, 4]], np.int64))
+    proc = _run(gmorph_run, str(library), "--input", f"{load(library).input_names[0]}={good}", "--save-outputs", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    with torch.no_grad():
+        np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), embedding(torch.tensor([[0, 9, 4]])).numpy())
+    proc = _run(gmorph_run, str(library), "--input", f"{load(library).input_names[0]}={bad}")
+    assert proc.returncode == 2
+    assert "index 10 at flat position 1 is out of range; it indexes a table of 10 entries (valid" in proc.stderr
+
+
 def test_native_runner_loads_cuda_fatbin_without_jit(gmorph_run, artifact, tmp_path):
     """With a stand-in CUDA driver, the pure C++ runtime loads our CUDA library (the kernels are
     a fatbin) and only fails where a GPU is needed; TVM's plain export needs a JIT compiler."""
@@ -148,7 +197,9 @@ def test_native_runner_loads_cuda_fatbin_without_jit(gmorph_run, artifact, tmp_p
     ours = art.export(tmp_path / "gpu.so")
     plain = tmp_path / "plain.so"
     art.executable.export_library(str(plain))
-    shutil.copy(tmp_path / "gpu.manifest.json", tmp_path / "plain.manifest.json")
+    manifest = json.loads((tmp_path / "gpu.manifest.json").read_text())
+    manifest["library_sha256"] = sha256_of_file(plain)  # the same program, exported TVM's way
+    (tmp_path / "plain.manifest.json").write_text(json.dumps(manifest))
     env = {**os.environ, "LD_LIBRARY_PATH": str(tmp_path)}
     run = lambda lib: subprocess.run(  # noqa: E731
         [str(gmorph_run), str(lib), "--device", "cuda", "--input", f"x={artifact[1]}"],
