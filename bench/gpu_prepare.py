@@ -63,7 +63,9 @@ def _say(msg: str) -> None:
 def target_for(device: str, arch: str) -> dict | str:
     if device == "cpu":
         return "llvm"
-    return {"kind": "cuda", "arch": arch, "host": PORTABLE_HOST}
+    # 48 KiB: the shared memory a block gets without opt-in on every sm_XX (dlight's default, said)
+    return {"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
+            "host": PORTABLE_HOST}
 
 
 def parse_plan(key: str) -> FusionPlan:

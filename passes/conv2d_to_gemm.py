@@ -14,7 +14,9 @@ output's short reduction over a thread block):
   reshape(x, (N, C, H*W))), (N, O, H, W))``; no copy of ``x``.
 * depthwise (``C/G == 1``, ``G == C``): one spatial kernel summing the KH*KW products of each
   output written out (padding, stride, dilation in its index arithmetic): no reduction block, so
-  one thread per output as a depthwise kernel should be.
+  one thread per output as a depthwise kernel should be. It is marked fusable like a conv
+  (``op_pattern`` kOutEWiseFusable): elementwise epilogues may fuse into it, producers may not
+  (each tap would recompute them).
 * other grouped convs: an unfold kernel (``emit_te``) builds ``cols: (N, G, C/G*KH*KW, OH*OW)``,
   then a batched ``matmul(reshape(w, (1, G, O/G, C/G*KH*KW)), cols)`` gives ``(N, G, O/G, OH*OW)``,
   reshaped to ``(N, O, OH, OW)``.
@@ -42,7 +44,14 @@ class Conv2dToGemm:
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gvar, relax.analysis.remove_all_unused(rewriter.visit_expr(func)))
-        return rewriter.builder_.get()
+        out = rewriter.builder_.get()
+        for gvar in rewriter.depthwise:
+            # Fused like a conv (its epilogue may join it, its producers may not): as an injective
+            # kernel FuseOps would inline the producer chain into each of the KH*KW taps (a
+            # MobileNet's hardswish computed 9 times per output; expressions TVM's simplifier
+            # then needs ~100 s per kernel to compile).
+            out[gvar] = out[gvar].with_attr("op_pattern", OUT_ELEMWISE_FUSABLE)
+        return out
 
 
 def _static_shape(expr: relax.Expr) -> list[int] | None:
@@ -112,8 +121,15 @@ def _unfold(x: te.Tensor, groups: int, kh: int, kw: int, strides, padding, dilat
     return te.compute((n, groups, cg * kh * kw, oh * ow), compute, name="im2col")
 
 
+OUT_ELEMWISE_FUSABLE = 4  # TVM's OpPatternKind::kOutEWiseFusable (what conv2d is)
+
+
 @relax.expr_functor.mutator
 class _ConvRewriter(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.depthwise: list[relax.GlobalVar] = []
+
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
@@ -142,10 +158,12 @@ class _ConvRewriter(relax.PyExprMutator):
         if groups == 1 and not (kh == kw == 1):
             return call  # dlight's Matmul rule already takes a dense conv2d as an implicit GEMM
         if cg == 1 and groups == c:
-            return self.builder_.emit_te(
+            out = self.builder_.emit_te(
                 _depthwise, data, weight, kh, kw, strides, padding, dilation, oh, ow, out_dtype,
                 primfunc_name_hint="depthwise_conv",
             )
+            self.depthwise.append(self.builder_.lookup_binding(out).args[0])
+            return out
         cols = self.builder_.emit_te(
             _unfold, data, groups, kh, kw, strides, padding, dilation, oh, ow, primfunc_name_hint="im2col"
         )

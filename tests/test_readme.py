@@ -45,6 +45,9 @@ NOT_RUN = [
     (r"gmorph-tvm build .* --target jetson-", "Jetson targets need nvcc (and a cross compiler or CUDA 11.8 ptxas)"),
     (r"cmake ", "builds the native C++ runner (tests/runner builds and tests it)"),
     (r"build/runner/gmorph-run ", "needs the native runner that cmake builds"),
+    (r"gmorph-tvm bundle-runtime ", "builds gmorph-run with CMake (tests/runtime/test_bundle.py builds and runs a bundle)"),
+    (r"bash bench/gpu_(prepare|check)\.sh ", "minutes of builds, then a GPU (tests/runtime/test_gpu_check.py runs a scaled "
+                                             "dry run of both)"),
 ]
 
 _FENCE = re.compile(r"^```(\w*)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)

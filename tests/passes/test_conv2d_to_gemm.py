@@ -113,3 +113,24 @@ def test_cuda_lowering_without_the_rewrite_puts_grouped_convs_on_general_reducti
 def test_cuda_lowered_cnn_compiles_for_sm90():
     executable = tvm.compile(lower(_cnn(), CUDA), target=CUDA)
     assert executable is not None
+
+
+def test_depthwise_kernel_takes_its_epilogue_but_not_its_producers():
+    """A producer inlined into the depthwise kernel would be recomputed by each of its 9 taps (and a
+    MobileNet's hardswish chains made TVM's simplifier take ~100 s per kernel)."""
+    rng = np.random.default_rng(0)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 14, 14), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            h = bb.emit(relax.op.clip(relax.op.add(x, relax.const(3.0)), 0.0, 6.0))  # a producer chain
+            w = relax.const(rng.standard_normal((8, 1, 3, 3)).astype("float32"))
+            h = bb.emit(relax.op.nn.conv2d(h, w, padding=1, groups=8))
+            out = bb.emit_output(relax.op.clip(h, 0.0, 6.0))  # an epilogue
+        bb.emit_func_output(out)
+    prepared = prepare(bb.get(), CUDA)
+    names = [gv.name_hint for gv in prepared.get_global_vars() if "depthwise" in gv.name_hint]
+    assert names == ["fused_depthwise_conv_clip"], names  # not fused_add_clip_depthwise_conv_clip1
+    x_np = rng.standard_normal((1, 8, 14, 14)).astype("float32")
+    want = _run(bb.get(), x_np)
+    np.testing.assert_allclose(_run(Conv2dToGemm()(bb.get()), x_np), want, rtol=1e-5, atol=1e-5)
