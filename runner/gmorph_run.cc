@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <iostream>
@@ -243,17 +244,33 @@ void CheckHostArch(const std::string& library) {
   }
 }
 
-// Loads the CUDA runtime plugin of the TVM wheel, which registers the "cuda" module loader.
+// Loads the CUDA runtime plugin of TVM, which registers the "cuda" module loader. Where from, first
+// found: $GMORPH_TVM_RUNTIME_CUDA; ../lib/ beside this binary (the runtime bundle's layout); the
+// library search path (LD_LIBRARY_PATH: the bundle's wrapper sets it); the wheel this binary was
+// built against.
 void LoadCudaRuntime() {
-#ifdef GMORPH_TVM_RUNTIME_CUDA
-  const char* path = GMORPH_TVM_RUNTIME_CUDA;
-#else
-  const char* path = "libtvm_runtime_cuda.so";
-#endif
   if (ffi::Function::GetGlobal("ffi.Module.load_from_bytes.cuda").has_value()) return;
-  if (dlopen(path, RTLD_NOW | RTLD_GLOBAL) == nullptr) {
-    throw std::runtime_error(std::string("cannot load the TVM CUDA runtime (") + dlerror() + ")");
+  std::vector<std::string> candidates;
+  if (const char* env = std::getenv("GMORPH_TVM_RUNTIME_CUDA")) candidates.emplace_back(env);
+  char self[4096];
+  ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+  if (n > 0) {
+    std::string exe(self, static_cast<size_t>(n));
+    std::string dir = exe.substr(0, exe.find_last_of('/'));
+    candidates.push_back(dir.substr(0, dir.find_last_of('/')) + "/lib/libtvm_runtime_cuda.so");
   }
+  candidates.emplace_back("libtvm_runtime_cuda.so");
+#ifdef GMORPH_TVM_RUNTIME_CUDA
+  candidates.emplace_back(GMORPH_TVM_RUNTIME_CUDA);
+#endif
+  std::string tried;
+  for (const auto& path : candidates) {
+    if (path.find('/') != std::string::npos && access(path.c_str(), F_OK) != 0) continue;  // not there
+    if (dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL) != nullptr) return;
+    tried += (tried.empty() ? "" : "; ") + std::string(dlerror());
+  }
+  throw std::runtime_error("cannot load the TVM CUDA runtime libtvm_runtime_cuda.so (" +
+                           (tried.empty() ? std::string("not found; set GMORPH_TVM_RUNTIME_CUDA") : tried) + ")");
 }
 
 // Free memory on a GPU (bytes, TVM's kAvailableGlobalMemory), or -1 where TVM cannot tell (CPU).

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -82,3 +86,22 @@ def matmul_relu_module(batch: int = 4, features: int = 8, outputs: int = 3):
             y = bb.emit_output(relax.op.nn.relu(relax.op.matmul(x, relax.const(np.ones((features, outputs), "float32")))))
         bb.emit_func_output(y)
     return bb.get()
+
+
+def fake_libcuda(directory: Path) -> Path | None:
+    """A stand-in ``libcuda.so.1`` in ``directory`` (every call fails: no device), so the TVM CUDA
+    runtime loads on a machine without a GPU driver; None without a C compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    stub = directory / "fake_cuda.c"
+    stub.write_text(
+        "#define STUB(n) int n() { return 100; }\n"
+        "STUB(cuDeviceGetName) STUB(cuFuncSetAttribute) STUB(cuLaunchKernelEx) STUB(cuModuleGetFunction)\n"
+        "STUB(cuModuleLoadData) STUB(cuModuleUnload) STUB(cuTensorMapEncodeTiled)\n"
+        "int cuGetErrorName(int e, const char** s) { *s = \"CUDA_ERROR_NO_DEVICE\"; return 0; }\n"
+        "int cuGetErrorString(int e, const char** s) { *s = \"no device\"; return 0; }\n"
+    )
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(directory / "libcuda.so.1"), str(stub), "-Wl,-soname,libcuda.so.1"],
+                   check=True)
+    return directory / "libcuda.so.1"

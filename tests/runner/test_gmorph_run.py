@@ -20,6 +20,7 @@ from gmorph_tvm.artifact import build, manifest_path_for
 from gmorph_tvm.core.manifest import sha256_of_file
 from gmorph_tvm.core.weights_file import weights_path_for
 from gmorph_tvm.runtime import load
+from helpers import fake_libcuda
 
 REPO = Path(__file__).resolve().parents[2]
 CXX = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
@@ -182,16 +183,7 @@ def test_native_runner_loads_cuda_fatbin_without_jit(gmorph_run, artifact, tmp_p
         pytest.skip("this TVM wheel has no CUDA runtime library")
     if tvm.cuda().exist:
         pytest.skip("a real GPU is present; test_cuda.py runs the artifact instead")
-    stub = tmp_path / "fake_cuda.c"
-    stub.write_text(
-        "#define STUB(n) int n() { return 100; }\n"
-        "STUB(cuDeviceGetName) STUB(cuFuncSetAttribute) STUB(cuLaunchKernelEx) STUB(cuModuleGetFunction)\n"
-        "STUB(cuModuleLoadData) STUB(cuModuleUnload) STUB(cuTensorMapEncodeTiled)\n"
-        "int cuGetErrorName(int e, const char** s) { *s = \"CUDA_ERROR_NO_DEVICE\"; return 0; }\n"
-        "int cuGetErrorString(int e, const char** s) { *s = \"no device\"; return 0; }\n"
-    )
-    subprocess.run([cc, "-shared", "-fPIC", "-o", str(tmp_path / "libcuda.so.1"), str(stub), "-Wl,-soname,libcuda.so.1"],
-                   check=True)
+    fake_libcuda(tmp_path)
     x = torch.from_numpy(np.load(artifact[1]))
     art = build(gmorph_tvm.import_models({"cls": Net(5, 0).eval()}, example_inputs=x), "cuda")
     ours = art.export(tmp_path / "gpu.so")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ from gmorph_tvm.runtime import load
 from gmorph_tvm.runtime.bundle import CUDART, MAX_BYTES, bundle_runtime, find_cudart
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import TinyCNN
+from helpers import TinyCNN, fake_libcuda
 
 pytestmark = pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake and a C++ compiler")
 
@@ -84,3 +85,23 @@ def test_cli_bundle_runtime_with_a_prebuilt_runner(bundle, tmp_path, capsys):
     assert "lib/libtvm_runtime_cuda.so" in files and sum(files.values()) <= MAX_BYTES
     if find_cudart() is not None:  # the CUDA runtime the TVM CUDA runtime links travels with it
         assert f"lib/{CUDART}" in files
+
+
+def test_cuda_bundle_loads_its_own_cuda_runtime(bundle, tmp_path):
+    """On a GPU box the wheel's path (compiled into gmorph-run) does not exist: the bundle's
+    gmorph-run must load lib/libtvm_runtime_cuda.so (and its libcudart) from the bundle."""
+    if fake_libcuda(tmp_path) is None or find_cudart() is None:
+        pytest.skip("needs a C compiler and libcudart.so.13")
+    out = bundle_runtime("cuda", tmp_path / "rt", runner=bundle / "bin" / "gmorph-run")
+    x = np.random.default_rng(3).standard_normal((1, 3, 12, 12)).astype("float32")
+    mm = gmorph_tvm.import_models({"a": TinyCNN(4, 0).eval()}, example_inputs=torch.from_numpy(x))
+    library = build(mm, "cuda").export(tmp_path / "gpu.so")
+    np.save(tmp_path / "x.npy", x)
+    env = {"PATH": "/usr/bin:/bin", "LD_LIBRARY_PATH": str(tmp_path), "LD_DEBUG": "libs"}
+    proc = subprocess.run([str(out / "gmorph-run"), str(library), "--device", "cuda", "--input", f"x={tmp_path / 'x.npy'}"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    loaded = re.findall(r"calling init: (\S+)", proc.stderr)
+    assert str(out / "lib" / "libtvm_runtime_cuda.so") in loaded, proc.stderr[-2000:]
+    assert str(out / "lib" / CUDART) in loaded
+    assert not any("site-packages" in path for path in loaded)  # nothing of the wheel
+    assert proc.returncode == 1 and "CUDA" in proc.stderr  # then fails where a GPU is needed

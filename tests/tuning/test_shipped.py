@@ -17,8 +17,12 @@ import tvm_ffi
 from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
+from gmorph_tvm import import_models
 from gmorph_tvm.core.targets import target_dict
-from gmorph_tvm.tuning import extract, lower, prepare, shipped, tune
+from gmorph_tvm.data import fashion_mnist
+from gmorph_tvm.pipeline import fuse_lossless
+from gmorph_tvm.tuning import allocate, extract, lower, prepare, shipped, tune
+from gmorph_tvm.zoo import pretrained
 from gmorph_tvm.tuning.pipeline import ShippedRecordsNote
 from gmorph_tvm.tuning.report import SHIPPED
 
@@ -174,3 +178,24 @@ def test_records_for_another_class_are_ignored_with_a_note(tmp_path, monkeypatch
     found = shipped.lookup(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}), tmp_path)
     assert found.directory is None
     assert found.note == "no shipped tuning records for target class x86_64-avx2 (shipped: x86_64-avx512)"
+
+
+def _demo_modules():
+    x = fashion_mnist.load_split("test", limit=1).images[:1].contiguous()
+    mm = import_models(pretrained.fmnist_backbone_set(4), x)
+    return {"separate": fuse_lossless(mm, stitch=False, merge="never"), "fused": fuse_lossless(mm)}
+
+
+@pytest.mark.parametrize("cls, mcpu", [("x86_64-avx512", "rocketlake"), ("x86_64-avx2", "haswell")])
+def test_shipped_records_cover_every_kernel_the_demo_tunes(cls, mcpu):
+    """Records go stale when a pass changes the kernels (issue 17: the NaN-safe legalisation and
+    the pad fold left 1 of 12 demo kernels covered): what the demo's tune(trials=64) would tune
+    must all be in the records shipped for each class."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
+    found = shipped.lookup(target)
+    assert found.directory is not None, found.note
+    db = ms.database.JSONDatabase(work_dir=str(found.directory), module_equality="structural")
+    for label, module in _demo_modules().items():
+        selected = allocate(extract(prepare(module.bound_module(), target), target), 64)
+        missing = [p.name for p in selected if not db.has_workload(p.workload)]
+        assert selected and not missing, f"{label}: no shipped record for {missing}"
