@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import fake_libcuda
 
 import gmorph_tvm
 from gmorph_tvm.artifact import build, describe_device_code, manifest_path_for
@@ -197,24 +198,6 @@ def _first_kernel_name(artifact) -> str:
     raise AssertionError("no CUDA module")
 
 
-def _fake_libcuda(directory: Path) -> Path | None:
-    """A stand-in libcuda.so.1 whose calls all fail: enough for TVM's CUDA runtime library to load."""
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        return None
-    src = directory / "fake_cuda.c"
-    src.write_text(
-        "#define STUB(n) int n() { return 100; }\n"
-        "STUB(cuDeviceGetName) STUB(cuFuncSetAttribute) STUB(cuLaunchKernelEx) STUB(cuModuleGetFunction)\n"
-        "STUB(cuModuleLoadData) STUB(cuModuleUnload) STUB(cuTensorMapEncodeTiled)\n"
-        "int cuGetErrorName(int e, const char** s) { *s = \"CUDA_ERROR_NO_DEVICE\"; return 0; }\n"
-        "int cuGetErrorString(int e, const char** s) { *s = \"no device\"; return 0; }\n"
-    )
-    out = directory / "libcuda.so.1"
-    subprocess.run([cc, "-shared", "-fPIC", "-o", str(out), str(src), "-Wl,-soname,libcuda.so.1"], check=True)
-    return directory
-
-
 def test_tvm_cuda_runtime_loads_fatbin_without_jit(cuda_artifact, tmp_path):
     """TVM's real CUDA module loader (libtvm_runtime_cuda, run against a fake driver) accepts
     our library and finds the kernels, with the JIT compile callback made to fail."""
@@ -222,8 +205,7 @@ def test_tvm_cuda_runtime_loads_fatbin_without_jit(cuda_artifact, tmp_path):
 
     if not (Path(tvm.libinfo.find_libtvm_runtime()).parent / "libtvm_runtime_cuda.so").is_file():
         pytest.skip("this TVM wheel has no CUDA runtime library")
-    fake = _fake_libcuda(tmp_path)
-    if fake is None:
+    if fake_libcuda(tmp_path) is None:
         pytest.skip("no C compiler for the fake CUDA driver")
     ours = cuda_artifact.export(tmp_path / "ours.so")
     tvm_default = tmp_path / "tvm_default.so"
@@ -250,7 +232,7 @@ def test_tvm_cuda_runtime_loads_fatbin_without_jit(cuda_artifact, tmp_path):
             print(path, "kernel found:", found.get_function(kernel) is not None)
         """
     )
-    env = {**os.environ, "LD_LIBRARY_PATH": str(fake)}
+    env = {**os.environ, "LD_LIBRARY_PATH": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", script, kernel, str(ours), str(tvm_default)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
@@ -268,8 +250,7 @@ def test_build_where_the_cuda_runtime_is_present(tmp_path):
 
     if not (Path(tvm.libinfo.find_libtvm_runtime()).parent / "libtvm_runtime_cuda.so").is_file():
         pytest.skip("this TVM wheel has no CUDA runtime library")
-    fake = _fake_libcuda(tmp_path)
-    if fake is None:
+    if fake_libcuda(tmp_path) is None:
         pytest.skip("no C compiler for the fake CUDA driver")
     script = textwrap.dedent(
         """
@@ -292,7 +273,7 @@ def test_build_where_the_cuda_runtime_is_present(tmp_path):
         print("code", describe_device_code(art.export(sys.argv[1])))
         """
     )
-    env = {**os.environ, "LD_LIBRARY_PATH": str(fake)}
+    env = {**os.environ, "LD_LIBRARY_PATH": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m.so")], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]

@@ -18,8 +18,8 @@ import gmorph_tvm
 from gmorph_tvm.artifact import build, manifest_path_for
 from gmorph_tvm.benchmark import tvm_sampler
 from gmorph_tvm.core.manifest import FORMAT_VERSION
-from gmorph_tvm.core.weights_file import weights_path_for
 from gmorph_tvm.core.vm import split_outputs
+from gmorph_tvm.core.weights_file import weights_path_for
 from gmorph_tvm.errors import ArtifactError
 from gmorph_tvm.runtime import load
 

@@ -22,9 +22,9 @@ from gmorph_tvm.core.targets import target_dict
 from gmorph_tvm.data import fashion_mnist
 from gmorph_tvm.pipeline import fuse_lossless
 from gmorph_tvm.tuning import allocate, extract, lower, prepare, shipped, tune
-from gmorph_tvm.zoo import pretrained
 from gmorph_tvm.tuning.pipeline import ShippedRecordsNote
 from gmorph_tvm.tuning.report import SHIPPED
+from gmorph_tvm.zoo import pretrained
 
 TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})  # generic x86-64: class x86_64-sse
 VERSION = str(tvm.__version__)
