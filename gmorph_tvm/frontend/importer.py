@@ -360,13 +360,10 @@ def _import_torch(task: str, model, examples: tuple | None, shapes: Mapping[str,
 
 def _check_torch_shapes(task: str, exported, shapes: Mapping[str, Any], used: set[str] | None) -> None:
     """Each user input of ``exported`` named in ``shapes`` has that static shape; record it as used."""
-    nodes = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
-    for name in exported.graph_signature.user_inputs:
+    for name, _, have in _user_inputs(exported):
         if name not in shapes:
             continue
-        meta = nodes[name].meta.get("val") if name in nodes else None
-        have = [d for d in meta.shape] if meta is not None and hasattr(meta, "shape") else None
-        if have is not None and not all(isinstance(d, int) for d in have):
+        if have is not None and None in have:
             have = None  # a dim left symbolic: the import itself reports it
         if have is not None and have != [int(d) for d in shapes[name]]:
             raise InputSpecError(
@@ -377,6 +374,20 @@ def _check_torch_shapes(task: str, exported, shapes: Mapping[str, Any], used: se
             used.update((f"{task}/{name}", name))
 
 
+def _user_inputs(exported) -> list[tuple[str, Any, list[int | None] | None]]:
+    """(name, example tensor, dims with None where symbolic) of each user input of ``exported``;
+    tensor and dims are None for an input that is not a tensor."""
+    import torch
+
+    nodes = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
+    out = []
+    for name in exported.graph_signature.user_inputs:
+        meta = nodes[name].meta.get("val") if name in nodes else None
+        dims = [d if isinstance(d, int) else None for d in meta.shape] if isinstance(meta, torch.Tensor) else None
+        out.append((name, meta, dims))
+    return out
+
+
 def _specialise(task: str, exported, examples: tuple | None, shapes: Mapping[str, Any]):
     """``exported`` re-exported at static shapes when its user inputs have dynamic dims.
 
@@ -385,14 +396,12 @@ def _specialise(task: str, exported, examples: tuple | None, shapes: Mapping[str
     """
     import torch
 
-    nodes = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
-    names = list(exported.graph_signature.user_inputs)
-    metas = [nodes[name].meta.get("val") if name in nodes else None for name in names]
-    dims_of = [[d if isinstance(d, int) else None for d in m.shape] if isinstance(m, torch.Tensor) else None for m in metas]
-    if all(dims is None or None not in dims for dims in dims_of):
+    inputs = _user_inputs(exported)
+    names = [name for name, _, _ in inputs]
+    if all(dims is None or None not in dims for _, _, dims in inputs):
         return exported
     args = []
-    for pos, (name, meta, dims) in enumerate(zip(names, metas, dims_of)):
+    for pos, (name, meta, dims) in enumerate(inputs):
         if name in shapes:
             args.append(torch.zeros([int(d) for d in shapes[name]], dtype=meta.dtype))
         elif examples is not None and pos < len(examples):
