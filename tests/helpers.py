@@ -10,6 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from gmorph_tvm.core.manifest import manifest_path_for
+from gmorph_tvm.core.weights_file import weights_path_for
+
 
 def run_relax(mod, inputs, target=None):
     """Compile ``mod`` (weights bound) with TVM's default CPU pipeline and run ``main``.
@@ -105,3 +108,12 @@ def fake_libcuda(directory: Path) -> Path | None:
     subprocess.run([cc, "-shared", "-fPIC", "-o", str(directory / "libcuda.so.1"), str(stub), "-Wl,-soname,libcuda.so.1"],
                    check=True)
     return directory / "libcuda.so.1"
+
+
+def copy_artifact(library: Path, into: Path) -> Path:
+    """A copy of an exported artifact (library, manifest, external weights) in ``into``."""
+    copy = into / library.name
+    shutil.copy(library, copy)
+    shutil.copy(manifest_path_for(library), manifest_path_for(copy))
+    shutil.copy(weights_path_for(library), weights_path_for(copy))
+    return copy

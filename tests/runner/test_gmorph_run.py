@@ -20,7 +20,7 @@ from gmorph_tvm.artifact import build, manifest_path_for
 from gmorph_tvm.core.manifest import sha256_of_file
 from gmorph_tvm.core.weights_file import weights_path_for
 from gmorph_tvm.runtime import load
-from helpers import fake_libcuda
+from helpers import copy_artifact, fake_libcuda
 
 REPO = Path(__file__).resolve().parents[2]
 CXX = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
@@ -122,17 +122,10 @@ def test_native_runner_reports_manifest_problems(gmorph_run, artifact, tmp_path)
     assert proc.returncode == 1 and "invalid JSON" in proc.stderr
 
 
-def _copy_artifact(library: Path, into: Path) -> Path:
-    stem = library.name.removesuffix(".so")
-    for name in (library.name, f"{stem}.manifest.json", f"{stem}.weights.safetensors"):
-        shutil.copy(library.parent / name, into / name)
-    return into / library.name
-
-
 def test_native_runner_refuses_an_edited_manifest_naming_both_files(gmorph_run, artifact, tmp_path):
     """Like load(): the library's embedded signature must be what the manifest says."""
     library, x_file = artifact
-    copy = _copy_artifact(library, tmp_path)
+    copy = copy_artifact(library, tmp_path)
     manifest = json.loads((tmp_path / "nets.manifest.json").read_text())
     manifest["tasks"][1]["name"] = "other"
     (tmp_path / "nets.manifest.json").write_text(json.dumps(manifest))
@@ -144,7 +137,7 @@ def test_native_runner_refuses_an_edited_manifest_naming_both_files(gmorph_run, 
 
 def test_native_runner_refuses_a_library_the_manifest_does_not_describe(gmorph_run, artifact, tmp_path):
     library, x_file = artifact
-    copy = _copy_artifact(library, tmp_path)
+    copy = copy_artifact(library, tmp_path)
     with open(copy, "ab") as handle:  # still a loadable library, but not the one built with this manifest
         handle.write(b"\0")
     proc = _run(gmorph_run, str(copy), "--input", f"x={x_file}")

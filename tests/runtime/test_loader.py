@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import copy_artifact
 from torch import nn
 
 import gmorph_tvm
@@ -109,10 +110,7 @@ def test_benchmark_reports_latency(runner, example):
 @pytest.fixture
 def copy(library, tmp_path) -> Path:
     """A private copy of the artifact that a test may damage."""
-    shutil.copy(library, tmp_path / library.name)
-    shutil.copy(manifest_path_for(library), manifest_path_for(tmp_path / library.name))
-    shutil.copy(weights_path_for(library), weights_path_for(tmp_path / library.name))
-    return tmp_path / library.name
+    return copy_artifact(library, tmp_path)
 
 
 def test_missing_manifest(copy):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from helpers import copy_artifact
 from torch import nn
 
 import gmorph_tvm
@@ -19,7 +20,6 @@ from gmorph_tvm.artifact import build, manifest_path_for
 from gmorph_tvm.benchmark import tvm_sampler
 from gmorph_tvm.core.manifest import FORMAT_VERSION
 from gmorph_tvm.core.vm import split_outputs
-from gmorph_tvm.core.weights_file import weights_path_for
 from gmorph_tvm.errors import ArtifactError
 from gmorph_tvm.runtime import load
 
@@ -113,10 +113,7 @@ def test_rebuild_at_the_same_path_runs_the_new_code(tmp_path):
 
 @pytest.fixture
 def copy(two_tasks, tmp_path) -> Path:
-    shutil.copy(two_tasks, tmp_path / two_tasks.name)
-    shutil.copy(manifest_path_for(two_tasks), manifest_path_for(tmp_path / two_tasks.name))
-    shutil.copy(weights_path_for(two_tasks), weights_path_for(tmp_path / two_tasks.name))
-    return tmp_path / two_tasks.name
+    return copy_artifact(two_tasks, tmp_path)
 
 
 def _edit(library: Path, change) -> None:
