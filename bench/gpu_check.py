@@ -105,16 +105,21 @@ class Check:
         memory = re.search(r"^memory: device (\S+) MiB", proc.stdout, re.M)
         return {"outputs": got, "ms": float(latency.group(1)), "device_mib": float(memory.group(1)) if memory else None}
 
-    def check_outputs(self, case: dict, art: dict, got: dict[str, np.ndarray]) -> float:
-        """Worst relative error of ``got`` against PyTorch on this device and the prepared outputs."""
+    def reference_outputs(self, ref: dict, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+        """The outputs of reference ``ref`` on ``inputs``, computed on this device."""
+        with torch.no_grad():
+            outs = self.reference(ref["torch"])(*inputs)
+        outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+        return [out.float().cpu().numpy() for out in outs]
+
+    def check_outputs(self, case: dict, art: dict, got: dict[str, np.ndarray],
+                      reference: dict[str, list[np.ndarray]]) -> float:
+        """Worst relative error of ``got`` against PyTorch on this device (``reference``: outputs by
+        reference file, each computed once per case) and the prepared outputs."""
         worst = 0.0
-        inputs = self.torch_inputs(case)
         for ref in art["refs"]:
-            with torch.no_grad():
-                outs = self.reference(ref["torch"])(*inputs)
-            outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
-            for task, out in zip(ref["tasks"], outs, strict=True):
-                for want, what in ((out.float().cpu().numpy(), f"PyTorch {self.device}"),
+            for task, out in zip(ref["tasks"], reference[ref["torch"]], strict=True):
+                for want, what in ((out, f"PyTorch {self.device}"),
                                    (np.load(self.dir / art["expected"][task]), "PyTorch at prepare time")):
                     err = rel_err(got[task], want)
                     worst = max(worst, err)
@@ -126,17 +131,19 @@ class Check:
     # ---- one case --------------------------------------------------------------------------------
     def case(self, case: dict) -> dict:
         row: dict = {"case": case["name"], "batch": case["batch"]}
+        inputs = self.torch_inputs(case)
+        reference = {ref["torch"]: self.reference_outputs(ref, inputs)
+                     for art in [*case["separate"], case["fused"]] for ref in art["refs"]}
         sep_ms, sep_err = 0.0, 0.0
         for art in case["separate"]:
             result = self.run_artifact(art, case)
             sep_ms += result["ms"]
-            sep_err = max(sep_err, self.check_outputs(case, art, result["outputs"]))
+            sep_err = max(sep_err, self.check_outputs(case, art, result["outputs"], reference))
         fused = self.run_artifact(case["fused"], case)
         row.update(tvm_separate_ms=sep_ms, tvm_fused_ms=fused["ms"], tvm_device_mib=fused["device_mib"],
                    max_rel_err_separate=sep_err,
-                   max_rel_err_fused=self.check_outputs(case, case["fused"], fused["outputs"]))
+                   max_rel_err_fused=self.check_outputs(case, case["fused"], fused["outputs"], reference))
         # Peers run the original models one by one (the separate artifacts' references).
-        inputs = self.torch_inputs(case)
         models = [self.reference(ref["torch"]) for art in case["separate"] for ref in art["refs"]]
         if self.torch_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
