@@ -39,8 +39,16 @@ def _say(msg: str) -> None:
     print(f"[records] {msg}", file=sys.stderr, flush=True)
 
 
-def set_modules(name: str) -> list[tuple[str, tvm.IRModule]]:
-    """The weight-bound modules a set tunes, labelled."""
+def set_modules(name: str, variants: set[str] | None = None) -> list[tuple[str, tvm.IRModule]]:
+    """The weight-bound modules a set tunes, labelled; ``variants`` keeps only those labels
+    (``group`` stands for every group of the grouped build)."""
+    mods = _set_modules(name)
+    if variants is None:
+        return mods
+    return [(label, mod) for label, mod in mods if label in variants or (label.startswith("group") and "group" in variants)]
+
+
+def _set_modules(name: str) -> list[tuple[str, tvm.IRModule]]:
     if name == "demo":
         models = pretrained.fmnist_backbone_set(4)
         x = fashion_mnist.load_split("test", limit=256).images[:1].contiguous()
@@ -68,9 +76,9 @@ def publish(work: Path, out: Path, spec: dict, sets: dict) -> dict:
 
 
 def tune_set(name: str, target: tvm.target.Target, work: Path, per_task: int, population: int,
-             reuse_shipped: bool, out: Path, spec: dict) -> float:
+             reuse_shipped: bool, out: Path, spec: dict, variants: set[str] | None = None) -> float:
     started = time.perf_counter()
-    for label, mod in set_modules(name):
+    for label, mod in set_modules(name, variants):
         if (work / "database_workload.json").is_file():  # what is done is shipped to the other runs
             publish(work, out, spec, {})
         plans = extract(prepare(mod, target), target)
@@ -95,6 +103,8 @@ def main(argv=None) -> int:
                         help="evolutionary-search population (one round per task: its cost model is untrained, "
                         "so a large population costs minutes per task and buys little)")
     parser.add_argument("--mcpu", help="tune for this CPU (default: this machine's)")
+    parser.add_argument("--variants", help="comma-separated builds of a benchmark set to tune (default: all of "
+                        "stitch, stitch+merge, group, separate)")
     parser.add_argument("--work-dir", default=str(ROOT / "out" / "records"))
     parser.add_argument("--out", default=str(RECORDS_ROOT), help="records root (default: the package's)")
     parser.add_argument("--package-only", action="store_true",
@@ -114,10 +124,12 @@ def main(argv=None) -> int:
     reuse = Path(args.out).resolve() == RECORDS_ROOT.resolve()
     for name in args.sets.split(","):
         work = Path(args.work_dir) / str(cls) / name
-        seconds = tune_set(name, target, work, args.trials_per_task, args.population, reuse, out, spec)
-        index = publish(work, out, spec,
-                        sets={name: {"trials_per_task": args.trials_per_task, "population": args.population,
-                                     "tuning_s": round(seconds)}})
+        variants = set(args.variants.split(",")) if args.variants and name != "demo" else None
+        seconds = tune_set(name, target, work, args.trials_per_task, args.population, reuse, out, spec, variants)
+        entry = {"trials_per_task": args.trials_per_task, "population": args.population, "tuning_s": round(seconds)}
+        if variants:
+            entry["variants"] = sorted(variants)
+        index = publish(work, out, spec, sets={name: entry})
         size = sum(f.stat().st_size for f in out.iterdir())
         _say(f"{name} done in {seconds:.0f} s; {out}: {len(index['workloads'])} workloads, {size / 1e6:.2f} MB")
     return 0
