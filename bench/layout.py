@@ -1,0 +1,105 @@
+"""Activation layout of the convolutions: NCHW (what the importers produce) vs NHWC, on CPU.
+
+    python bench/layout.py --set C --batch 1 --trials-per-task 32 [--work-dir out/layout]
+
+Builds one 8-model benchmark set (``bench/lossless.py``'s sets B and C), fused losslessly
+(stitch+merge), twice: as imported (NCHW convolutions, tuned by the shipped records) and with
+``gmorph_tvm.passes.ChannelsLast`` turning every conv2d into NHWC / OHWI (weights transposed
+once, when the pass folds them), tuned here with ``--trials-per-task`` trials per kernel
+(the database is kept in ``--work-dir``: a re-run reuses it). Both outputs are checked against
+PyTorch; both builds and ONNX Runtime (non-spinning sessions, model by model) are timed
+interleaved; one markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lossless
+
+from gmorph_tvm import import_models
+from gmorph_tvm.artifact import build, resolve_target
+from gmorph_tvm.benchmark import measure, onnxruntime_sampler, tvm_sampler
+from gmorph_tvm.passes import ChannelsLast
+from gmorph_tvm.pipeline import fuse_lossless
+from gmorph_tvm.runtime import load
+from gmorph_tvm.tuning import extract, prepare, tune
+
+
+def _say(msg: str) -> None:
+    print(f"[layout] {msg}", file=sys.stderr, flush=True)
+
+
+def run(set_name: str, batch: int, per_task: int, work: Path, samples: int) -> str:
+    target = resolve_target("llvm")
+    models, args, names = lossless.load_set(set_name, 8, batch)
+    with torch.inference_mode():
+        reference = {t: m(*args).numpy() for t, m in models.items()}
+    feed = {n: a.numpy() for n, a in zip(names, args)}
+    onnx_paths = {}
+    for task, model in models.items():
+        onnx_paths[task] = str(work / f"{task}.onnx")
+        torch.onnx.export(model, args, onnx_paths[task], dynamo=False, opset_version=17, input_names=names)
+
+    fused = fuse_lossless(import_models(models, args))
+    nhwc = ChannelsLast()(fused.bound_module())
+    db = work / "nhwc_tuning"
+    tasks = len(extract(prepare(nhwc, target), target))
+    start = time.perf_counter()
+    report = tune(nhwc, target, trials=per_task * tasks, work_dir=db, min_trials_per_task=per_task, progress=False)
+    _say(f"NHWC: {len(report.tuned)} kernels tuned, {report.trials_run} trials in {time.perf_counter() - start:.0f} s")
+    builds = {
+        "gmorph-tvm fused, NCHW (shipped records)": build(fused, target).export(work / "nchw.so"),
+        f"gmorph-tvm fused, NHWC ({per_task} trials/kernel)": build(nhwc, target, tuning_db=db).export(work / "nhwc.so"),
+    }
+    runners = {label: load(path) for label, path in builds.items()}
+    errors = {}
+    for label, runner in runners.items():
+        out = runner({k: v for k, v in feed.items() if k in {s["name"] for s in runner.manifest["inputs"]}})
+        values = [out[t] for t in models] if set(models) <= set(out) else list(out.values())  # IRModule: out0..
+        errors[label] = max(float(np.max(np.abs(v - reference[t])) / (np.abs(reference[t]).max() + 1e-12))
+                            for v, t in zip(values, models))
+    systems = {"ONNX Runtime, allow_spinning=0": onnxruntime_sampler(onnx_paths, {t: feed for t in models},
+                                                                    spinning=False)}
+    systems.update({label: tvm_sampler([r], feed) for label, r in runners.items()})
+    timings = measure(systems, samples=samples)
+    ort = timings["ONNX Runtime, allow_spinning=0"].median_ms
+    lines = [f"**Set {set_name}, batch {batch}** ({target.attrs['mcpu']}, {len(models)} models)", "",
+             "| system | median ms | ± | min ms | vs ONNX Runtime | max rel. error vs PyTorch |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for label, t in timings.items():
+        err = f"{errors[label]:.1e}" if label in errors else "-"
+        lines.append(f"| {label} | {t.median_ms:.3f} | {t.spread_pct:.0f}% | {min(t.samples_ms):.3f} | "
+                     f"{ort / t.median_ms:.2f}x | {err} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", default="C", choices=["B", "C"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--trials-per-task", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=31)
+    parser.add_argument("--work-dir", help="keep the exports and the NHWC tuning database here")
+    args = parser.parse_args(argv)
+    if args.work_dir:
+        work = Path(args.work_dir) / f"{args.set}{args.batch}"
+        work.mkdir(parents=True, exist_ok=True)
+        print(run(args.set, args.batch, args.trials_per_task, work, args.samples))
+    else:
+        with tempfile.TemporaryDirectory(prefix="layout_") as tmp:
+            print(run(args.set, args.batch, args.trials_per_task, Path(tmp), args.samples))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
