@@ -39,32 +39,34 @@ def _say(msg: str) -> None:
     print(f"[records] {msg}", file=sys.stderr, flush=True)
 
 
+VARIANTS = ("stitch", "stitch+merge", "group", "separate")
+
+
 def set_modules(name: str, variants: set[str] | None = None) -> list[tuple[str, tvm.IRModule]]:
-    """The weight-bound modules a set tunes, labelled; ``variants`` keeps only those labels
-    (``group`` stands for every group of the grouped build)."""
-    mods = _set_modules(name)
-    if variants is None:
-        return mods
-    return [(label, mod) for label, mod in mods if label in variants or (label.startswith("group") and "group" in variants)]
-
-
-def _set_modules(name: str) -> list[tuple[str, tvm.IRModule]]:
+    """The weight-bound modules a set tunes, labelled. ``variants`` (benchmark sets only; default:
+    all of :data:`VARIANTS`, ``group`` standing for every group of the grouped build) names the
+    builds to make: the others are not fused at all."""
     if name == "demo":
         models = pretrained.fmnist_backbone_set(4)
         x = fashion_mnist.load_split("test", limit=256).images[:1].contiguous()
         mm = import_models(models, x)
         separate = fuse_lossless(mm, stitch=False, merge="never")  # the kernels of the models built one by one
         return [("separate", separate.bound_module()), ("fused", fuse_lossless(mm).bound_module())]
+    wanted = set(VARIANTS) if variants is None else variants
     set_name, batch = name[0], int(name[1:])
     models, args, _ = lossless.load_set(set_name, 8, batch)
     mm = import_models(models, args)
-    mods = [
-        ("stitch", fuse_lossless(mm, merge="never").bound_module()),
-        ("stitch+merge", fuse_lossless(mm, merge="auto").bound_module()),
-    ]
-    mods += [(f"group{i}", part.bound_module()) for i, part in enumerate(lossless._grouped(mm))]
-    # Last: at batch 1 set B's separate models are the demo's, already shipped when it ran first.
-    return [*mods, ("separate", fuse_lossless(mm, stitch=False, merge="never").bound_module())]
+    mods = []
+    if "stitch" in wanted:
+        mods.append(("stitch", fuse_lossless(mm, merge="never").bound_module()))
+    if "stitch+merge" in wanted:
+        mods.append(("stitch+merge", fuse_lossless(mm, merge="auto").bound_module()))
+    if "group" in wanted:
+        mods += [(f"group{i}", part.bound_module()) for i, part in enumerate(lossless._grouped(mm))]
+    if "separate" in wanted:
+        # Last: at batch 1 set B's separate models are the demo's, already shipped when it ran first.
+        mods.append(("separate", fuse_lossless(mm, stitch=False, merge="never").bound_module()))
+    return mods
 
 
 def publish(work: Path, out: Path, spec: dict, sets: dict) -> dict:
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
                         "so a large population costs minutes per task and buys little)")
     parser.add_argument("--mcpu", help="tune for this CPU (default: this machine's)")
     parser.add_argument("--variants", help="comma-separated builds of a benchmark set to tune (default: all of "
-                        "stitch, stitch+merge, group, separate)")
+                        f"{', '.join(VARIANTS)})")
     parser.add_argument("--work-dir", default=str(ROOT / "out" / "records"))
     parser.add_argument("--out", default=str(RECORDS_ROOT), help="records root (default: the package's)")
     parser.add_argument("--package-only", action="store_true",
@@ -125,6 +127,8 @@ def main(argv=None) -> int:
     for name in args.sets.split(","):
         work = Path(args.work_dir) / str(cls) / name
         variants = set(args.variants.split(",")) if args.variants and name != "demo" else None
+        if variants and not variants <= set(VARIANTS):
+            parser.error(f"--variants: {', '.join(sorted(variants - set(VARIANTS)))} not among {', '.join(VARIANTS)}")
         seconds = tune_set(name, target, work, args.trials_per_task, args.population, reuse, out, spec, variants)
         entry = {"trials_per_task": args.trials_per_task, "population": args.population, "tuning_s": round(seconds)}
         if variants:

@@ -14,7 +14,7 @@ from gmorph_tvm.pipeline import fuse_lossless
 from gmorph_tvm.zoo import pretrained
 
 
-def _conv_relu(w_var: bool = True):
+def _conv_relu():
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 4, 9, 9), "float32"))
     w = relax.Var("w", relax.TensorType((8, 4, 3, 3), "float32"))
