@@ -3,12 +3,12 @@
     python bench/layout.py --set C --batch 1 --trials-per-task 32 [--work-dir out/layout]
 
 Builds one 8-model benchmark set (``bench/lossless.py``'s sets B and C), fused losslessly
-(stitch+merge), twice: as imported (NCHW convolutions, tuned by the shipped records) and with
-``gmorph_tvm.passes.ChannelsLast`` turning every conv2d into NHWC / OHWI (weights transposed
-once, when the pass folds them), tuned here with ``--trials-per-task`` trials per kernel
-(the database is kept in ``--work-dir``: a re-run reuses it). Both outputs are checked against
-PyTorch; both builds and ONNX Runtime (non-spinning sessions, model by model) are timed
-interleaved; one markdown table.
+(stitch+merge), twice: with the importers' NCHW convolutions (``channels_last=False``) and as
+CPU builds now lower them (``gmorph_tvm.passes.ChannelsLast``: every conv2d NHWC / OHWI, weights
+transposed once at build time). Each layout is tuned here with the same ``--trials-per-task``
+trials per kernel and no shipped records (the databases are kept in ``--work-dir``: a re-run
+reuses them). Both outputs are checked against PyTorch; both builds and ONNX Runtime
+(non-spinning sessions, model by model) are timed interleaved; one markdown table.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import lossless
 from gmorph_tvm import import_models
 from gmorph_tvm.artifact import build, resolve_target
 from gmorph_tvm.benchmark import measure, onnxruntime_sampler, tvm_sampler
-from gmorph_tvm.passes import ChannelsLast
 from gmorph_tvm.pipeline import fuse_lossless
 from gmorph_tvm.runtime import load
 from gmorph_tvm.tuning import extract, prepare, tune
@@ -51,16 +50,17 @@ def run(set_name: str, batch: int, per_task: int, work: Path, samples: int) -> s
         torch.onnx.export(model, args, onnx_paths[task], dynamo=False, opset_version=17, input_names=names)
 
     fused = fuse_lossless(import_models(models, args))
-    nhwc = ChannelsLast()(fused.bound_module())
-    db = work / "nhwc_tuning"
-    tasks = len(extract(prepare(nhwc, target), target))
-    start = time.perf_counter()
-    report = tune(nhwc, target, trials=per_task * tasks, work_dir=db, min_trials_per_task=per_task, progress=False)
-    _say(f"NHWC: {len(report.tuned)} kernels tuned, {report.trials_run} trials in {time.perf_counter() - start:.0f} s")
-    builds = {
-        "gmorph-tvm fused, NCHW (shipped records)": build(fused, target).export(work / "nchw.so"),
-        f"gmorph-tvm fused, NHWC ({per_task} trials/kernel)": build(nhwc, target, tuning_db=db).export(work / "nhwc.so"),
-    }
+    builds = {}
+    for layout, channels_last in (("NCHW", False), ("NHWC", True)):
+        db = work / f"{layout.lower()}_tuning"
+        tasks = len(extract(prepare(fused.bound_module(), target, channels_last=channels_last), target))
+        start = time.perf_counter()
+        report = tune(fused, target, trials=per_task * tasks, work_dir=db, min_trials_per_task=per_task,
+                      progress=False, shipped_records=False, channels_last=channels_last)
+        _say(f"{layout}: {len(report.tuned)} kernels tuned, {report.trials_run} trials in "
+             f"{time.perf_counter() - start:.0f} s")
+        artifact = build(fused, target, tuning_db=db, shipped_records=False, channels_last=channels_last)
+        builds[f"gmorph-tvm fused, {layout} ({per_task} trials/kernel)"] = artifact.export(work / f"{layout.lower()}.so")
     runners = {label: load(path) for label, path in builds.items()}
     errors = {}
     for label, runner in runners.items():

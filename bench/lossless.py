@@ -51,6 +51,7 @@ from gmorph_tvm.benchmark import (  # noqa: E402  # noqa: E402
 )
 from gmorph_tvm.pipeline import fuse_lossless, fuse_separately  # noqa: E402
 from gmorph_tvm.runtime import load  # noqa: E402
+from gmorph_tvm.zoo.benchsets import load_set  # noqa: E402
 
 
 def _say(msg: str) -> None:
@@ -58,22 +59,6 @@ def _say(msg: str) -> None:
 
 
 # ---- benchmark sets ---------------------------------------------------------------------------
-
-
-def load_set(name: str, n: int, batch: int):
-    """(models, inputs as a tuple of tensors, input names)."""
-    if name == "A":
-        from gmorph_tvm.zoo import minilm
-
-        models = minilm.minilm_task_set(n)
-        ids, mask = minilm.example_inputs(batch)
-        return models, (ids, mask), ["input_ids", "attention_mask"]
-    from gmorph_tvm.data import fashion_mnist
-    from gmorph_tvm.zoo import pretrained
-
-    models = pretrained.fmnist_backbone_set(n) if name == "B" else pretrained.fmnist_netfuse_set(n)
-    x = fashion_mnist.load_split("test", limit=batch).images.contiguous()
-    return models, (x,), ["x"]
 
 
 # ---- measurements -----------------------------------------------------------------------------

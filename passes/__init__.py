@@ -1,12 +1,12 @@
 """Relax passes of gmorph-tvm: each a ``tvm.transform.Pass`` usable in any ``tvm.transform.Sequential``."""
 
 from .canonicalize_ops import CanonicalizeOps
-from .channels_last import ChannelsLast
+from .channels_last import ChannelsLast, ChannelsLastWarning
 from .conv2d_to_gemm import Conv2dToGemm
 from .fold_pad_into_conv import FoldPadIntoConv
 from .stitch_shared_weights import StitchSharedWeights, stitch
 
-__all__ = ["CanonicalizeOps", "ChannelsLast", "Conv2dToGemm", "FoldPadIntoConv", "StitchSharedWeights", "stitch"]
+__all__ = ["CanonicalizeOps", "ChannelsLast", "ChannelsLastWarning", "Conv2dToGemm", "FoldPadIntoConv", "StitchSharedWeights", "stitch"]
 
 from .cost_model import MergeCost, MergeCostModel, MergeOptionError  # noqa: E402
 from .group_models import GroupingError, TaskCost, group_tasks, split_into_groups, task_costs  # noqa: E402

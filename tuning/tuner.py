@@ -197,6 +197,7 @@ def tune(
     tracker: str | tuple[str, int] | None = None,
     key: str | None = None,
     shipped_records: bool = True,
+    channels_last: bool | None = None,
 ) -> TuningReport:
     """Tune the kernels of ``mod`` with MetaSchedule into the database in ``work_dir``.
 
@@ -217,6 +218,8 @@ def tune(
     RPC tracker under ``key``, one parallel session per board (see :mod:`.remote`); candidates for
     a foreign host CPU are linked with its cross compiler. The work dir is stamped with the
     target: records of another target are never mixed in (see :mod:`.target_key`).
+    ``channels_last``: the convolution layout, as :func:`gmorph_tvm.build` takes it (default: NHWC
+    on CPUs); tune and build with the same value, or the records do not match the kernels.
     """
     started = time.monotonic()
     mod = _module_to_tune(mod)
@@ -241,7 +244,7 @@ def tune(
     except OSError as err:
         raise TuningError(f"cannot create the tuning work dir {work_dir}: {err.strerror}") from err
 
-    plans = extract(prepare(mod, target), target)
+    plans = extract(prepare(mod, target, channels_last=channels_last), target)
     selected = allocate(
         plans, trials, op_names=op_names, min_flops_share=min_flops_share, min_trials_per_task=min_trials_per_task
     )

@@ -169,6 +169,7 @@ def build(
     name: str | None = None,
     shipped_records: bool = True,
     weights: WeightsMode = "external",
+    channels_last: bool | None = None,
 ) -> Artifact:
     """Compile ``model`` for ``target`` (a preset such as ``"llvm"``, ``"cuda"``, ``"jetson-orin"``,
     a TVM target dict, or a ``tvm.target.Target``).
@@ -188,6 +189,10 @@ def build(
     one artifact, one entry point each, one copy of the weights (see the module docstring); the
     tuned-build check runs on the whole multi-entry module (every entry point).
     ``weights``: ``"external"`` (a separate, mapped weights file) or ``"embedded"`` (one library).
+    ``channels_last`` (default: on CPU targets) computes convolutions in NHWC / OHWI
+    (:class:`gmorph_tvm.passes.ChannelsLast`; inputs and outputs keep their layout); ``False``
+    keeps the imported NCHW kernels. Tuning records apply to the layout they were tuned in: give
+    :func:`gmorph_tvm.tune` the same value.
     """
     if weights not in WEIGHTS_MODES:
         raise BuildError(f"weights must be one of {', '.join(WEIGHTS_MODES)}, not {weights!r}")
@@ -222,7 +227,8 @@ def build(
         parts, applied_parts = [], []
         for entry in entries:
             with _stage("lowering", entry.mod, entry.tasks, tgt):
-                part, part_applied = _lower(entry.mod, tgt, database, exclude, shipped_records and shipped)
+                part, part_applied = _lower(entry.mod, tgt, database, exclude, shipped_records and shipped,
+                                                   channels_last)
             parts.append(part)
             applied_parts.append(part_applied)
         lifted: list[list[tuple[str, tvm.runtime.Tensor]]] = [[] for _ in entries]
@@ -311,6 +317,7 @@ def build(
     manifest["tuning"] = {
         "database": str(tuning_db) if tuning_db is not None else None,
         "shipped": lookup_shipped(tgt).key if shipped_records else None,
+        "conv_layout": "NHWC" if (device == "cpu" if channels_last is None else channels_last) else "NCHW",
         **(tuning_check.to_json() if tuning_check is not None else {}),
     }
     if arch is not None:
@@ -453,9 +460,10 @@ def _merge_applied(parts: list[Any]) -> Any:
 
 
 def _lower(mod: tvm.IRModule, target: tvm.target.Target, tuning_db: str | Path | None, exclude: Sequence[str] = (),
-           shipped_records: bool = True):
+           shipped_records: bool = True, channels_last: bool | None = None):
     # Same lowering as tuning uses, so tuned workloads match what gets compiled.
-    return lower_tuned(mod, target, database_dir=tuning_db, shipped_records=shipped_records, exclude=exclude)
+    return lower_tuned(mod, target, database_dir=tuning_db, shipped_records=shipped_records, exclude=exclude,
+                       channels_last=channels_last)
 
 
 def _with_signature(mod: tvm.IRModule, manifest: Mapping[str, Any]) -> tvm.IRModule:

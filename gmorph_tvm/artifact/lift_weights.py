@@ -11,8 +11,8 @@ Rewrites: ``GenericConst`` tensors of rank >= 1 in the named functions. Preserve
 (the same ``call_tir`` callees with the same arguments, now variables), results bit for bit,
 scalar constants (kept embedded), every other function. A parameter is named after the first
 kernel that reads it and its argument position (``fused_matmul_add1.arg1``), or with ``names``
-after the weight whose bytes it carries unchanged (also when reshaped), or ``<weight>.T`` for a
-transposed matrix.
+after the weight whose bytes it carries unchanged (also when reshaped), ``<weight>.T`` for a
+transposed matrix, ``<weight>.OHWI`` for a conv weight made channels-last (CPU lowering).
 """
 
 from __future__ import annotations
@@ -66,13 +66,16 @@ def _content_key(array: np.ndarray) -> bytes:
 
 def content_names(weights: Mapping[str, tvm.runtime.Tensor]) -> dict[bytes, str]:
     """A ``names`` table for :class:`LiftWeights`: content key -> weight name (``<name>.T`` for the
-    transpose of a matrix, the form a linear layer's weight takes after lowering)."""
+    transpose of a matrix, the form a linear layer's weight takes after lowering; ``<name>.OHWI``
+    for an OIHW conv weight as the CPU lowering stores it)."""
     out: dict[bytes, str] = {}
     for name, value in weights.items():
         array = value.numpy()
         out.setdefault(_content_key(array), name)
         if array.ndim == 2:
             out.setdefault(_content_key(array.T), f"{name}.T")
+        elif array.ndim == 4:
+            out.setdefault(_content_key(np.ascontiguousarray(array.transpose(0, 2, 3, 1))), f"{name}.OHWI")
     return out
 
 

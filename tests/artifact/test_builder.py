@@ -91,8 +91,8 @@ def test_manifest_content(exported, multimodel):
     assert (weights["count"], weights["bytes"], weights["storage"]) == (8, multimodel.weight_bytes, "external")
     assert weights["file"] == "two_cnns.weights.safetensors" and weights["format"] == "safetensors"
     assert weights["size"] == exported.with_name(weights["file"]).stat().st_size
-    names = {t["name"].removesuffix(".T") for t in weights["tensors"]}
-    assert names == set(multimodel.params)  # each named after its weight (linear ones transposed)
+    names = {t["name"].removesuffix(".T").removesuffix(".OHWI") for t in weights["tensors"]}
+    assert names == set(multimodel.params)  # each named after its weight (linear ones transposed, convs OHWI)
     assert manifest["entries"][0]["function"] == "main"
     assert sorted(manifest["entries"][0]["weights"]) == sorted(t["name"] for t in weights["tensors"])
     # Which tuning records were applied: none of the user's, the shipped ones for this host's class.

@@ -85,3 +85,50 @@ def test_corrupt_database_is_a_tuning_error(tmp_path):
     (tmp_path / "database_tuning_record.json").write_text("{garbage\n")
     with pytest.raises(TuningError, match="unreadable"):
         lower(_cnn(), LLVM, database_dir=tmp_path)
+
+
+def _relu6_mobile_block():
+    """conv 1x1 + relu6 -> depthwise 3x3 stride 2 + relu6 -> conv 1x1 (an EfficientNet-Lite block)."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(8, 24, 1), torch.nn.ReLU6(),
+        torch.nn.Conv2d(24, 24, 3, stride=2, padding=1, groups=24), torch.nn.ReLU6(),
+        torch.nn.Conv2d(24, 16, 1),
+    ).eval()
+
+
+def _prim_names(mod: tvm.IRModule) -> list[str]:
+    return [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+
+
+def test_cpu_lowering_is_channels_last_and_keeps_results_and_nan():
+    """On CPUs prepare() computes convs NHWC (the ONNX Runtime gap of issue 17); the only
+    transposes left are the input's and the output's, relu6 included; results and NaN as PyTorch."""
+    import torch
+
+    from gmorph_tvm import build, import_models
+
+    model = _relu6_mobile_block()
+    x = torch.randn(1, 8, 12, 12, generator=torch.Generator().manual_seed(1))
+    x[0, 3, 5, 7] = float("nan")
+    mm = import_models({"t": model}, (x,))
+    cpu = prepare(mm.bound_module(), LLVM)
+    convs = [cpu[n] for n in _prim_names(cpu) if "conv2d" in n]
+    assert len(convs) == 3
+    assert all('conv2d_nhwc")' in f.script() for f in convs), _prim_names(cpu)  # group_conv2d_nhwc too
+    assert len([n for n in _prim_names(cpu) if "transpose" in n]) == 2, _prim_names(cpu)
+    nchw = prepare(mm.bound_module(), LLVM, channels_last=False)
+    assert not any("transpose" in n for n in _prim_names(nchw))
+    gpu = prepare(mm.bound_module(), tvm.target.Target({"kind": "cuda", "arch": "sm_87"}))
+    assert not any("transpose" in n for n in _prim_names(gpu))
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert np.isnan(want).any() and not np.isnan(want).all()
+    for channels_last in (None, False):
+        artifact = build(mm, LLVM, shipped_records=False, channels_last=channels_last)
+        assert artifact.manifest["tuning"]["conv_layout"] == ("NCHW" if channels_last is False else "NHWC")
+        got = np.asarray(artifact.run(x.numpy())["t"])
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+

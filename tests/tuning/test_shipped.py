@@ -24,7 +24,7 @@ from gmorph_tvm.pipeline import fuse_lossless
 from gmorph_tvm.tuning import allocate, extract, lower, prepare, shipped, tune
 from gmorph_tvm.tuning.pipeline import ShippedRecordsNote
 from gmorph_tvm.tuning.report import SHIPPED
-from gmorph_tvm.zoo import pretrained
+from gmorph_tvm.zoo import benchsets, pretrained
 
 TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})  # generic x86-64: class x86_64-sse
 VERSION = str(tvm.__version__)
@@ -203,9 +203,8 @@ def test_shipped_records_cover_every_kernel_the_demo_tunes(cls, mcpu):
 
 def _bench_modules(set_name: str, batch: int):
     """The builds ``bench/lossless.py`` times (stitch, stitch+merge, separate) of an 8-model set."""
-    models = pretrained.fmnist_backbone_set(8) if set_name == "B" else pretrained.fmnist_netfuse_set(8)
-    x = fashion_mnist.load_split("test", limit=batch).images.contiguous()
-    mm = import_models(models, x)
+    models, args, _ = benchsets.load_set(set_name, 8, batch)
+    mm = import_models(models, args)
     return {"stitch": fuse_lossless(mm, merge="never"), "stitch+merge": fuse_lossless(mm, merge="auto"),
             "separate": fuse_lossless(mm, stitch=False, merge="never")}
 

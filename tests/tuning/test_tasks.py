@@ -51,8 +51,8 @@ def _models_module(num_models: int, size: int = 16) -> tvm.IRModule:
 
 
 def test_identical_kernels_of_two_models_are_one_task_each():
-    one = extract(prepare(_models_module(1), TARGET), TARGET)
-    two = extract(prepare(_models_module(2), TARGET), TARGET)
+    one = extract(prepare(_models_module(1), TARGET, channels_last=False), TARGET)
+    two = extract(prepare(_models_module(2), TARGET, channels_last=False), TARGET)
     assert len(one) == 2 and all(p.calls == 1 for p in one)
     # Same distinct kernels, each now called twice (once per model).
     assert len(two) == len(one)
@@ -61,7 +61,7 @@ def test_identical_kernels_of_two_models_are_one_task_each():
 
 
 def test_flops_shares_follow_hand_count():
-    plans = extract(prepare(_models_module(1, size=16), TARGET), TARGET)
+    plans = extract(prepare(_models_module(1, size=16), TARGET, channels_last=False), TARGET)
     # conv3x3 multiply-adds (2 FLOPs) + bias add + relu per output element.
     conv1 = 16 * 16 * 8 * (2 * 3 * 9 + 2)
     conv2 = 16 * 16 * 8 * (2 * 8 * 9 + 2)

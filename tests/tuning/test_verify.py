@@ -67,8 +67,8 @@ def _write_database(directory, workload: tvm.IRModule, sch: tvm.s_tir.Schedule) 
 
 def _valid_schedule(workload: tvm.IRModule) -> tvm.s_tir.Schedule:
     sch = tvm.s_tir.Schedule(workload)
-    block = sch.get_sblock("conv2d_nchw")
-    _, f, y, _, rc, _, _ = sch.get_loops(block)
+    block = sch.get_sblock("conv2d_nhwc")  # prepare makes CPU convs channels-last
+    _, y, _, f, _, _, rc = sch.get_loops(block)
     f_outer, f_inner = sch.split(f, [None, 8])
     sch.reorder(f_outer, y, rc, f_inner)
     sch.parallel(f_outer)
@@ -77,7 +77,7 @@ def _valid_schedule(workload: tvm.IRModule) -> tvm.s_tir.Schedule:
 
 def _float16_accumulator(workload: tvm.IRModule) -> tvm.s_tir.Schedule:
     sch = tvm.s_tir.Schedule(workload)
-    sch.unsafe_set_dtype(sch.get_sblock("conv2d_nchw"), 0, "float16")
+    sch.unsafe_set_dtype(sch.get_sblock("conv2d_nhwc"), 0, "float16")
     return sch
 
 
