@@ -60,6 +60,8 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target, *, channels_last: bool
     """
     if channels_last is None:
         channels_last = not is_gpu_target(target)
+    elif channels_last and is_gpu_target(target):
+        raise TuningError("channels_last applies to CPU targets only (GPU convolutions are lowered to GEMMs)")
     passes = [
         # Before fusion: a zero pad fused as a kernel's epilogue is mis-scheduled by MetaSchedule
         # (see the pass's docstring); as the next conv's padding it is not.

@@ -120,8 +120,11 @@ def test_cpu_lowering_is_channels_last_and_keeps_results_and_nan():
     assert len([n for n in _prim_names(cpu) if "transpose" in n]) == 2, _prim_names(cpu)
     nchw = prepare(mm.bound_module(), LLVM, channels_last=False)
     assert not any("transpose" in n for n in _prim_names(nchw))
-    gpu = prepare(mm.bound_module(), tvm.target.Target({"kind": "cuda", "arch": "sm_87"}))
+    cuda = tvm.target.Target({"kind": "cuda", "arch": "sm_87"})
+    gpu = prepare(mm.bound_module(), cuda)
     assert not any("transpose" in n for n in _prim_names(gpu))
+    with pytest.raises(TuningError, match="channels_last applies to CPU targets only"):
+        prepare(mm.bound_module(), cuda, channels_last=True)
     with torch.no_grad():
         want = model(x).numpy()
     assert np.isnan(want).any() and not np.isnan(want).all()
