@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--trials-per-task", type=int, default=32)
     parser.add_argument("--samples", type=int, default=31)
-    parser.add_argument("--work-dir", help="keep the exports and the NHWC tuning database here")
+    parser.add_argument("--work-dir", help="keep the exports and both layouts' tuning databases here")
     args = parser.parse_args(argv)
     if args.work_dir:
         work = Path(args.work_dir) / f"{args.set}{args.batch}"

@@ -51,6 +51,16 @@ def is_gpu_target(target: tvm.target.Target) -> bool:
     return "gpu" in target.keys
 
 
+def conv_channels_last(target: tvm.target.Target, channels_last: bool | None = None) -> bool:
+    """Whether :func:`prepare` makes convolutions NHWC for ``target`` given the caller's
+    ``channels_last`` (None: on CPU targets); True on a GPU target is a TuningError."""
+    if channels_last is None:
+        return not is_gpu_target(target)
+    if channels_last and is_gpu_target(target):
+        raise TuningError("channels_last applies to CPU targets only (GPU convolutions are lowered to GEMMs)")
+    return channels_last
+
+
 def prepare(mod: tvm.IRModule, target: tvm.target.Target, *, channels_last: bool | None = None) -> tvm.IRModule:
     """Legalise and fuse ``mod`` into the TIR kernels that tuning sees and building compiles.
 
@@ -58,10 +68,7 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target, *, channels_last: bool
     the importers' NCHW convolutions (kernels as gmorph-tvm lowered them before, for records
     tuned then).
     """
-    if channels_last is None:
-        channels_last = not is_gpu_target(target)
-    elif channels_last and is_gpu_target(target):
-        raise TuningError("channels_last applies to CPU targets only (GPU convolutions are lowered to GEMMs)")
+    channels_last = conv_channels_last(target, channels_last)
     passes = [
         # Before fusion: a zero pad fused as a kernel's epilogue is mis-scheduled by MetaSchedule
         # (see the pass's docstring); as the next conv's padding it is not.

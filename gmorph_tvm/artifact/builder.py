@@ -55,6 +55,7 @@ from ..errors import ArtifactError, BuildError, GmorphError, one_line
 from ..frontend import MultiModel, TaskInfo, TensorSpec, bind_weights
 from ..passes import index_bounds
 from ..tuning import lower_tuned
+from ..tuning.pipeline import conv_channels_last
 from ..tuning.shipped import lookup as lookup_shipped
 from . import tuned_check
 from .export import export_artifact
@@ -317,7 +318,7 @@ def build(
     manifest["tuning"] = {
         "database": str(tuning_db) if tuning_db is not None else None,
         "shipped": lookup_shipped(tgt).key if shipped_records else None,
-        "conv_layout": "NHWC" if (device == "cpu" if channels_last is None else channels_last) else "NCHW",
+        "conv_layout": "NHWC" if conv_channels_last(tgt, channels_last) else "NCHW",
         **(tuning_check.to_json() if tuning_check is not None else {}),
     }
     if arch is not None:

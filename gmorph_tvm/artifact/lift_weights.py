@@ -75,7 +75,7 @@ def content_names(weights: Mapping[str, tvm.runtime.Tensor]) -> dict[bytes, str]
         if array.ndim == 2:
             out.setdefault(_content_key(array.T), f"{name}.T")
         elif array.ndim == 4:
-            out.setdefault(_content_key(np.ascontiguousarray(array.transpose(0, 2, 3, 1))), f"{name}.OHWI")
+            out.setdefault(_content_key(array.transpose(0, 2, 3, 1)), f"{name}.OHWI")
     return out
 
 
