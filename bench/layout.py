@@ -31,7 +31,7 @@ from gmorph_tvm.artifact import build, resolve_target
 from gmorph_tvm.benchmark import measure, onnxruntime_sampler, tvm_sampler
 from gmorph_tvm.pipeline import fuse_lossless
 from gmorph_tvm.runtime import load
-from gmorph_tvm.tuning import extract, prepare, tune
+from gmorph_tvm.tuning import tune
 
 
 def _say(msg: str) -> None:
@@ -40,7 +40,7 @@ def _say(msg: str) -> None:
 
 def run(set_name: str, batch: int, per_task: int, work: Path, samples: int) -> str:
     target = resolve_target("llvm")
-    models, args, names = lossless.load_set(set_name, 8, batch)
+    models, args, names = lossless.load_set(set_name, None, batch)
     with torch.inference_mode():
         reference = {t: m(*args).numpy() for t, m in models.items()}
     feed = {n: a.numpy() for n, a in zip(names, args)}
@@ -53,10 +53,9 @@ def run(set_name: str, batch: int, per_task: int, work: Path, samples: int) -> s
     builds = {}
     for layout, channels_last in (("NCHW", False), ("NHWC", True)):
         db = work / f"{layout.lower()}_tuning"
-        tasks = len(extract(prepare(fused.bound_module(), target, channels_last=channels_last), target))
         start = time.perf_counter()
-        report = tune(fused, target, trials=per_task * tasks, work_dir=db, min_trials_per_task=per_task,
-                      progress=False, shipped_records=False, channels_last=channels_last)
+        report = tune(fused, target, trials_per_task=per_task, work_dir=db, progress=False,
+                      shipped_records=False, channels_last=channels_last)
         _say(f"{layout}: {len(report.tuned)} kernels tuned, {report.trials_run} trials in "
              f"{time.perf_counter() - start:.0f} s")
         artifact = build(fused, target, tuning_db=db, shipped_records=False, channels_last=channels_last)

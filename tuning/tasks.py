@@ -108,11 +108,14 @@ def allocate(
     op_names: Sequence[str] | None = None,
     min_flops_share: float = 0.01,
     min_trials_per_task: int = 16,
+    trials_per_task: int | None = None,
 ) -> list[TaskPlan]:
     """Set ``trials``/``status`` of every plan; returns the plans to tune, largest share first.
 
     ``op_names`` keeps only tasks whose name contains one of the strings (MetaSchedule's
-    convention); the trials of the tuned tasks add up to exactly ``trials``.
+    convention); the trials of the tuned tasks add up to exactly ``trials``. With
+    ``trials_per_task``, ``trials`` is ignored: every task that passes the filters gets exactly
+    that many (a per-kernel budget that does not depend on how many kernels the module has).
     """
     candidates = []
     for plan in plans:
@@ -126,6 +129,10 @@ def allocate(
             plan.status = PLANNED
             candidates.append(plan)
     candidates.sort(key=lambda p: (-p.share, p.name))
+    if trials_per_task is not None:
+        for plan in candidates:
+            plan.trials = trials_per_task
+        return candidates
     # An untuned conv runs ~10x slower than even a briefly tuned one, so when the budget is
     # short the floor shrinks (down to MIN_USEFUL_TRIALS) before any task is dropped.
     floor = max(1, min(min_trials_per_task, trials))

@@ -182,7 +182,7 @@ def tune(
     mod: MultiModel | tvm.IRModule,
     target: Any,
     *,
-    trials: int,
+    trials: int | None = None,
     work_dir: str | os.PathLike,
     op_names: Sequence[str] | None = None,
     min_flops_share: float = 0.01,
@@ -198,6 +198,7 @@ def tune(
     key: str | None = None,
     shipped_records: bool = True,
     channels_last: bool | None = None,
+    trials_per_task: int | None = None,
 ) -> TuningReport:
     """Tune the kernels of ``mod`` with MetaSchedule into the database in ``work_dir``.
 
@@ -205,8 +206,10 @@ def tune(
     :class:`~gmorph_tvm.MultiModel`, tuned as its ``bound_module()``), or a Relax IRModule (weights
     kept as parameters with attrs ``params`` are bound as constants first).
     ``target``: preset name, dict or ``tvm.target.Target``. ``trials``: total measurements over
-    all tasks, split by estimated cost share (FLOPs or memory traffic); tasks under ``min_flops_share`` or not matching ``op_names``
-    (substrings of task names) are left untuned. ``runner``/``builder``: MetaSchedule runner /
+    all tasks, split by estimated cost share (FLOPs or memory traffic); tasks under
+    ``min_flops_share`` or not matching ``op_names`` (substrings of task names) are left untuned.
+    ``trials_per_task`` instead of ``trials``: every task that is tuned gets exactly that many
+    (the total then grows with the number of kernels). ``runner``/``builder``: MetaSchedule runner /
     builder objects (e.g. an ``RPCRunner`` for a remote board); they must be picklable with
     cloudpickle. Never raises for a crash inside one task: see :class:`TuningWarning`.
 
@@ -224,8 +227,11 @@ def tune(
     started = time.monotonic()
     mod = _module_to_tune(mod)
     target = _resolve(target)
-    if trials < 0:
-        raise TuningError(f"the number of tuning trials must be >= 0, got {trials}")
+    if (trials is None) == (trials_per_task is None):
+        raise TuningError("give tune() either trials (a total) or trials_per_task, not both or neither")
+    for label, value in (("trials", trials), ("trials_per_task", trials_per_task)):
+        if value is not None and value < 0:
+            raise TuningError(f"the number of tuning {label} must be >= 0, got {value}")
     if not 0 <= min_flops_share < 1:
         raise TuningError(f"min_flops_share must be in [0, 1), got {min_flops_share}")
     if tracker is not None and runner is not None:
@@ -246,8 +252,11 @@ def tune(
 
     plans = extract(prepare(mod, target, channels_last=channels_last), target)
     selected = allocate(
-        plans, trials, op_names=op_names, min_flops_share=min_flops_share, min_trials_per_task=min_trials_per_task
+        plans, trials or 0, op_names=op_names, min_flops_share=min_flops_share,
+        min_trials_per_task=min_trials_per_task, trials_per_task=trials_per_task,
     )
+    if trials is None:
+        trials = sum(p.trials for p in selected)
     reports = {
         p.name: TaskReport(p.name, p.calls, p.flops, p.share, p.status, trials_planned=p.trials, message=p.note)
         for p in plans

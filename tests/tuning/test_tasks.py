@@ -113,6 +113,16 @@ def test_op_names_filter_and_zero_budget():
     assert allocate(plans, 0) == []
 
 
+def test_trials_per_task_gives_every_kept_task_exactly_that_many():
+    plans = [_plan("fused_conv2d_a", 0.7), _plan("fused_conv2d_b", 0.25), _plan("fused_matmul", 0.04),
+             _plan("mean", 0.01)]
+    tuned = allocate(plans, 0, op_names=["conv2d", "matmul"], min_flops_share=0.02, trials_per_task=24)
+    # Not split by share: the small matmul gets as many as the big conv; the filters still apply.
+    assert [(p.name, p.trials) for p in tuned] == [("fused_conv2d_a", 24), ("fused_conv2d_b", 24),
+                                                    ("fused_matmul", 24)]
+    assert plans[3].status == SKIPPED_FILTER and plans[3].trials == 0
+
+
 def _dense_and_depthwise_module(channels: int = 128, size: int = 16) -> tvm.IRModule:
     """A dense 3x3 conv next to a 3x3 depthwise conv of the same width (as in MobileNet blocks)."""
     rng = np.random.default_rng(0)

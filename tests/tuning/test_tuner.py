@@ -68,8 +68,8 @@ def session(tmp_path_factory):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             report = tune(
-                mod, TARGET, trials=2 * TRIALS_PER_TASK, work_dir=work_dir, op_names=["conv2d"],
-                min_trials_per_task=TRIALS_PER_TASK, progress=False,
+                mod, TARGET, trials_per_task=TRIALS_PER_TASK, work_dir=work_dir, op_names=["conv2d"],
+                progress=False,
             )
     finally:
         del os.environ[CRASH_TASK_ENV]
@@ -166,6 +166,11 @@ def test_a_top_up_smaller_than_one_batch_is_not_run(session):
 def test_bad_arguments_are_tuning_errors(tmp_path):
     with pytest.raises(TuningError, match="trials must be >= 0"):
         tune(_two_conv_module(), TARGET, trials=-1, work_dir=tmp_path, progress=False)
+    with pytest.raises(TuningError, match="trials_per_task must be >= 0"):
+        tune(_two_conv_module(), TARGET, trials_per_task=-1, work_dir=tmp_path, progress=False)
+    for both_or_neither in ({}, {"trials": 8, "trials_per_task": 8}):
+        with pytest.raises(TuningError, match="either trials .* or trials_per_task"):
+            tune(_two_conv_module(), TARGET, work_dir=tmp_path, progress=False, **both_or_neither)
     with pytest.raises(TuningError, match="min_flops_share"):
         tune(_two_conv_module(), TARGET, trials=8, work_dir=tmp_path, min_flops_share=2.0, progress=False)
 
