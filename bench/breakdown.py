@@ -78,7 +78,7 @@ def load_models(set_name: str, batch: int):
         models = pretrained.fmnist_backbone_set(4)
         x = fashion_mnist.load_split("test", limit=max(batch, 256)).images[:batch].contiguous()
         return models, (x,), ["x"]
-    return lossless.load_set(set_name, 8, batch)
+    return lossless.load_set(set_name, None, batch)
 
 
 def _config_threads(n: int) -> None:
@@ -212,7 +212,7 @@ def render(title: str, rows: list[Breakdown]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set", default="demo", help="demo, A, B or C")
+    parser.add_argument("--set", default="demo", help="demo, A, B, C or E")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--tuning-db", help="a tuning work dir applied before the shipped records")
     parser.add_argument("--runs", type=int, default=200, help="ONNX Runtime runs profiled")

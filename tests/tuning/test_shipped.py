@@ -202,23 +202,23 @@ def test_shipped_records_cover_every_kernel_the_demo_tunes(cls, mcpu):
 
 
 def _bench_modules(set_name: str, batch: int):
-    """The builds ``bench/lossless.py`` times (stitch, stitch+merge, separate) of an 8-model set."""
-    models, args, _ = benchsets.load_set(set_name, 8, batch)
+    """The builds ``bench/lossless.py`` times (stitch, stitch+merge, separate) of a benchmark set."""
+    models, args, _ = benchsets.load_set(set_name, None, batch)
     mm = import_models(models, args)
     return {"stitch": fuse_lossless(mm, merge="never"), "stitch+merge": fuse_lossless(mm, merge="auto"),
             "separate": fuse_lossless(mm, stitch=False, merge="never")}
 
 
-@pytest.mark.parametrize("set_name, batch", [("B", 1), ("C", 1), ("B", 8), ("C", 8)])
+@pytest.mark.parametrize("set_name, batch", [("B", 1), ("C", 1), ("B", 8), ("C", 8), ("E", 1)])
 def test_shipped_records_cover_the_benchmark_sets(set_name, batch):
-    """Issue 17: the 8-model benchmark sets B and C (batch 1 and 8) run on shipped records too:
-    every kernel a per-task budget of 64 trials would tune has an x86_64-avx512 record."""
+    """Issue 17: the 8-model benchmark sets B and C (batch 1 and 8) and the 3-task EfficientNet-Lite0
+    set E (batch 1) run on shipped records too: every kernel a per-task budget would tune has an
+    x86_64-avx512 record."""
     target = tvm.target.Target({"kind": "llvm", "mcpu": "rocketlake", "num-cores": 2})
     found = shipped.lookup(target)
     assert found.directory is not None, found.note
     db = ms.database.JSONDatabase(work_dir=str(found.directory), module_equality="structural")
     for label, module in _bench_modules(set_name, batch).items():
-        plans = extract(prepare(module.bound_module(), target), target)
-        selected = allocate(plans, 64 * len(plans), min_trials_per_task=64)
+        selected = allocate(extract(prepare(module.bound_module(), target), target), 0, trials_per_task=64)
         missing = [p.name for p in selected if not db.has_workload(p.workload)]
         assert selected and not missing, f"set {set_name}{batch} {label}: no shipped record for {missing}"
