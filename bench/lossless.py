@@ -1,7 +1,7 @@
 """Lossless fusion, side by side: what users run today vs gmorph-tvm, on real weights.
 
     python bench/lossless.py --sets B,C --batch 1,8 --trials 64
-    python bench/lossless.py --sets E --batch 1 --trials-per-task 64 --skip grouped
+    python bench/lossless.py --sets E --batch 1 --trials-per-task 32 --skip grouped
 
 Sets (real weights, nothing downloaded):
   A  8 text tasks sharing the all-MiniLM-L6-v2 backbone (first 4 encoder layers bit-identical),
@@ -28,6 +28,7 @@ output is checked against PyTorch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -332,13 +333,12 @@ def main(argv=None) -> int:
             if args.work_dir:  # kept: a re-run reuses the tuning records
                 work = Path(args.work_dir) / f"{set_name}{batch}"
                 work.mkdir(parents=True, exist_ok=True)
-                rows, info = bench_one(set_name, batch, args.models, args.trials,
-                                       work, not args.no_memory, args.samples, skip, args.trials_per_task)
+                place = contextlib.nullcontext(str(work))
             else:
-                with tempfile.TemporaryDirectory(prefix=f"lossless_{set_name}{batch}_") as tmp:
-                    rows, info = bench_one(set_name, batch, args.models,
-                                           args.trials, Path(tmp), not args.no_memory, args.samples, skip,
-                                           args.trials_per_task)
+                place = tempfile.TemporaryDirectory(prefix=f"lossless_{set_name}{batch}_")
+            with place as workdir:
+                rows, info = bench_one(set_name, batch, args.models, args.trials, Path(workdir), not args.no_memory,
+                                       args.samples, skip, args.trials_per_task)
             table = render(set_name, batch, rows, info)
             print(table + "\n", flush=True)
             tables.append(table)

@@ -16,20 +16,20 @@ from torch import nn
 from ..data import fashion_mnist
 from . import minilm, pretrained, real
 
-SETS = ("A", "B", "C", "E")
-DEFAULT_MODELS = {"A": 8, "B": 8, "C": 8, "E": 3}
+DEFAULT_MODELS = {"A": 8, "B": 8, "C": 8, "E": 3}  # models per set
+SETS = tuple(DEFAULT_MODELS)
 
 
 def load_set(name: str, n: int | None, batch: int) -> tuple[dict[str, nn.Module], tuple[torch.Tensor, ...], list[str]]:
     """(models by task, inputs as a tuple of tensors, input names) of set ``name`` with ``n`` models
     (``None``: the set's default, :data:`DEFAULT_MODELS`)."""
-    n = DEFAULT_MODELS.get(name, 8) if n is None else n
+    if name not in SETS:
+        raise ValueError(f"benchmark set {name!r} is not one of {', '.join(SETS)}")
+    n = DEFAULT_MODELS[name] if n is None else n
     if name == "A":
         models = minilm.minilm_task_set(n)
         ids, mask = minilm.example_inputs(batch)
         return models, (ids, mask), ["input_ids", "attention_mask"]
-    if name not in SETS:
-        raise ValueError(f"benchmark set {name!r} is not one of {', '.join(SETS)}")
     if name == "E":
         x = torch.from_numpy(real.sample_photos(batch, 224))
         return real.efficientnet_task_set(n), (x,), ["inputs"]  # EfficientNet.forward(inputs)
