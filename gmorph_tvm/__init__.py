@@ -19,8 +19,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .core.threads import ensure_tvm_threads
 from .core.version import __version__
 from .errors import GmorphError
+
+# Before TVM sizes its thread pool: one thread per physical core (see core.threads).
+ensure_tvm_threads()
 
 if TYPE_CHECKING:  # the names below, for type checkers and IDEs
     from .artifact import Artifact, build

@@ -80,11 +80,20 @@ def loop_sampler(fn: Callable[[], object], *, min_time_s: float = 0.02, warmup: 
     return sample
 
 
-def measure(samplers: Mapping[str, Sampler], *, samples: int = 31, gap_s: float = 0.005) -> dict[str, Timing]:
-    """Interleaved samples of every system: ``samples`` rounds of one sample each."""
+def measure(samplers: Mapping[str, Sampler], *, samples: int = 31, gap_s: float = 0.005,
+            settle: bool = True) -> dict[str, Timing]:
+    """Interleaved samples of every system: ``samples`` rounds of one sample each.
+
+    ``settle``: each system runs one untimed sample before its timed one whenever it follows
+    another system. The runtime that ran before may still have threads busy: after ONNX Runtime's
+    default (spinning) sessions, TVM's first run on all cores took 44 ms instead of 0.07 ms on
+    2 cores (its workers wait for cores the spinning threads hold); the untimed run absorbs that.
+    """
     out: dict[str, list[float]] = {name: [] for name in samplers}
     for _ in range(samples):
         for name, sample in samplers.items():
+            if settle and len(samplers) > 1:
+                sample()
             out[name].append(sample() * 1e3)
             time.sleep(gap_s)
     return {name: Timing(values) for name, values in out.items()}

@@ -17,6 +17,7 @@
 // the inputs' leading dimension, padding the batch by repeating the last sample; a grouped one
 // runs every group.
 #include <dlfcn.h>
+#include <sched.h>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -39,6 +40,7 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <set>
 #include <memory>
 #include <sstream>
 #include <stdexcept>
@@ -823,8 +825,10 @@ int Run(const Options& opt) {
   double median = n % 2 ? sorted[n / 2] : 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]);
   double mean = 0.0;
   for (double v : ms) mean += v / n;
-  std::printf("latency: median %.4f ms, mean %.4f ms, min %.4f ms over %zu runs on %s:%d\n", median, mean, sorted[0], n,
-              opt.device.c_str(), opt.device_id);
+  const char* threads = std::getenv("TVM_NUM_THREADS");
+  if (!threads) threads = std::getenv("OMP_NUM_THREADS");
+  std::printf("latency: median %.4f ms, mean %.4f ms, min %.4f ms over %zu runs on %s:%d, %s CPU threads\n", median,
+              mean, sorted[0], n, opt.device.c_str(), opt.device_id, threads ? threads : "default");
   const int64_t free_after = FreeDeviceBytes(dev);
   if (free_before >= 0 && free_after >= 0) {
     std::printf("memory: device %.1f MiB in use by this run (weights, workspace, pool), host peak RSS %.1f MiB\n",
@@ -835,10 +839,34 @@ int Run(const Options& opt) {
   return 0;
 }
 
+// TVM's runtime sizes its thread pool from TVM_NUM_THREADS / OMP_NUM_THREADS, else from
+// hardware_concurrency() / 2 on x86 (it assumes two hardware threads a core): on machines whose
+// cores have one, half of them would idle. As `import gmorph_tvm` does, use one thread per
+// physical core this process may run on unless the user chose; returns the threads set (0: kept).
+int ConfigureThreads() {
+  if (std::getenv("TVM_NUM_THREADS") || std::getenv("OMP_NUM_THREADS")) return 0;
+  cpu_set_t mask;
+  if (sched_getaffinity(0, sizeof(mask), &mask) != 0) return 0;
+  std::set<std::pair<std::string, std::string>> cores;  // (package, core) of each allowed CPU
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (!CPU_ISSET(cpu, &mask)) continue;
+    std::string topo = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
+    std::ifstream core(topo + "core_id"), package(topo + "physical_package_id");
+    std::string core_id, package_id;
+    if (!(core >> core_id)) core_id = "cpu" + std::to_string(cpu);  // no topology: count the CPU
+    if (!(package >> package_id)) package_id = "?";
+    cores.emplace(package_id, core_id);
+  }
+  if (cores.empty()) return 0;
+  setenv("TVM_NUM_THREADS", std::to_string(cores.size()).c_str(), 0);
+  return static_cast<int>(cores.size());
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   Options opt = ParseArgs(argc, argv);
+  ConfigureThreads();  // before the runtime starts its thread pool
   try {
     return Run(opt);
   } catch (const ffi::Error& e) {

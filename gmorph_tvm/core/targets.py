@@ -15,6 +15,7 @@ from typing import Any, Union
 import tvm
 
 from ..errors import TargetError, one_line
+from .threads import physical_cores
 
 TargetLike = Union[str, Mapping[str, Any], "tvm.target.Target"]
 
@@ -40,9 +41,9 @@ def host_cpu() -> str:
 
 
 def host_num_cores() -> int:
-    import psutil
-
-    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+    """Physical cores this process may use: the ``num-cores`` of CPU presets, and the threads
+    ``import gmorph_tvm`` gives TVM's runtime (:mod:`.threads`)."""
+    return physical_cores()
 
 
 def _llvm_host() -> dict[str, Any]:

@@ -18,6 +18,7 @@ from torch import nn
 import gmorph_tvm
 from gmorph_tvm.artifact import build, manifest_path_for
 from gmorph_tvm.core.manifest import sha256_of_file
+from gmorph_tvm.core.threads import THREAD_ENV, physical_cores
 from gmorph_tvm.core.weights_file import weights_path_for
 from gmorph_tvm.runtime import load
 from helpers import copy_artifact, fake_libcuda
@@ -65,18 +66,22 @@ def artifact(tmp_path_factory):
     return path, directory / "x.npy"
 
 
-def _run(binary: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=300)
+def _run(binary: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_native_runner_matches_python(gmorph_run, artifact, tmp_path):
     library, x_file = artifact
-    proc = _run(gmorph_run, str(library), "--input", f"x={x_file}", "--repeat", "5", "--save-outputs", str(tmp_path))
+    no_thread_setting = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}  # as a user's shell
+    proc = _run(gmorph_run, str(library), "--input", f"x={x_file}", "--repeat", "5", "--save-outputs", str(tmp_path),
+                env=no_thread_setting)
     assert proc.returncode == 0, proc.stderr
     assert "Scope Loaded" not in proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("cls: float32[1, 5] first [") and lines[1].startswith("aux: float32[1, 2] first [")
     assert lines[2].startswith("latency: median ") and "over 5 runs on cpu:0" in lines[2]
+    # TVM alone would use hardware_concurrency() / 2 threads on x86: one per physical core instead.
+    assert lines[2].endswith(f", {physical_cores()} CPU threads"), lines[2]
     rss = re.fullmatch(r"memory: host peak RSS (\S+) MiB", lines[3])
     assert rss and 1 < float(rss.group(1)) < 4096, lines[3]
 
