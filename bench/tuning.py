@@ -38,7 +38,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--trials", type=int, default=192, help="tuning trials per model and batch")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--min-flops-share", type=float, default=0.01)
+    parser.add_argument("--min-flops-share", type=float, help="default: tune()'s")
     parser.add_argument("--work-dir", default="out/bench_tuning")
     return parser.parse_args()
 
@@ -57,6 +57,7 @@ from gmorph_tvm import import_models  # noqa: E402
 from gmorph_tvm.benchmark import time_callable  # noqa: E402
 from gmorph_tvm.core.targets import resolve_target, target_dict  # noqa: E402
 from gmorph_tvm.tuning import lower, tune  # noqa: E402
+from gmorph_tvm.tuning.tasks import DEFAULT_MIN_FLOPS_SHARE  # noqa: E402
 
 
 def _model(name: str, batch: int) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
@@ -108,7 +109,8 @@ def main() -> None:
             untuned_ms, _ = _time_tvm(lower(mod, target), target, inputs)
             print(f"[{name} b{batch}] torch {torch_ms:.3f} ms, untuned {untuned_ms:.3f} ms; tuning ...", file=sys.stderr)
             started = time.monotonic()
-            report = tune(mod, target, trials=args.trials, work_dir=work_root / name, min_flops_share=args.min_flops_share)
+            share = DEFAULT_MIN_FLOPS_SHARE if args.min_flops_share is None else args.min_flops_share
+            report = tune(mod, target, trials=args.trials, work_dir=work_root / name, min_flops_share=share)
             tune_s = time.monotonic() - started
             tuned_ms, outs = _time_tvm(lower(mod, target, database_dir=work_root / name), target, inputs)
             # Machine load drifts during tuning: time PyTorch again next to the tuned run and

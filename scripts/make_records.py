@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,8 @@ from gmorph_tvm.core.targets import target_dict
 from gmorph_tvm.data import fashion_mnist
 from gmorph_tvm.pipeline import fuse_lossless
 from gmorph_tvm.tuning import tune
-from gmorph_tvm.tuning.shipped import RECORDS_ROOT, package, target_class
+from gmorph_tvm.tuning.shipped import INDEX_FILE, RECORDS_ROOT, package, target_class
+from gmorph_tvm.tuning.tasks import DEFAULT_MIN_FLOPS_SHARE
 from gmorph_tvm.zoo import pretrained
 
 
@@ -79,14 +81,15 @@ def publish(work: Path, out: Path, spec: dict, sets: dict) -> dict:
 
 def tune_set(name: str, target: tvm.target.Target, work: Path, per_task: int, population: int,
              reuse_shipped: bool, out: Path, spec: dict, variants: set[str] | None = None,
-             min_flops_share: float = 0.01) -> float:
+             min_flops_share: float = DEFAULT_MIN_FLOPS_SHARE, op_names: list[str] | None = None) -> float:
     started = time.perf_counter()
     for label, mod in set_modules(name, variants):
         if (work / "database_workload.json").is_file():  # what is done is shipped to the other runs
             publish(work, out, spec, {})
         # Kernels already shipped (by an earlier set) with enough trials are not tuned again.
         report = tune(mod, target, trials_per_task=per_task, work_dir=work, shipped_records=reuse_shipped,
-                      progress=False, population_size=population, min_flops_share=min_flops_share)
+                      progress=False, population_size=population, min_flops_share=min_flops_share,
+                      op_names=op_names)
         planned = sum(1 for t in report.tasks if t.trials_planned)
         _say(f"{name}/{label}: {planned} of {len(report.tasks)} tasks x {per_task} trials: "
              f"{len(report.tuned)} tuned ({len(report.shipped)} already shipped), "
@@ -103,11 +106,13 @@ def main(argv=None) -> int:
                         help="evolutionary-search population (one round per task: its cost model is untrained, "
                         "so a large population costs minutes per task and buys little)")
     parser.add_argument("--mcpu", help="tune for this CPU (default: this machine's)")
-    parser.add_argument("--min-flops-share", type=float, default=0.01,
-                        help="tune() leaves kernels under this cost share untuned; 0 tunes every kernel (an "
-                        "untuned kernel runs ~10x slower, so a 0.5%% one becomes 5%% of the time)")
+    parser.add_argument("--min-flops-share", type=float, default=DEFAULT_MIN_FLOPS_SHARE,
+                        help="tune() leaves kernels under this cost share untuned (default: tune()'s); 0 tunes "
+                        "every kernel (an untuned kernel runs ~10x slower, so a 0.5%% one becomes 5%% of the time)")
     parser.add_argument("--variants", help="comma-separated builds of a benchmark set to tune (default: all of "
                         f"{', '.join(VARIANTS)})")
+    parser.add_argument("--op-names", help="comma-separated kernel names (substrings, as tune's op_names) to tune; "
+                        "the others are left as shipped (e.g. a re-tune of a set's slowest kernels with more trials)")
     parser.add_argument("--work-dir", default=str(ROOT / "out" / "records"))
     parser.add_argument("--out", default=str(RECORDS_ROOT), help="records root (default: the package's)")
     parser.add_argument("--package-only", action="store_true",
@@ -125,17 +130,26 @@ def main(argv=None) -> int:
         _say(f"packaged {', '.join(p.name for p in works)}: {len(index['workloads'])} workloads")
         return 0
     reuse = Path(args.out).resolve() == RECORDS_ROOT.resolve()
+    index_file = out / INDEX_FILE
     for name in args.sets.split(","):
         work = Path(args.work_dir) / str(cls) / name
         variants = set(args.variants.split(",")) if args.variants and name != "demo" else None
         if variants and not variants <= set(VARIANTS):
             parser.error(f"--variants: {', '.join(sorted(variants - set(VARIANTS)))} not among {', '.join(VARIANTS)}")
+        op_names = args.op_names.split(",") if args.op_names else None
         seconds = tune_set(name, target, work, args.trials_per_task, args.population, reuse, out, spec, variants,
-                           args.min_flops_share)
+                           args.min_flops_share, op_names)
         entry = {"trials_per_task": args.trials_per_task, "population": args.population, "tuning_s": round(seconds),
                  "min_flops_share": args.min_flops_share}
         if variants:
             entry["variants"] = sorted(variants)
+        if op_names:
+            entry["op_names"] = op_names
+        # A later run on a set (a top-up, a re-tune of some kernels) is added to its entry, not put
+        # in its place: the index says how each of the set's records came about.
+        old = json.loads(index_file.read_text(encoding="utf-8"))["sets"].get(name) if index_file.is_file() else None
+        if old:
+            entry = {**old, "then": [*old.get("then", []), entry]}
         index = publish(work, out, spec, sets={name: entry})
         size = sum(f.stat().st_size for f in out.iterdir())
         _say(f"{name} done in {seconds:.0f} s; {out}: {len(index['workloads'])} workloads, {size / 1e6:.2f} MB")

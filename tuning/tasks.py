@@ -25,6 +25,8 @@ SKIPPED_FILTER = "skipped: op_names"
 SKIPPED_SHARE = "skipped: cost share"
 SKIPPED_BUDGET = "skipped: budget"
 
+# Tasks under this share of the estimated cost keep default schedules unless told otherwise.
+DEFAULT_MIN_FLOPS_SHARE = 0.01
 # Fewest trials worth a search round: one batch of the first (cost-model-free) round.
 MIN_USEFUL_TRIALS = 8
 # Machine balance of the cost estimate: FLOPs a byte of memory traffic is worth. A tuned dense
@@ -106,7 +108,7 @@ def allocate(
     trials: int,
     *,
     op_names: Sequence[str] | None = None,
-    min_flops_share: float = 0.01,
+    min_flops_share: float = DEFAULT_MIN_FLOPS_SHARE,
     min_trials_per_task: int = 16,
     trials_per_task: int | None = None,
 ) -> list[TaskPlan]:

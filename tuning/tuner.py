@@ -46,7 +46,7 @@ from .remote import export_spec, runner_spec
 from .report import TaskReport, TuningReport, TuningWarning
 from .shipped import lookup as lookup_shipped
 from .target_key import claim_work_dir
-from .tasks import MIN_USEFUL_TRIALS, TaskPlan, allocate, extract
+from .tasks import DEFAULT_MIN_FLOPS_SHARE, MIN_USEFUL_TRIALS, TaskPlan, allocate, extract
 
 
 def _resolve(target: Any) -> tvm.target.Target:
@@ -185,7 +185,7 @@ def tune(
     trials: int | None = None,
     work_dir: str | os.PathLike,
     op_names: Sequence[str] | None = None,
-    min_flops_share: float = 0.01,
+    min_flops_share: float = DEFAULT_MIN_FLOPS_SHARE,
     min_trials_per_task: int = 16,
     progress: bool = True,
     runner: Any = None,
