@@ -842,11 +842,11 @@ int Run(const Options& opt) {
 // TVM's runtime sizes its thread pool from TVM_NUM_THREADS / OMP_NUM_THREADS, else from
 // hardware_concurrency() / 2 on x86 (it assumes two hardware threads a core): on machines whose
 // cores have one, half of them would idle. As `import gmorph_tvm` does, use one thread per
-// physical core this process may run on unless the user chose; returns the threads set (0: kept).
-int ConfigureThreads() {
-  if (std::getenv("TVM_NUM_THREADS") || std::getenv("OMP_NUM_THREADS")) return 0;
+// physical core this process may run on unless the user chose.
+void ConfigureThreads() {
+  if (std::getenv("TVM_NUM_THREADS") || std::getenv("OMP_NUM_THREADS")) return;
   cpu_set_t mask;
-  if (sched_getaffinity(0, sizeof(mask), &mask) != 0) return 0;
+  if (sched_getaffinity(0, sizeof(mask), &mask) != 0) return;
   std::set<std::pair<std::string, std::string>> cores;  // (package, core) of each allowed CPU
   for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
     if (!CPU_ISSET(cpu, &mask)) continue;
@@ -857,9 +857,7 @@ int ConfigureThreads() {
     if (!(package >> package_id)) package_id = "?";
     cores.emplace(package_id, core_id);
   }
-  if (cores.empty()) return 0;
-  setenv("TVM_NUM_THREADS", std::to_string(cores.size()).c_str(), 0);
-  return static_cast<int>(cores.size());
+  if (!cores.empty()) setenv("TVM_NUM_THREADS", std::to_string(cores.size()).c_str(), 0);
 }
 
 }  // namespace

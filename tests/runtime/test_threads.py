@@ -16,9 +16,11 @@ from gmorph_tvm.core.threads import THREAD_ENV, physical_cores
 PROBE = "import gmorph_tvm, tvm; print(tvm.get_global_func('runtime.NumThreads')())"
 
 
-def _threads(**env: str) -> int:
+def _threads(before: str = "", **env: str) -> int:
+    """TVM's thread count in a fresh process without the parent's thread variables; ``before``
+    runs before the import."""
     clean = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, check=True,
+    out = subprocess.run([sys.executable, "-c", before + PROBE], env={**clean, **env}, check=True,
                          capture_output=True, text=True).stdout
     return int(out.strip().splitlines()[-1])
 
@@ -36,7 +38,4 @@ def test_affinity_narrower_than_the_machine_bounds_the_threads():
     if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs a settable affinity over 2+ CPUs")
     cpu = min(os.sched_getaffinity(0))
-    clean = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
-    code = f"import os; os.sched_setaffinity(0, {{{cpu}}}); {PROBE}"
-    out = subprocess.run([sys.executable, "-c", code], env=clean, check=True, capture_output=True, text=True).stdout
-    assert int(out.strip().splitlines()[-1]) == 1
+    assert _threads(f"import os; os.sched_setaffinity(0, {{{cpu}}}); ") == 1
