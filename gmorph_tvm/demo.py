@@ -47,7 +47,7 @@ def _tuning(modules, target, trials: int, db: Path) -> str:
     """Tune what the shipped records do not cover; one line saying which were used."""
     reports = [tune(m.bound_module(), target, trials=trials, work_dir=db, progress=True) for m in modules]
     planned = [t for r in reports for t in r.tasks if t.trials_planned > 0]
-    shipped = [t for t in planned if t.status == "shipped"]
+    shipped = [t for t in planned if t.shipped]
     ran = sum(r.trials_run for r in reports)
     if planned and len(shipped) == len(planned):
         return f"used shipped tuning records for all {len(planned)} kernels it would tune ({reports[0].shipped_note})"

@@ -12,6 +12,9 @@ SHIPPED = "shipped"  # a record shipped with gmorph-tvm (tuning/records/) covers
 CRASHED = "crashed"  # the tuning process died (signal / exit) inside this task
 FAILED = "failed"  # MetaSchedule raised; nothing usable recorded
 TIMED_OUT = "timed out"
+# Its whole design space is searched and no schedule of it ran (none generated, or every one
+# failed: a gather measured on random indices reads out of bounds): it keeps its default schedule.
+NO_SCHEDULE = "no schedule"
 FALLBACK_STATUSES = (CRASHED, FAILED, TIMED_OUT)
 
 
@@ -35,6 +38,7 @@ class TaskReport:
     seconds: float = 0.0
     check_seconds: float = 0.0  # spent checking measured schedules' results against the default
     message: str = ""
+    shipped: bool = False  # left to the shipped records (a record, or their note that nothing runs)
 
 
 @dataclass
@@ -53,7 +57,7 @@ class TuningReport:
     @property
     def shipped(self) -> list[str]:
         """Tasks left to shipped records (not tuned in this run)."""
-        return [t.name for t in self.tasks if t.status == SHIPPED]
+        return [t.name for t in self.tasks if t.shipped]
 
     @property
     def fallbacks(self) -> list[str]:

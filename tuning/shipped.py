@@ -1,7 +1,8 @@
 """Tuning records shipped with gmorph-tvm, looked up by target class and TVM version.
 
 ``tuning/records/<class>/<tvm version>/`` holds a MetaSchedule JSON database (the best record
-per workload) and ``index.json`` (how many trials each workload was tuned with, on which CPU).
+per workload) and ``index.json`` (how many trials each workload was tuned with, on which CPU,
+and which workloads' design spaces the search used up: more trials would find nothing new).
 The class is what a schedule depends on, not the exact CPU: the vector ISA the target's
 ``mcpu``/``mattr`` enable (asked from LLVM), e.g. ``x86_64-avx512`` for Zen 4/5, Ice Lake,
 Sapphire/Emerald Rapids, ``x86_64-avx2`` for Haswell .. Zen 3. Records tuned on one CPU of a
@@ -26,6 +27,8 @@ import tvm
 RECORDS_ROOT = Path(__file__).resolve().parent / "records"
 INDEX_FILE = "index.json"
 _DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
+# In a tuning work dir: the workloads whose search ran out of new candidates (see read_exhausted).
+EXHAUSTED_FILE = "exhausted.json"
 
 # x86-64-v4's AVX-512 subset: what MetaSchedule's 512-bit vector schedules rely on.
 _AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
@@ -94,12 +97,40 @@ class Lookup:
         entry = self.index.get("workloads", {}).get(workload_hash(workload))
         return int(entry["trials"]) if entry else 0
 
+    def covers(self, workload: tvm.IRModule, trials: int) -> bool:
+        """Whether the shipped records stand for ``trials`` trials of ``workload``: tuned with at
+        least that many, or its whole design space searched (then more trials find nothing)."""
+        return self.trials(workload) >= trials or workload_hash(workload) in self.index.get("exhausted", {})
+
 
 def workload_hash(workload: tvm.IRModule) -> str:
     """The structural hash MetaSchedule's JSON database stores for ``workload``."""
     from tvm.s_tir import meta_schedule as ms
 
     return str(ms.database.Workload(workload).as_json()[0])
+
+
+def read_exhausted(directory: str | os.PathLike) -> dict[str, int]:
+    """The workloads (hash -> candidates measured) whose design space a search in the tuning work
+    dir ``directory`` used up: it stopped short of its trials because no unmeasured candidate was
+    left (a transpose has a handful of schedules, a gather none), so re-running it costs a search
+    round for nothing. An unreadable file counts as empty: those tasks are simply searched again."""
+    try:
+        data = json.loads((Path(directory) / EXHAUSTED_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def note_exhausted(directory: str | os.PathLike, found: dict[str, int]) -> None:
+    """Add ``found`` (workload hash -> candidates measured) to ``directory``'s used-up searches."""
+    path = Path(directory) / EXHAUSTED_FILE
+    merged = read_exhausted(directory)
+    for key, count in found.items():
+        merged[key] = max(count, merged.get(key, 0))
+    staging = path.with_name(f"{path.name}.new{os.getpid()}")
+    staging.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    staging.replace(path)
 
 
 def lookup(target: tvm.target.Target, root: Path | None = None) -> Lookup:
@@ -148,7 +179,8 @@ def package(work_dirs: list[Path], out_dir: Path, *, tuned_on: dict[str, Any], s
 
     A workload's ``trials`` is the most candidates any one database measured for it (failed
     ones included: they were trials): what :func:`gmorph_tvm.tuning.tune` compares with the
-    trials it plans.
+    trials it plans. ``exhausted`` gathers the work dirs' used-up searches (:func:`read_exhausted`),
+    records or not: tune() does not search those again.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -158,6 +190,10 @@ def package(work_dirs: list[Path], out_dir: Path, *, tuned_on: dict[str, Any], s
     if (out_dir / INDEX_FILE).is_file():
         old_index = json.loads((out_dir / INDEX_FILE).read_text(encoding="utf-8"))
         sources.insert(0, out_dir)
+    exhausted = {str(k): int(v) for k, v in old_index.get("exhausted", {}).items()}
+    for work in work_dirs:
+        for key, count in read_exhausted(work).items():
+            exhausted[key] = max(count, exhausted.get(key, 0))
     for source in sources:
         db = ms.database.JSONDatabase(
             path_workload=str(source / _DATABASE_FILES[0]),
@@ -198,6 +234,7 @@ def package(work_dirs: list[Path], out_dir: Path, *, tuned_on: dict[str, Any], s
         "tuned_on": tuned_on,
         "sets": {**old_index.get("sets", {}), **sets},
         "workloads": workloads,
+        "exhausted": dict(sorted(exhausted.items())),
     }
     (staging / INDEX_FILE).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     out_dir.mkdir(parents=True, exist_ok=True)

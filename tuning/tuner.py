@@ -15,7 +15,10 @@ different values is not stored, and the task's report counts it (``records_rejec
 
 Trials already in the database count towards each task's budget, so re-running with the same
 work dir and budget tunes nothing again, and a larger budget only runs the difference (when
-that is at least one measured batch, ``MIN_USEFUL_TRIALS``).
+that is at least one measured batch, ``MIN_USEFUL_TRIALS``). A task whose search stopped short of
+its trials used up its design space (a transpose has a handful of schedules, a gather none): the
+work dir notes it (:func:`~gmorph_tvm.tuning.shipped.read_exhausted`, shipped records too) and it
+is not searched again, whatever the budget.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from .pipeline import DATABASE_FILES, has_database, open_database, prepare
 from .remote import export_spec, runner_spec
 from .report import TaskReport, TuningReport, TuningWarning
 from .shipped import lookup as lookup_shipped
+from .shipped import note_exhausted, read_exhausted, workload_hash
 from .target_key import claim_work_dir
 from .tasks import DEFAULT_MIN_FLOPS_SHARE, MIN_USEFUL_TRIALS, TaskPlan, allocate, extract
 
@@ -262,18 +266,29 @@ def tune(
         for p in plans
     }
     existing = _records_in_database(work_dir, selected)
+    used_up = read_exhausted(work_dir)
     shipped = lookup_shipped(target) if shipped_records else None
     to_run: list[tuple[TaskPlan, int]] = []
     for plan in selected:
+        task = reports[plan.name]
         reused = min(existing.get(plan.name, 0), plan.trials)
-        reports[plan.name].records_reused = reused
+        task.records_reused = reused
         # A top-up of less than one measured batch costs a whole search round (minutes) for
         # next to nothing: records that close to the plan count as enough.
         enough = plan.trials - MIN_USEFUL_TRIALS + 1 if plan.trials > MIN_USEFUL_TRIALS else plan.trials
-        if reused >= enough:
-            reports[plan.name].status = rpt.REUSED
-        elif shipped is not None and shipped.trials(plan.workload) >= enough:
-            reports[plan.name].status = rpt.SHIPPED
+        searched = used_up.get(workload_hash(plan.workload))
+        if searched is not None and reused < enough:  # an earlier run here searched all there is
+            if reused:
+                task.status, task.message = rpt.REUSED, f"its whole design space ({searched} schedules) is searched"
+            else:
+                task.status = rpt.NO_SCHEDULE
+                task.message = f"an earlier run searched its whole design space ({searched} schedules): none ran"
+        elif reused >= enough:
+            task.status = rpt.REUSED
+        elif shipped is not None and shipped.covers(plan.workload, enough):
+            task.status, task.shipped = rpt.SHIPPED, True
+            if not shipped.trials(plan.workload):
+                task.status, task.message = rpt.NO_SCHEDULE, "the shipped records' search found no schedule that runs"
         else:
             to_run.append((plan, plan.trials - reused))
 
@@ -297,7 +312,12 @@ def tune(
         for plan, n in to_run
     }
     if task_specs:
-        _run_workers(task_specs, base_spec, work_dir, reports, progress, task_timeout_s)
+        ended_short = _run_workers(task_specs, base_spec, work_dir, reports, progress, task_timeout_s)
+        if ended_short:  # those searches had no unmeasured candidate left
+            note_exhausted(work_dir, {
+                workload_hash(plan.workload): reports[plan.name].records_reused + reports[plan.name].trials_run
+                for plan, _ in to_run if plan.name in ended_short
+            })
 
     result = TuningReport(_target_spec(target), str(work_dir), trials, tasks=list(reports.values()))
     result.shipped_note = shipped.note if shipped is not None else "shipped tuning records not used"
@@ -334,10 +354,13 @@ def _run_workers(
     reports: dict[str, TaskReport],
     progress: bool,
     task_timeout_s: float | None,
-) -> None:
+) -> set[str]:
+    """Run the tasks in worker processes, filling ``reports``; returns the tasks whose search
+    ended (``done``) with fewer candidates measured than asked for: design space used up."""
     from tqdm import tqdm
 
     remaining = list(task_specs)
+    ended_short: set[str] = set()
     bar = tqdm(
         total=sum(spec["trials"] for spec in task_specs.values()),
         unit="trial",
@@ -386,8 +409,13 @@ def _run_workers(
                             )
                         task.seconds = float(event.get("seconds", time.monotonic() - current_since))
                         task.check_seconds = float(event.get("check_seconds", 0.0))
+                        if kind == "done" and int(event.get("trials", 0)) < task_specs[name]["trials"]:
+                            ended_short.add(name)
                         if kind == "done" and event.get("best_us") is not None:
                             task.status, task.best_us = rpt.TUNED, event["best_us"]
+                        elif kind == "done" and not event.get("trials"):
+                            task.status = rpt.NO_SCHEDULE
+                            task.message = "MetaSchedule generated no schedule to search: it keeps its default one"
                         elif kind == "done":
                             _fall_back(reports, name, rpt.FAILED, f"found no valid schedule (see {log_hint})")
                         else:
@@ -418,3 +446,4 @@ def _run_workers(
             bar.refresh()
     finally:
         bar.close()
+    return ended_short

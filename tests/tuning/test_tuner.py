@@ -20,9 +20,9 @@ import tvm
 from tvm import relax
 
 from gmorph_tvm.errors import TuningError
-from gmorph_tvm.tuning import TuningWarning, extract, lower, prepare, tune
+from gmorph_tvm.tuning import TuningWarning, extract, lower, prepare, shipped, tune
 from gmorph_tvm.tuning._worker import CRASH_TASK_ENV
-from gmorph_tvm.tuning.report import CRASHED, REUSED, TUNED
+from gmorph_tvm.tuning.report import CRASHED, FAILED, NO_SCHEDULE, REUSED, SHIPPED, TUNED
 
 TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
 TRIALS_PER_TASK = 8
@@ -161,6 +161,46 @@ def test_a_top_up_smaller_than_one_batch_is_not_run(session):
     task = next(t for t in report.tasks if t.name == tuned)
     assert task.status == REUSED and task.trials_planned == TRIALS_PER_TASK + 5
     assert report.trials_run == 0
+
+
+def _tiny_space_module() -> tvm.IRModule:
+    """A gather (its one schedule reads out of bounds on the runner's random indices) and a
+    transpose of 60 values (one schedule): both design spaces are far smaller than 32 trials."""
+    bb = relax.BlockBuilder()
+    ids = relax.Var("ids", relax.TensorType((1, 6), "int64"))
+    x = relax.Var("x", relax.TensorType((6, 10), "float32"))
+    table = relax.const(np.random.default_rng(0).standard_normal((50, 10)).astype("float32"))
+    with bb.function("main", [ids, x]):
+        with bb.dataflow():
+            gathered = bb.emit(relax.op.take(table, ids, axis=0))
+            turned = bb.emit(relax.op.permute_dims(relax.op.add(x, x)))
+            out = bb.emit_output(relax.Tuple([gathered, turned]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.slow  # ~40 s: two tiny searches and one runner crash on 2 busy cores
+def test_a_used_up_design_space_is_not_searched_again(tmp_path, monkeypatch):
+    mod, work = _tiny_space_module(), tmp_path / "work"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TuningWarning)  # the gather's failed measurement
+        first = tune(mod, TARGET, trials_per_task=32, work_dir=work, min_flops_share=0, progress=False)
+    status = {t.name: (t.status, t.trials_run) for t in first.tasks}
+    take, turn = (next(n for n in status if key in n) for key in ("take", "transpose"))
+    assert status[take][0] == FAILED and status[turn][0] == TUNED, first.table()
+    assert 0 < status[take][1] < 32 and 0 < status[turn][1] < 32  # both searches ended short
+    # More trials later, here or from the shipped records: nothing is searched again.
+    again = tune(mod, TARGET, trials_per_task=64, work_dir=work, min_flops_share=0, progress=False)
+    assert again.trials_run == 0, again.table()
+    assert {t.name: t.status for t in again.tasks} == {take: NO_SCHEDULE, turn: REUSED}
+    root = tmp_path / "records"
+    index = shipped.package([work], root / "x86_64-sse" / str(tvm.__version__), tuned_on={"kind": "llvm"}, sets={})
+    assert len(index["exhausted"]) == 2 and len(index["workloads"]) == 1  # the gather has no record
+    monkeypatch.setattr(shipped, "RECORDS_ROOT", root)
+    fresh = tune(mod, TARGET, trials_per_task=64, work_dir=tmp_path / "fresh", min_flops_share=0, progress=False)
+    assert fresh.trials_run == 0, fresh.table()
+    assert {t.name: t.status for t in fresh.tasks} == {take: NO_SCHEDULE, turn: SHIPPED}
+    assert sorted(fresh.shipped) == sorted([take, turn])  # both left to the shipped records
 
 
 def test_bad_arguments_are_tuning_errors(tmp_path):
