@@ -113,7 +113,7 @@ def workload_hash(workload: tvm.IRModule) -> str:
 def read_exhausted(directory: str | os.PathLike) -> dict[str, int]:
     """The workloads (hash -> candidates measured) whose design space a search in the tuning work
     dir ``directory`` used up: it stopped short of its trials because no unmeasured candidate was
-    left (a transpose has a handful of schedules, a gather none), so re-running it costs a search
+    left (a transpose has a handful of schedules, a gather none that runs), so re-running it costs a search
     round for nothing. An unreadable file counts as empty: those tasks are simply searched again."""
     try:
         data = json.loads((Path(directory) / EXHAUSTED_FILE).read_text(encoding="utf-8"))

@@ -16,7 +16,7 @@ different values is not stored, and the task's report counts it (``records_rejec
 Trials already in the database count towards each task's budget, so re-running with the same
 work dir and budget tunes nothing again, and a larger budget only runs the difference (when
 that is at least one measured batch, ``MIN_USEFUL_TRIALS``). A task whose search stopped short of
-its trials used up its design space (a transpose has a handful of schedules, a gather none): the
+its trials used up its design space (a transpose has a handful of schedules, a gather one): the
 work dir notes it (:func:`~gmorph_tvm.tuning.shipped.read_exhausted`, shipped records too) and it
 is not searched again, whatever the budget.
 """
