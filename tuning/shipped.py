@@ -110,6 +110,13 @@ def workload_hash(workload: tvm.IRModule) -> str:
     return str(ms.database.Workload(workload).as_json()[0])
 
 
+def _merge_searched(into: dict[str, int], more: dict[str, int]) -> dict[str, int]:
+    """``into`` (changed in place) with ``more``'s used-up searches; a workload keeps the larger count."""
+    for key, count in more.items():
+        into[key] = max(count, into.get(key, 0))
+    return into
+
+
 def read_exhausted(directory: str | os.PathLike) -> dict[str, int]:
     """The workloads (hash -> candidates measured) whose design space a search in the tuning work
     dir ``directory`` used up: it stopped short of its trials because no unmeasured candidate was
@@ -125,9 +132,7 @@ def read_exhausted(directory: str | os.PathLike) -> dict[str, int]:
 def note_exhausted(directory: str | os.PathLike, found: dict[str, int]) -> None:
     """Add ``found`` (workload hash -> candidates measured) to ``directory``'s used-up searches."""
     path = Path(directory) / EXHAUSTED_FILE
-    merged = read_exhausted(directory)
-    for key, count in found.items():
-        merged[key] = max(count, merged.get(key, 0))
+    merged = _merge_searched(read_exhausted(directory), found)
     staging = path.with_name(f"{path.name}.new{os.getpid()}")
     staging.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     staging.replace(path)
@@ -192,8 +197,7 @@ def package(work_dirs: list[Path], out_dir: Path, *, tuned_on: dict[str, Any], s
         sources.insert(0, out_dir)
     exhausted = {str(k): int(v) for k, v in old_index.get("exhausted", {}).items()}
     for work in work_dirs:
-        for key, count in read_exhausted(work).items():
-            exhausted[key] = max(count, exhausted.get(key, 0))
+        _merge_searched(exhausted, read_exhausted(work))
     for source in sources:
         db = ms.database.JSONDatabase(
             path_workload=str(source / _DATABASE_FILES[0]),
