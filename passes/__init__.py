@@ -1,18 +1,18 @@
 """Relax passes of gmorph-tvm: each a ``tvm.transform.Pass`` usable in any ``tvm.transform.Sequential``."""
 
-from .canonicalize_ops import CanonicalizeOps
-from .channels_last import ChannelsLast, ChannelsLastWarning
-from .conv2d_to_gemm import Conv2dToGemm
-from .fold_pad_into_conv import FoldPadIntoConv
-from .stitch_shared_weights import StitchSharedWeights, stitch
+from gmorph_tvm.passes.canonicalize_ops import CanonicalizeOps
+from gmorph_tvm.passes.channels_last import ChannelsLast, ChannelsLastWarning
+from gmorph_tvm.passes.conv2d_to_gemm import Conv2dToGemm
+from gmorph_tvm.passes.fold_pad_into_conv import FoldPadIntoConv
+from gmorph_tvm.passes.stitch_shared_weights import StitchSharedWeights, stitch
 
 __all__ = ["CanonicalizeOps", "ChannelsLast", "ChannelsLastWarning", "Conv2dToGemm", "FoldPadIntoConv", "StitchSharedWeights", "stitch"]
 
-from .cost_model import MergeCost, MergeCostModel, MergeOptionError  # noqa: E402
-from .group_models import GroupingError, TaskCost, group_tasks, split_into_groups, task_costs  # noqa: E402
-from .horizontal_merge import HorizontalMerge, RegionReport, horizontal_merge  # noqa: E402
-from .index_bounds import index_bounds  # noqa: E402
-from .legalize_nan_safe import LegalizeNaNSafe  # noqa: E402
+from gmorph_tvm.passes.cost_model import MergeCost, MergeCostModel, MergeOptionError  # noqa: E402
+from gmorph_tvm.passes.group_models import GroupingError, TaskCost, group_tasks, split_into_groups, task_costs  # noqa: E402
+from gmorph_tvm.passes.horizontal_merge import HorizontalMerge, RegionReport, horizontal_merge  # noqa: E402
+from gmorph_tvm.passes.index_bounds import index_bounds  # noqa: E402
+from gmorph_tvm.passes.legalize_nan_safe import LegalizeNaNSafe  # noqa: E402
 
 __all__ += [
     "MergeCost", "MergeCostModel", "MergeOptionError", "HorizontalMerge", "RegionReport", "horizontal_merge",

@@ -27,8 +27,8 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from ..core.ir import op_name, tensor_nbytes  # noqa: F401  (tensor_nbytes re-exported)
-from ..core.provenance import (  # noqa: F401  (re-exported for the passes)
+from gmorph_tvm.core.ir import op_name, tensor_nbytes  # noqa: F401  (tensor_nbytes re-exported)
+from gmorph_tvm.core.provenance import (  # noqa: F401  (re-exported for the passes)
     PROVENANCE_ATTR,
     Provenance,
     default_provenance,

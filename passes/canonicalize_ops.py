@@ -40,8 +40,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..core.ir import dtype_str, normalize_axis, op_name, static_shape
-from ._util import (
+from gmorph_tvm.core.ir import dtype_str, normalize_axis, op_name, static_shape
+from gmorph_tvm.passes._util import (
     PROVENANCE_ATTR,
     content_key,
     merge_entries,

@@ -38,7 +38,7 @@ import warnings
 import tvm
 from tvm import relax
 
-from ..errors import one_line
+from gmorph_tvm.errors import one_line
 
 LAYOUTS = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
 

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import tvm
 
-from ..core.targets import resolve_target
-from ..errors import GmorphError
+from gmorph_tvm.core.targets import resolve_target
+from gmorph_tvm.errors import GmorphError
 
 
 class MergeOptionError(GmorphError, ValueError):

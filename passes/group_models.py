@@ -33,10 +33,10 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..core.ir import op_name, static_shape, tensor_nbytes
-from ..errors import GmorphError
-from ..frontend.multimodel import MultiModel
-from ._util import content_key, same_content, weight_params
+from gmorph_tvm.core.ir import op_name, static_shape, tensor_nbytes
+from gmorph_tvm.errors import GmorphError
+from gmorph_tvm.frontend.multimodel import MultiModel
+from gmorph_tvm.passes._util import content_key, same_content, weight_params
 
 # Tasks per group when neither the user nor measurement decides: a conservative rule of thumb (wide
 # ops of 8 branches keep per-kernel size modest); gmorph_tvm.grouping.measured_latency finds the best size for a target.

@@ -30,15 +30,15 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from ..frontend.multimodel import MultiModel
-from ._util import (
+from gmorph_tvm.frontend.multimodel import MultiModel
+from gmorph_tvm.passes._util import (
     ContentTable,
     merge_entries,
     raw_provenance,
     rebuild_function,
     weight_params,
 )
-from .canonicalize_ops import CanonicalizeOps
+from gmorph_tvm.passes.canonicalize_ops import CanonicalizeOps
 
 
 @tvm.transform.module_pass(opt_level=0, name="StitchSharedWeights")

@@ -191,3 +191,16 @@ def test_wheel_ships_the_top_level_folders_as_subpackages(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.split()
     assert lines[0].startswith(str(target)) and lines[1].startswith(str(target)), lines
+
+
+@pytest.mark.parametrize("folder", ["passes", "tuning"])
+def test_top_level_folders_import_absolutely(folder):
+    """passes/ and tuning/ live beside gmorph_tvm/ on disk; a relative import there (``from
+    ..core import x``) names a folder that does not exist next to them, so a reader cannot follow
+    it. They spell every gmorph-tvm import ``from gmorph_tvm.... import``."""
+    relative = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                relative.append(f"{path.relative_to(ROOT)}:{node.lineno}: from {'.' * node.level}{node.module or ''}")
+    assert not relative, "relative imports in " + folder + "/:\n" + "\n".join(relative)

@@ -6,11 +6,11 @@ database_dir=...)`` prepares the module for ``tvm.compile`` with those schedules
 CPUs, weights pre-packed into the tuned layouts at build time).
 """
 
-from .ffi_guard import PINNED_TVM_FFI_VERSION, ensure_ir_json_works
-from .pipeline import default_gpu_rules, has_database, lower, lower_tuned, prepare
-from .report import TaskReport, TuningReport, TuningWarning
-from .tasks import TaskPlan, allocate, extract
-from .tuner import tune
+from gmorph_tvm.tuning.ffi_guard import PINNED_TVM_FFI_VERSION, ensure_ir_json_works
+from gmorph_tvm.tuning.pipeline import default_gpu_rules, has_database, lower, lower_tuned, prepare
+from gmorph_tvm.tuning.report import TaskReport, TuningReport, TuningWarning
+from gmorph_tvm.tuning.tasks import TaskPlan, allocate, extract
+from gmorph_tvm.tuning.tuner import tune
 
 __all__ = [
     "PINNED_TVM_FFI_VERSION",

@@ -14,7 +14,7 @@ import functools
 import subprocess
 import sys
 
-from ..errors import TuningError
+from gmorph_tvm.errors import TuningError
 
 PINNED_TVM_FFI_VERSION = "0.1.14.post1"
 

@@ -24,7 +24,7 @@ import sys
 
 import tvm
 
-from ..core.targets import machine_arch
+from gmorph_tvm.core.targets import machine_arch
 
 _PACKAGE = "tvm.s_tir.tensor_intrin"
 

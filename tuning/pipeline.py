@@ -35,14 +35,14 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
-from ..errors import TuningError, one_line
-from ..passes import LegalizeNaNSafe
-from ..passes.channels_last import ChannelsLast
-from ..passes.conv2d_to_gemm import Conv2dToGemm
-from ..passes.fold_pad_into_conv import FoldPadIntoConv
-from .ffi_guard import ensure_ir_json_works
-from .shipped import lookup as lookup_shipped
-from .verify import VerifiedTuning, verified_database
+from gmorph_tvm.errors import TuningError, one_line
+from gmorph_tvm.passes import LegalizeNaNSafe
+from gmorph_tvm.passes.channels_last import ChannelsLast
+from gmorph_tvm.passes.conv2d_to_gemm import Conv2dToGemm
+from gmorph_tvm.passes.fold_pad_into_conv import FoldPadIntoConv
+from gmorph_tvm.tuning.ffi_guard import ensure_ir_json_works
+from gmorph_tvm.tuning.shipped import lookup as lookup_shipped
+from gmorph_tvm.tuning.verify import VerifiedTuning, verified_database
 
 DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
 

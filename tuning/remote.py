@@ -22,9 +22,9 @@ from typing import Any
 import tvm
 from tvm.support import cc
 
-from ..core import cuda as cuda_code
-from ..core.targets import JETPACK_CUDA, host_is_native, is_cuda, jetpack_of
-from ..errors import TuningError
+from gmorph_tvm.core import cuda as cuda_code
+from gmorph_tvm.core.targets import JETPACK_CUDA, host_is_native, is_cuda, jetpack_of
+from gmorph_tvm.errors import TuningError
 
 # Cross compilers for the host CPU triples of boards (the same ones export_artifact uses).
 CROSS_CXX = {"aarch64": "aarch64-linux-gnu-g++", "arm64": "aarch64-linux-gnu-g++"}

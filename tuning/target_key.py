@@ -17,8 +17,8 @@ from typing import Any
 
 import tvm
 
-from ..core.targets import target_dict
-from ..errors import TuningError
+from gmorph_tvm.core.targets import target_dict
+from gmorph_tvm.errors import TuningError
 
 STAMP_FILE = "target.json"
 

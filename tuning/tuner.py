@@ -39,18 +39,18 @@ from typing import Any
 
 import tvm
 
-from ..core.targets import host_is_native, is_cuda, resolve_target, target_dict
-from ..errors import TuningError
-from ..frontend.multimodel import MultiModel, bind_weights
-from . import report as rpt
-from .ffi_guard import ensure_ir_json_works
-from .pipeline import DATABASE_FILES, has_database, open_database, prepare
-from .remote import export_spec, runner_spec
-from .report import TaskReport, TuningReport, TuningWarning
-from .shipped import lookup as lookup_shipped
-from .shipped import note_exhausted, read_exhausted, workload_hash
-from .target_key import claim_work_dir
-from .tasks import DEFAULT_MIN_FLOPS_SHARE, MIN_USEFUL_TRIALS, TaskPlan, allocate, extract
+from gmorph_tvm.core.targets import host_is_native, is_cuda, resolve_target, target_dict
+from gmorph_tvm.errors import TuningError
+from gmorph_tvm.frontend.multimodel import MultiModel, bind_weights
+from gmorph_tvm.tuning import report as rpt
+from gmorph_tvm.tuning.ffi_guard import ensure_ir_json_works
+from gmorph_tvm.tuning.pipeline import DATABASE_FILES, has_database, open_database, prepare
+from gmorph_tvm.tuning.remote import export_spec, runner_spec
+from gmorph_tvm.tuning.report import TaskReport, TuningReport, TuningWarning
+from gmorph_tvm.tuning.shipped import lookup as lookup_shipped
+from gmorph_tvm.tuning.shipped import note_exhausted, read_exhausted, workload_hash
+from gmorph_tvm.tuning.target_key import claim_work_dir
+from gmorph_tvm.tuning.tasks import DEFAULT_MIN_FLOPS_SHARE, MIN_USEFUL_TRIALS, TaskPlan, allocate, extract
 
 
 def _resolve(target: Any) -> tvm.target.Target:

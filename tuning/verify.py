@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import tvm
 
-from .report import TuningWarning
+from gmorph_tvm.tuning.report import TuningWarning
 
 # Largest relative difference (max |tuned - default| / max |default|, per buffer) accepted.
 FLOAT32_RTOL = 1e-4

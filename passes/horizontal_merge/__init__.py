@@ -54,9 +54,9 @@ The package's parts, in the order they run on each dataflow block:
 * :mod:`.transform` — the pass, :func:`merge_report` and :func:`horizontal_merge`.
 """
 
-from .base import MergeRule, register_rule, registered_rules, rules_for
-from .schedule import RegionReport
-from .transform import (
+from gmorph_tvm.passes.horizontal_merge.base import MergeRule, register_rule, registered_rules, rules_for
+from gmorph_tvm.passes.horizontal_merge.schedule import RegionReport
+from gmorph_tvm.passes.horizontal_merge.transform import (
     HorizontalMerge,
     MergeMode,
     MergeResult,

@@ -21,8 +21,8 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from ...errors import FusionError
-from .._util import weight_params
+from gmorph_tvm.errors import FusionError
+from gmorph_tvm.passes._util import weight_params
 
 # Weight-only bindings the pass can evaluate with numpy (to read a weight's value at pass time).
 _WEIGHT_LAYOUT_OPS = frozenset(

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 from tvm import relax
 
-from .analysis import (
+from gmorph_tvm.passes.horizontal_merge.analysis import (
     Operand,
     WeightValues,
     known_dtype,

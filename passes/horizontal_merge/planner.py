@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from tvm import relax
 
-from . import rules as _rules  # noqa: F401  (registers the op rules)
-from .analysis import (
+from gmorph_tvm.passes.horizontal_merge import rules as _rules  # noqa: F401  (registers the op rules)
+from gmorph_tvm.passes.horizontal_merge.analysis import (
     BlockGraph,
     Operand,
     WeightValues,
@@ -26,7 +26,7 @@ from .analysis import (
     shape_of,
     vars_in,
 )
-from .base import TUPLE_GET_ITEM, Candidate, Group, Match, rules_for
+from gmorph_tvm.passes.horizontal_merge.base import TUPLE_GET_ITEM, Candidate, Group, Match, rules_for
 
 
 class BlockPlanner:

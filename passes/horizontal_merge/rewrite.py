@@ -17,13 +17,13 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ...errors import FusionError
-from .._util import merge_entries, raw_provenance, rebuild_function, weight_params
-from ..cost_model import MergeCostModel
-from .analysis import WeightValues, shape_of
-from .base import Group
-from .planner import BlockPlanner
-from .schedule import Node, RegionReport, decide
+from gmorph_tvm.errors import FusionError
+from gmorph_tvm.passes._util import merge_entries, raw_provenance, rebuild_function, weight_params
+from gmorph_tvm.passes.cost_model import MergeCostModel
+from gmorph_tvm.passes.horizontal_merge.analysis import WeightValues, shape_of
+from gmorph_tvm.passes.horizontal_merge.base import Group
+from gmorph_tvm.passes.horizontal_merge.planner import BlockPlanner
+from gmorph_tvm.passes.horizontal_merge.schedule import Node, RegionReport, decide
 
 
 @dataclass

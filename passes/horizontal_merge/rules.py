@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax
 
-from .analysis import (
+from gmorph_tvm.passes.horizontal_merge.analysis import (
     WeightValues,
     attrs_key,
     dtype_of,
@@ -22,7 +22,7 @@ from .analysis import (
     shape_of,
     vars_of_all,
 )
-from .base import (
+from gmorph_tvm.passes.horizontal_merge.base import (
     TUPLE_GET_ITEM,
     Match,
     MergeRule,

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 from tvm import relax
 
-from ..cost_model import MergeCost, MergeCostModel
-from .analysis import vars_in
-from .base import Group
-from .planner import BlockPlanner
+from gmorph_tvm.passes.cost_model import MergeCost, MergeCostModel
+from gmorph_tvm.passes.horizontal_merge.analysis import vars_in
+from gmorph_tvm.passes.horizontal_merge.base import Group
+from gmorph_tvm.passes.horizontal_merge.planner import BlockPlanner
 
 Node = tuple[str, int]  # ("binding", index) | ("wide", group id) | ("exit", group id)
 

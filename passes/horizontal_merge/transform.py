@@ -8,10 +8,10 @@ from typing import Literal, cast
 import tvm
 from tvm import relax
 
-from ...frontend.multimodel import MultiModel
-from ..cost_model import MergeCostModel, MergeOptionError
-from .rewrite import merge_function
-from .schedule import RegionReport
+from gmorph_tvm.frontend.multimodel import MultiModel
+from gmorph_tvm.passes.cost_model import MergeCostModel, MergeOptionError
+from gmorph_tvm.passes.horizontal_merge.rewrite import merge_function
+from gmorph_tvm.passes.horizontal_merge.schedule import RegionReport
 
 MergeMode = Literal["auto", "always", "never"]
 
