@@ -43,6 +43,7 @@ _EXPORTS = {
     "fuse": ".pipeline",
     "tune": ".tuning",
     "TuningReport": ".tuning",
+    "TuneConfig": ".tuning",
     "build": ".artifact",
     "Artifact": ".artifact",
     "load": ".runtime",

@@ -43,6 +43,7 @@ from gmorph_tvm.core.targets import host_is_native, is_cuda, resolve_target, tar
 from gmorph_tvm.errors import TuningError
 from gmorph_tvm.frontend.multimodel import MultiModel, bind_weights
 from gmorph_tvm.tuning import report as rpt
+from gmorph_tvm.tuning.config import TuneConfig
 from gmorph_tvm.tuning.ffi_guard import ensure_ir_json_works
 from gmorph_tvm.tuning.pipeline import DATABASE_FILES, has_database, open_database, prepare
 from gmorph_tvm.tuning.remote import export_spec, runner_spec
@@ -50,7 +51,7 @@ from gmorph_tvm.tuning.report import TaskReport, TuningReport, TuningWarning
 from gmorph_tvm.tuning.shipped import lookup as lookup_shipped
 from gmorph_tvm.tuning.shipped import note_exhausted, read_exhausted, workload_hash
 from gmorph_tvm.tuning.target_key import claim_work_dir
-from gmorph_tvm.tuning.tasks import DEFAULT_MIN_FLOPS_SHARE, MIN_USEFUL_TRIALS, TaskPlan, allocate, extract
+from gmorph_tvm.tuning.tasks import MIN_USEFUL_TRIALS, TaskPlan, allocate, extract
 
 
 def _resolve(target: Any) -> tvm.target.Target:
@@ -185,41 +186,25 @@ def _module_to_tune(model: MultiModel | tvm.IRModule) -> tvm.IRModule:
 def tune(
     mod: MultiModel | tvm.IRModule,
     target: Any,
+    config: TuneConfig | None = None,
     *,
-    trials: int | None = None,
     work_dir: str | os.PathLike,
-    op_names: Sequence[str] | None = None,
-    min_flops_share: float = DEFAULT_MIN_FLOPS_SHARE,
-    min_trials_per_task: int = 16,
-    progress: bool = True,
-    runner: Any = None,
-    builder: Any = None,
-    seed: int = 0,
-    task_timeout_s: float | None = None,
-    trials_per_round: int = 64,
-    population_size: int | None = None,
-    tracker: str | tuple[str, int] | None = None,
-    key: str | None = None,
-    shipped_records: bool = True,
-    channels_last: bool | None = None,
-    trials_per_task: int | None = None,
+    **overrides: Any,
 ) -> TuningReport:
     """Tune the kernels of ``mod`` with MetaSchedule into the database in ``work_dir``.
 
     ``mod``: what :func:`gmorph_tvm.import_models` or :func:`gmorph_tvm.fuse` returns (a
     :class:`~gmorph_tvm.MultiModel`, tuned as its ``bound_module()``), or a Relax IRModule (weights
     kept as parameters with attrs ``params`` are bound as constants first).
-    ``target``: preset name, dict or ``tvm.target.Target``. ``trials``: total measurements over
-    all tasks, split by estimated cost share (FLOPs or memory traffic); tasks under
-    ``min_flops_share`` or not matching ``op_names`` (substrings of task names) are left untuned.
-    ``trials_per_task`` instead of ``trials``: every task that is tuned gets exactly that many
-    (the total then grows with the number of kernels). ``runner``/``builder``: MetaSchedule runner /
-    builder objects (e.g. an ``RPCRunner`` for a remote board); they must be picklable with
-    cloudpickle. Never raises for a crash inside one task: see :class:`TuningWarning`.
+    ``target``: preset name, dict or ``tvm.target.Target``. ``config``: a :class:`TuneConfig`
+    (its fields, e.g. ``trials=200``, may also be given as keywords, overriding it): ``trials``
+    (total measurements over all tasks), ``trials_per_task`` or ``minutes`` (a wall-clock budget)
+    say how long to search; tasks under ``min_flops_share`` of the estimated cost or not matching
+    ``op_names`` (substrings of task names) are left untuned. Never raises for a crash inside one
+    task: see :class:`TuningWarning`.
 
     ``population_size`` of the evolutionary search defaults to 8x a task's trials within
-    [64, 512]: the first round's cost model is untrained, so a large population only costs time
-    (sampling and evolving 512 schedules takes ~60 s per task on 2 busy cores).
+    [64, 512].
 
     ``tracker`` (``"host:port"``) and ``key``: measure on every board registered with that TVM
     RPC tracker under ``key``, one parallel session per board (see :mod:`.remote`); candidates for
@@ -229,18 +214,14 @@ def tune(
     on CPUs); tune and build with the same value, or the records do not match the kernels.
     """
     started = time.monotonic()
+    cfg = TuneConfig.with_overrides(config, overrides)
     mod = _module_to_tune(mod)
     target = _resolve(target)
-    if (trials is None) == (trials_per_task is None):
-        raise TuningError("give tune() either trials (a total) or trials_per_task, not both or neither")
-    for label, value in (("trials", trials), ("trials_per_task", trials_per_task)):
-        if value is not None and value < 0:
-            raise TuningError(f"the number of tuning {label} must be >= 0, got {value}")
-    if not 0 <= min_flops_share < 1:
-        raise TuningError(f"min_flops_share must be in [0, 1), got {min_flops_share}")
-    if tracker is not None and runner is not None:
-        raise TuningError("give tune() either a runner or a tracker, not both")
-    rpc = runner_spec(tracker, key) if tracker is not None else None
+    if cfg.trials is None and cfg.trials_per_task is None:
+        raise TuningError("give tune() either trials (a total) or trials_per_task (or a budget in minutes)")
+    trials, trials_per_task = cfg.trials, cfg.trials_per_task
+    runner, tracker = cfg.runner, cfg.tracker
+    rpc = runner_spec(tracker, cfg.key) if tracker is not None else None
     board_export = export_spec(target) if rpc is not None else None
     if runner is None and rpc is None:
         _check_local_runner_can_measure(target)
@@ -254,10 +235,10 @@ def tune(
     except OSError as err:
         raise TuningError(f"cannot create the tuning work dir {work_dir}: {err.strerror}") from err
 
-    plans = extract(prepare(mod, target, channels_last=channels_last), target)
+    plans = extract(prepare(mod, target, channels_last=cfg.channels_last), target)
     selected = allocate(
-        plans, trials or 0, op_names=op_names, min_flops_share=min_flops_share,
-        min_trials_per_task=min_trials_per_task, trials_per_task=trials_per_task,
+        plans, trials or 0, op_names=cfg.op_names, min_flops_share=cfg.min_flops_share,
+        min_trials_per_task=cfg.min_trials_per_task, trials_per_task=trials_per_task,
     )
     if trials is None:
         trials = sum(p.trials for p in selected)
@@ -267,7 +248,7 @@ def tune(
     }
     existing = _records_in_database(work_dir, selected)
     used_up = read_exhausted(work_dir)
-    shipped = lookup_shipped(target) if shipped_records else None
+    shipped = lookup_shipped(target) if cfg.shipped_records else None
     to_run: list[tuple[TaskPlan, int]] = []
     for plan in selected:
         task = reports[plan.name]
@@ -296,23 +277,23 @@ def tune(
         "target": _target_spec(target),
         "work_dir": str(work_dir),
         "runner": _pickled(runner, "runner"),
-        "builder": _pickled(builder, "builder"),
+        "builder": _pickled(cfg.builder, "builder"),
         "rpc": rpc,
         "board_export": board_export,
-        "trials_per_round": trials_per_round,
+        "trials_per_round": cfg.trials_per_round,
     }
     task_specs = {
         plan.name: {
             "name": plan.name,
             "trials": n,
-            "seed": (seed + zlib.crc32(plan.name.encode()) + existing.get(plan.name, 0)) % (2**31 - 1),
+            "seed": (cfg.seed + zlib.crc32(plan.name.encode()) + existing.get(plan.name, 0)) % (2**31 - 1),
             "workload": tvm.ir.save_json(plan.workload),
-            "population_size": population_size or min(512, max(64, 8 * n)),
+            "population_size": cfg.population_size or min(512, max(64, 8 * n)),
         }
         for plan, n in to_run
     }
     if task_specs:
-        ended_short = _run_workers(task_specs, base_spec, work_dir, reports, progress, task_timeout_s)
+        ended_short = _run_workers(task_specs, base_spec, work_dir, reports, cfg.progress, cfg.task_timeout_s)
         if ended_short:  # those searches had no unmeasured candidate left
             note_exhausted(work_dir, {
                 workload_hash(plan.workload): reports[plan.name].records_reused + reports[plan.name].trials_run

@@ -20,7 +20,7 @@ import tvm
 from tvm import relax
 
 from gmorph_tvm.errors import TuningError
-from gmorph_tvm.tuning import TuningWarning, extract, lower, prepare, shipped, tune
+from gmorph_tvm.tuning import TuneConfig, TuningWarning, extract, lower, prepare, shipped, tune
 from gmorph_tvm.tuning._worker import CRASH_TASK_ENV
 from gmorph_tvm.tuning.report import CRASHED, FAILED, NO_SCHEDULE, REUSED, SHIPPED, TUNED
 
@@ -213,6 +213,23 @@ def test_bad_arguments_are_tuning_errors(tmp_path):
             tune(_two_conv_module(), TARGET, work_dir=tmp_path, progress=False, **both_or_neither)
     with pytest.raises(TuningError, match="min_flops_share"):
         tune(_two_conv_module(), TARGET, trials=8, work_dir=tmp_path, min_flops_share=2.0, progress=False)
+    with pytest.raises(TuningError, match="unknown tuning option.*trails.*TuneConfig has .*trials_per_task"):
+        tune(_two_conv_module(), TARGET, work_dir=tmp_path, trails=8)
+    with pytest.raises(TuningError, match="config must be a gmorph_tvm.TuneConfig"):
+        tune(_two_conv_module(), TARGET, {"trials": 8}, work_dir=tmp_path)
+
+
+def test_tune_takes_a_config_and_keywords_override_it():
+    import gmorph_tvm
+
+    assert gmorph_tvm.TuneConfig is TuneConfig
+    base = TuneConfig(trials=64, op_names="conv2d", progress=False)
+    assert base.op_names == ["conv2d"]
+    merged = TuneConfig.with_overrides(base, {"trials": 8, "seed": 3})
+    assert (merged.trials, merged.seed, merged.op_names, base.trials) == (8, 3, ["conv2d"], 64)
+    assert TuneConfig.with_overrides(None, {"minutes": 2}).minutes == 2
+    with pytest.raises(TuningError, match="minutes must be a number > 0"):
+        TuneConfig(minutes=0)
 
 
 @pytest.mark.parametrize(
