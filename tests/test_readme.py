@@ -1,14 +1,22 @@
-"""Every ```python and ```bash block of README.md runs as written, so the README cannot rot.
+"""Every ```python and ```bash block of README.md and docs/*.md runs as written, so the docs cannot rot.
 
-Python blocks run in README order in one namespace (later snippets use what earlier ones made,
-as a reader's session would), with the names the snippets take as given bound to small real
-objects (see :func:`_session`); shell blocks run command by command with ``gmorph-tvm`` on PATH.
-Both run in one temporary directory prepared with the files the snippets name.
+Python blocks run in one namespace, README.md first and then the docs pages in name order, each
+file top to bottom (later snippets use what earlier ones made, as a reader's session would), with
+the names the snippets take as given bound to small real objects (see :func:`session`); shell
+blocks run command by command with ``gmorph-tvm`` on PATH. Both run in one temporary directory
+prepared with the files the snippets name.
 
 Two exceptions, both stated in the README: :data:`SCALED` lowers tuning trials and the search
 budget so the suite stays fast, and :data:`NOT_RUN` lists the commands that need what CI does not
-have (a board, an RPC server, nvcc, the set-up's distro packages), each with its reason. Both
-lists are checked against the README, so an entry that no longer matches anything fails.
+have (a board, an RPC server, nvcc, the set-up's distro packages) or run for minutes (the
+benchmarks), each with its reason. Both lists are checked against the files, so an entry that no
+longer matches anything fails. Blocks in any other language than ``python``/``bash``/``text``
+(``text`` for what is shown, not run) fail, so nothing is skipped silently.
+
+The files are also checked for what a reader follows: every relative link points to a file that
+exists (and a ``#fragment`` to a heading of it), every repository path named in code
+(``bench/lossless.py``) exists, ``.ci/run`` runs exactly the README's test command, and the README
+stays short (:data:`README_MAX_LINES`).
 """
 
 from __future__ import annotations
@@ -29,8 +37,11 @@ from gmorph_tvm.lossy import tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]  # the files whose snippets run, in run order
+LINKED = [*DOCS, ROOT / "CHANGELOG.md", ROOT / "tuning" / "records" / "README.md"]  # whose links are checked
+README_MAX_LINES = 260
 
-# (as written in the README, as run here): what the README's note on its snippets announces.
+# (as written in the docs, as run here): what the README's note on its snippets announces.
 SCALED = [
     ("trials=200", "trials=1"),  # one trial of the largest kernel: the whole tuning path, seconds
     ("--tune-trials 200", "--tune-trials 1"),
@@ -48,12 +59,18 @@ NOT_RUN = [
     (r"gmorph-tvm bundle-runtime ", "builds gmorph-run with CMake (tests/runtime/test_bundle.py builds and runs a bundle)"),
     (r"bash bench/gpu_(prepare|check)\.sh ", "minutes of builds, then a GPU (tests/runtime/test_gpu_check.py runs a scaled "
                                              "dry run of both)"),
+    (r"python3 -m venv ", "makes a virtual environment for the set-up, which is not run here either"),
+    (r"qemu-aarch64-static ", "runs the aarch64 gmorph-run the cmake line before it builds (tests/runner/test_aarch64_qemu.py)"),
+    (r"python bench/", "benchmarks run for minutes to an hour; docs/benchmarks.md has their numbers"),
+    (r"gmorph-tvm demo$", "the demo at its full budget takes 1-2 min; tests/test_demo.py runs it on a reduced budget"),
 ]
+RUN_LANGS = ("python", "bash")
+SHOWN_LANGS = ("text",)  # blocks shown, not run: a file layout, an output
 
 _FENCE = re.compile(r"^```(\w*)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
 
 
-def readme_blocks(text: str) -> list[tuple[str, int, str]]:
+def code_blocks(text: str) -> list[tuple[str, int, str]]:
     """``(language, first line number, code)`` of every fenced block."""
     return [(m.group(1), text.count("\n", 0, m.start()) + 2, m.group(2)) for m in _FENCE.finditer(text)]
 
@@ -84,20 +101,108 @@ def not_run_reason(command: str) -> str | None:
     return next((reason for pattern, reason in NOT_RUN if re.match(pattern, command)), None)
 
 
-BLOCKS = [b for b in readme_blocks(README.read_text(encoding="utf-8")) if b[0] in ("python", "bash")]
+def _name(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
 
 
-def test_the_readme_has_snippets_and_both_lists_are_current():
-    text = README.read_text(encoding="utf-8")
-    assert {lang for lang, _, _ in BLOCKS} == {"python", "bash"}
-    code = "\n".join(c for _, _, c in BLOCKS)
+# (file, language, first line, code) of every block that runs, in run order
+BLOCKS = [(_name(page), lang, line, code) for page in DOCS
+          for lang, line, code in code_blocks(page.read_text(encoding="utf-8")) if lang in RUN_LANGS]
+
+
+def test_the_docs_have_snippets_and_both_lists_are_current():
+    assert {lang for _, lang, _, _ in BLOCKS} == set(RUN_LANGS)
+    assert len(DOCS) > 1, "docs/*.md is missing"
+    code = "\n".join(c for _, _, _, c in BLOCKS)
     for written, _ in SCALED:
-        assert written in code, f"SCALED entry {written!r} matches no README snippet: remove it"
-    commands = [cmd for lang, _, c in BLOCKS if lang == "bash" for cmd in shell_commands(c)]
+        assert written in code, f"SCALED entry {written!r} matches no snippet of README.md or docs/: remove it"
+    commands = [cmd for _, lang, _, c in BLOCKS if lang == "bash" for cmd in shell_commands(c)]
     for pattern, reason in NOT_RUN:
         assert any(re.match(pattern, cmd) for cmd in commands), f"NOT_RUN entry {pattern!r} ({reason}) is stale"
     # The README tells its readers about both exceptions.
+    text = README.read_text(encoding="utf-8")
     assert "tests/test_readme.py" in text and all(w in text for w, _ in SCALED)
+
+
+@pytest.mark.parametrize("page", DOCS, ids=_name)
+def test_every_block_runs_or_is_shown_as_text(page):
+    """A block in another language (```sh, or none) would be neither run nor announced as shown."""
+    for lang, line, _ in code_blocks(page.read_text(encoding="utf-8")):
+        assert lang in RUN_LANGS + SHOWN_LANGS, f"{_name(page)}:{line}: block language {lang!r}: use one of " \
+                                                f"{RUN_LANGS + SHOWN_LANGS}"
+
+
+def test_the_readme_is_short():
+    lines = README.read_text(encoding="utf-8").count("\n")
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines (at most {README_MAX_LINES}): move detail to docs/"
+
+
+def test_ci_runs_the_readmes_test_command():
+    ci = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+          if ln.strip() and not ln.lstrip().startswith("#")]
+    readme = [cmd for page, lang, _, c in BLOCKS if page == "README.md" and lang == "bash" for cmd in shell_commands(c)]
+    assert ci[-1] in readme, f".ci/run runs {ci[-1]!r}, which is not a README command"
+
+
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+_CODE_SPAN = re.compile(r"`[^`\n]*`")
+_REPO_PATH = re.compile(r"^(?:gmorph_tvm|passes|tuning|tests|bench|scripts|runner|cmake|docs)/[\w./-]*$")
+
+
+def _prose(text: str) -> str:
+    """``text`` without its fenced blocks and code spans (where brackets are code, not links)."""
+    return _CODE_SPAN.sub("", _FENCE.sub("", text))
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The ``#fragment`` of every heading, as GitHub makes them (lower case, punctuation dropped,
+    spaces to ``-``, ``-1``, ``-2``, ... for repeats)."""
+    anchors: set[str] = set()
+    for m in re.finditer(r"^#{1,6}\s+(.+?)\s*#*\s*$", _FENCE.sub("", text), re.M):
+        slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+        anchor, n = slug, 0
+        while anchor in anchors:
+            n += 1
+            anchor = f"{slug}-{n}"
+        anchors.add(anchor)
+    return anchors
+
+
+def relative_links(text: str) -> list[str]:
+    return [t for t in _LINK.findall(_prose(text)) if not re.match(r"^[a-z][a-z0-9+.-]*:", t)]
+
+
+def test_link_checker():
+    text = "# A title: `x`\n## A title: x\n```bash\n# not a heading [a](nowhere.md)\n```\n" \
+           "[b](docs/p.md#sec) `[c](code.md)` [d](https://example.org) [e](#a-title-x)\n"
+    assert relative_links(text) == ["docs/p.md#sec", "#a-title-x"]
+    assert heading_anchors(text) == {"a-title-x", "a-title-x-1"}
+    assert "2026-12-07--the-readme-split-into-docs" in heading_anchors("## 2026-12-07 — the README split into docs/")
+
+
+@pytest.mark.parametrize("page", LINKED, ids=_name)
+def test_relative_links_point_to_existing_files(page):
+    text = page.read_text(encoding="utf-8")
+    for target in relative_links(text):
+        path, _, fragment = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        assert file.is_relative_to(ROOT) and file.exists(), f"{_name(page)}: link to {target!r}: no such file"
+        if fragment and file.suffix == ".md":
+            assert fragment in heading_anchors(file.read_text(encoding="utf-8")), \
+                f"{_name(page)}: link to {target!r}: {_name(file)} has no heading #{fragment}"
+
+
+@pytest.mark.parametrize("page", DOCS, ids=_name)
+def test_repository_paths_named_in_code_exist(page):
+    """``bench/lossless.py``, ``tests/tuning/test_shipped.py``, ...: a moved or deleted file fails here."""
+    text = page.read_text(encoding="utf-8")
+    spans = [m.group(0).strip("`") for m in _CODE_SPAN.finditer(_FENCE.sub("", text))]
+    spans += [code for _, _, code in code_blocks(text)]
+    for span in spans:
+        for word in re.split(r"[\s=(),;:'\"]+", span):
+            word = word.rstrip(".")
+            if _REPO_PATH.match(word):
+                assert (ROOT / word).exists(), f"{_name(page)} names {word!r}, which does not exist"
 
 
 def test_shell_command_splitting():
@@ -143,11 +248,11 @@ def session(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lang,line,code", BLOCKS, ids=[f"README.md:{line}-{lang}" for lang, line, _ in BLOCKS])
-def test_readme_block_runs(session, lang, line, code, monkeypatch):
+@pytest.mark.parametrize("page,lang,line,code", BLOCKS, ids=[f"{page}:{line}-{lang}" for page, lang, line, _ in BLOCKS])
+def test_docs_block_runs(session, page, lang, line, code, monkeypatch):
     monkeypatch.chdir(session["cwd"])
     if lang == "python":
-        exec(compile(scaled(code), f"README.md:{line}", "exec"), session["namespace"])  # noqa: S102
+        exec(compile(scaled(code), f"{page}:{line}", "exec"), session["namespace"])  # noqa: S102
         return
     ran = 0
     for command in shell_commands(code):
@@ -155,7 +260,7 @@ def test_readme_block_runs(session, lang, line, code, monkeypatch):
             continue
         proc = subprocess.run(["bash", "-euo", "pipefail", "-c", scaled(command)], cwd=session["cwd"],
                               env=session["env"], capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, f"README.md:{line}: `{command}` failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+        assert proc.returncode == 0, f"{page}:{line}: `{command}` failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
         ran += 1
     if ran == 0:
         pytest.skip("every command of this block is in NOT_RUN: " + "; ".join(
