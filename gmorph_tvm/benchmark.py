@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .core.table import markdown_table
+from .core.timing import calls_to_last, seconds_per_call
+
 # A sample: seconds per call of one full pass, timed over enough calls to last ``min_time_s``.
 Sampler = Callable[[], float]
 
@@ -65,19 +68,8 @@ class Row:
 
 def loop_sampler(fn: Callable[[], object], *, min_time_s: float = 0.02, warmup: int = 3) -> Sampler:
     """A sampler timing ``fn()`` calls in a loop long enough to last about ``min_time_s``."""
-    for _ in range(warmup):
-        fn()
-    start = time.perf_counter()
-    fn()
-    number = max(1, int(min_time_s / max(time.perf_counter() - start, 1e-6)))
-
-    def sample() -> float:
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        return (time.perf_counter() - start) / number
-
-    return sample
+    number = calls_to_last(fn, min_time_s, warmup=warmup)
+    return lambda: seconds_per_call(fn, number)[0]
 
 
 def measure(samplers: Mapping[str, Sampler], *, samples: int = 31, gap_s: float = 0.005,
@@ -168,6 +160,26 @@ def onnxruntime_sampler(paths: Mapping[str, str], inputs: Mapping[str, Mapping[s
     return loop_sampler(run_all, min_time_s=min_time_s)
 
 
+def openvino_sampler(paths: Mapping[str, str], inputs: Mapping[str, Mapping[str, np.ndarray]], *,
+                     min_time_s: float = 0.02) -> Sampler:
+    """Running every ONNX model once with OpenVINO on the CPU (one compiled model each, latency hint),
+    one after another."""
+    import openvino
+
+    core = openvino.Core()
+    requests = []
+    for name, path in paths.items():
+        compiled = core.compile_model(path, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+        feed = {port.get_any_name(): inputs[name][port.get_any_name()] for port in compiled.inputs}
+        requests.append((compiled.create_infer_request(), feed))
+
+    def run_all():
+        for request, feed in requests:
+            request.infer(feed)
+
+    return loop_sampler(run_all, min_time_s=min_time_s)
+
+
 def tvm_sampler(runners: Sequence, inputs: Mapping[str, np.ndarray], *, min_time_s: float = 0.02) -> Sampler:
     """Running every artifact's ``main`` once, one after another, timed by ``time_evaluator``."""
     import tvm
@@ -176,11 +188,7 @@ def tvm_sampler(runners: Sequence, inputs: Mapping[str, np.ndarray], *, min_time
     for runner in runners:
         names = [s["name"] for s in runner.manifest["inputs"]]
         args = [tvm.runtime.tensor(inputs[n], runner.device) for n in names] + runner.weight_args("main")
-        for _ in range(3):
-            runner.vm["main"](*args)
-        start = time.perf_counter()
-        runner.vm["main"](*args)
-        number = max(1, int(min_time_s / len(runners) / max(time.perf_counter() - start, 1e-6)))
+        number = calls_to_last(lambda runner=runner, args=args: runner.vm["main"](*args), min_time_s / len(runners))
         prepared.append((runner.vm.time_evaluator("main", runner.device, number=number, repeat=1), args))
 
     def sample() -> float:
@@ -189,56 +197,39 @@ def tvm_sampler(runners: Sequence, inputs: Mapping[str, np.ndarray], *, min_time
     return sample
 
 
-# Back-compatible one-system helpers (medians in ms).
-def time_torch_eager(models: Mapping[str, torch.nn.Module], inputs: Mapping[str, Sequence], *,  # noqa: F821
-                     threads: int | None = None, repeat: int = 30) -> float:
-    """Median ms of running every model once, one after another, in PyTorch eager mode."""
-    import torch
-
-    sampler = torch_sampler(models, inputs, threads=threads or torch.get_num_threads())
-    return measure({"torch": sampler}, samples=repeat, gap_s=0.0)["torch"].median_ms
-
-
-def time_onnxruntime(paths: Mapping[str, str], inputs: Mapping[str, Mapping[str, np.ndarray]], *,
-                     spinning: bool = True, repeat: int = 30) -> float:
-    """Median ms of running every ONNX model once with its own ONNX Runtime session."""
-    sampler = onnxruntime_sampler(paths, inputs, spinning=spinning)
-    return measure({"ort": sampler}, samples=repeat, gap_s=0.0)["ort"].median_ms
-
-
 def torch_weight_bytes(models: Mapping[str, torch.nn.Module]) -> int:  # noqa: F821
     """Bytes of every parameter and buffer, counted once per model (what separate models hold)."""
     return sum(sum(t.numel() * t.element_size() for t in m.state_dict().values()) for m in models.values())
 
 
-def format_table(rows: Sequence[Row], *, baseline: str | None = None, title: str | None = None,
-                 compare: str | None = None) -> str:
-    """A markdown table: system, median latency (± spread when rows have one), speedup vs
-    ``baseline``, speedup vs ``compare`` (when given), weights (and peak memory, notes when any
-    row has them)."""
-    base = next((r.median_ms for r in rows if r.system == baseline), rows[0].median_ms if rows else 1.0)
+def format_table(rows: Sequence[Row], *, baseline: str, title: str | None = None, compare: str | None = None,
+                 compare_label: str | None = None) -> str:
+    """A markdown table: system, median latency (± spread when rows have one), speedup over the
+    ``baseline`` row, speedup over the ``compare`` row (when given; its column is headed
+    ``compare_label`` or the row's name), weights (and peak memory, notes when any row has them).
+    The speedup columns name what they divide by: ``x vs <baseline>``."""
+    base = next((r.median_ms for r in rows if r.system == baseline), None)
+    if base is None:
+        raise ValueError(f"baseline {baseline!r} is not a row of the table ({', '.join(r.system for r in rows)})")
     other = next((r.median_ms for r in rows if r.system == compare), None) if compare else None
     with_spread = any(r.spread_pct is not None for r in rows)
     with_peak = any(r.peak_mb is not None for r in rows)
     with_note = any(r.note for r in rows)
-    header = ("| system | median ms |" + (" ± |" if with_spread else "") + " speedup |"
-              + (f" vs {compare} |" if other else "") + " weights MB |"
-              + (" peak MB |" if with_peak else "") + (" note |" if with_note else ""))
-    rule = ("|---|---:|" + ("---:|" if with_spread else "") + "---:|" + ("---:|" if other else "") + "---:|"
-            + ("---:|" if with_peak else "") + ("---|" if with_note else ""))
-    lines = ([f"**{title}**", ""] if title else []) + [header, rule]
+    header = ["system", "median ms", *(["±"] if with_spread else []), f"x vs {baseline}",
+              *([f"x vs {compare_label or compare}"] if other else []), "weights MB",
+              *(["peak MB"] if with_peak else []), *(["note"] if with_note else [])]
+    cells = []
     for r in rows:
-        weights = f"{r.weight_bytes / 1e6:.2f}" if r.weight_bytes is not None else "-"
-        line = f"| {r.system} | {r.median_ms:.3f} |"
+        row = [r.system, f"{r.median_ms:.3f}"]
         if with_spread:
-            line += f" {r.spread_pct:.0f}% |" if r.spread_pct is not None else " - |"
-        line += f" {base / r.median_ms:.2f}x |"
+            row.append(f"{r.spread_pct:.0f}%" if r.spread_pct is not None else "-")
+        row.append(f"{base / r.median_ms:.2f}x")
         if other:
-            line += f" {other / r.median_ms:.2f}x |"
-        line += f" {weights} |"
+            row.append(f"{other / r.median_ms:.2f}x")
+        row.append(f"{r.weight_bytes / 1e6:.2f}" if r.weight_bytes is not None else "-")
         if with_peak:
-            line += f" {r.peak_mb:.1f} |" if r.peak_mb is not None else " - |"
+            row.append(f"{r.peak_mb:.1f}" if r.peak_mb is not None else "-")
         if with_note:
-            line += f" {r.note} |"
-        lines.append(line)
-    return "\n".join(lines)
+            row.append(r.note)
+        cells.append(row)
+    return markdown_table(header, cells, numeric=[0 < i and h != "note" for i, h in enumerate(header)], title=title)

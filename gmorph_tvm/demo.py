@@ -1,39 +1,31 @@
 """The bundled end-to-end demo behind ``gmorph-tvm demo`` (the README's first command).
 
 Real weights, real data: the bundled Fashion-MNIST task models that share a frozen backbone
-(:func:`gmorph_tvm.zoo.pretrained.fmnist_backbone_set`) run on real test images. The demo
+(the benchmark recipe's ``demo`` set, :mod:`gmorph_tvm.recipe`) run on real test images. The demo
 imports them, fuses them losslessly, tunes the kernels within a small budget (kernels with
 tuning records shipped for this machine's CPU class are not tuned again: it says which), builds
 the fused artifact and the models compiled one by one, checks that every task's outputs equal
 PyTorch's, reports each task's accuracy on the test images it loads, and prints a side-by-side
-table against PyTorch eager (1 thread and all cores) and ONNX Runtime (default sessions and
-sessions that do not spin), all timed interleaved: median and spread of many samples.
+table against the recipe's peers (PyTorch eager on 1 thread and on all cores, ONNX Runtime's
+default and non-spinning sessions, OpenVINO when installed), all timed interleaved: median and
+spread of many samples. Speedups are over the same models compiled separately by TVM (the
+baseline fusion is measured against: same compiler, same kernels' tuning, no fusion), with ONNX
+Runtime's best session kind beside it.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from . import recipe
 from .artifact import build, resolve_target
-from .benchmark import (
-    Row,
-    format_table,
-    measure,
-    onnxruntime_sampler,
-    torch_sampler,
-    torch_weight_bytes,
-    tvm_sampler,
-)
+from .benchmark import Row, format_table, measure, tvm_sampler
 from .data import fashion_mnist
-from .frontend import import_models
-from .pipeline import fuse_lossless, fuse_separately
 from .runtime import load
-from .tuning import tune
 from .zoo import pretrained
 
 NUM_TEST_IMAGES = 256
@@ -43,9 +35,8 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-def _tuning(modules, target, trials: int, db: Path) -> str:
-    """Tune what the shipped records do not cover; one line saying which were used."""
-    reports = [tune(m.bound_module(), target, trials=trials, work_dir=db, progress=True) for m in modules]
+def _tuning(reports) -> str:
+    """One line saying which kernels the shipped records covered and what was tuned."""
     planned = [t for r in reports for t in r.tasks if t.trials_planned > 0]
     shipped = [t for t in planned if t.shipped]
     ran = sum(r.trials_run for r in reports)
@@ -71,77 +62,57 @@ def _accuracy(runner, models, images, batch: int) -> dict[str, float]:
 
 def run_demo(out_dir: str | Path = "out/demo", tune_trials: int = 64, batch: int = 1, num_tasks: int = 4,
              samples: int = 31) -> int:
-    import torch
-
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = resolve_target("llvm")
-    cores = os.cpu_count() or 1
-    models = pretrained.fmnist_backbone_set(num_tasks)
+    demo = recipe.load_set(recipe.DEMO, batch, num_tasks)
+    models = demo.models
     images = fashion_mnist.load_split("test", limit=max(batch, NUM_TEST_IMAGES))
-    x = images.images[:batch].contiguous()
     _say(f"{len(models)} Fashion-MNIST task models sharing a frozen backbone: {', '.join(models)}")
 
-    mm = import_models(models, x)
-    fused = fuse_lossless(mm)
-    _say(f"imported and fused: weights {mm.weight_bytes / 1e6:.2f} MB -> {fused.weight_bytes / 1e6:.2f} MB")
+    imported = recipe.import_set(demo)
+    (fused,) = recipe.builds(imported, "stitch+merge")
+    _say(f"imported and fused: weights {imported.mm.weight_bytes / 1e6:.2f} MB -> {fused.weight_bytes / 1e6:.2f} MB")
 
     db = out / "tuning"
     if tune_trials > 0:
         _say(f"tuning the separate and the fused kernels ({tune_trials} trials each; database {db})")
-        # The separate models' kernels: every model canonicalised as its own build is, none shared.
-        _say(_tuning([fuse_lossless(mm, stitch=False, merge="never"), fused], target, tune_trials, db))
+        _say(_tuning(recipe.tune_variants(imported, recipe.DEMO_VARIANTS, target, db, trials=tune_trials, progress=True)))
     tuning_db = db if tune_trials > 0 else None
 
     _say("building the fused artifact and the models one by one")
     fused_path = build(fused, target, tuning_db=tuning_db).export(out / "fused.so")
-    separate_paths = {
-        task: build(single, target, tuning_db=tuning_db).export(out / f"{task}.so")
-        for task, single in fuse_separately(models, x).items()
-    }
-    onnx_paths = {}
-    for task, model in models.items():
-        onnx_paths[task] = str(out / f"{task}.onnx")
-        torch.onnx.export(model, (x,), onnx_paths[task], dynamo=False, opset_version=17, input_names=["x"])
+    separate_paths = recipe.build_variant(imported, "separate", target, out, tuning_db=tuning_db)
+    onnx_paths = demo.export_onnx(out)
 
     fused_runner = load(fused_path)
-    separate = [load(path) for path in separate_paths.values()]
-    outputs = fused_runner({"x": x.numpy()})
-    with torch.inference_mode():
-        reference = {task: m(x).numpy() for task, m in models.items()}
+    separate = [load(path) for path in separate_paths]
+    feed = demo.feed
+    outputs = fused_runner(feed)
+    reference = demo.reference()
     worst = max(float(np.max(np.abs(outputs[t] - reference[t]))) for t in models)
     _say(f"fused outputs vs PyTorch: max |diff| = {worst:.2e}")
     if worst > 1e-3:
         print(f"error: fused outputs differ from PyTorch by {worst:.3g}", file=sys.stderr)
         return 1
 
+    peers = recipe.peers()
     _say(f"timing every system interleaved ({samples} samples each)")
-    feed = {"x": x.numpy()}
-    inputs = {task: (x,) for task in models}
+    peer_inputs = recipe.PeerInputs(demo, onnx_paths)
+    fused_label = recipe.variant_label("stitch+merge")
     systems = {
-        "PyTorch eager, 1 thread": torch_sampler(models, inputs, threads=1),
-        f"PyTorch eager, {cores} threads": torch_sampler(models, inputs, threads=cores),
-        "ONNX Runtime, default sessions": onnxruntime_sampler(onnx_paths, {t: feed for t in models}),
-        "ONNX Runtime, allow_spinning=0": onnxruntime_sampler(onnx_paths, {t: feed for t in models}, spinning=False),
-        "TVM, models compiled separately": tvm_sampler(separate, feed),
-        "gmorph-tvm fused": tvm_sampler([fused_runner], feed),
+        **recipe.peer_samplers(peers, peer_inputs),
+        recipe.SEPARATE_LABEL: tvm_sampler(separate, feed),
+        fused_label: tvm_sampler([fused_runner], feed),
     }
     timings = measure(systems, samples=samples)
-    torch_bytes = torch_weight_bytes(models)
-    onnx_bytes = sum(Path(p).stat().st_size for p in onnx_paths.values())
-    weights = {
-        "PyTorch eager, 1 thread": torch_bytes,
-        f"PyTorch eager, {cores} threads": torch_bytes,
-        "ONNX Runtime, default sessions": onnx_bytes,
-        "ONNX Runtime, allow_spinning=0": onnx_bytes,
-        "TVM, models compiled separately": sum(r.manifest["weights"]["bytes"] for r in separate),
-        "gmorph-tvm fused": fused_runner.manifest["weights"]["bytes"],
-    }
+    weights = {peer.label: peer.weight_bytes(peer_inputs) for peer in peers}
+    weights[recipe.SEPARATE_LABEL] = recipe.weight_bytes_of(separate)
+    weights[fused_label] = recipe.weight_bytes_of([fused_runner])
     rows = [Row.timed(name, timings[name], weights[name]) for name in systems]
-    print(format_table(rows, baseline=rows[1].system, compare="TVM, models compiled separately",
-                       title=f"{len(models)} Fashion-MNIST tasks, batch {batch}, {target.attrs.get('mcpu', 'cpu')}, "
-                             f"{cores} cores; median of {samples} interleaved samples, ± half the 10-90% range"))
+    print(table(rows, f"{len(models)} Fashion-MNIST tasks, batch {batch}, {target.attrs.get('mcpu', 'cpu')}, "
+                      f"{recipe.CORES} cores; median of {samples} interleaved samples, ± half the 10-90% range"))
 
     accuracy = _accuracy(fused_runner, models, images, batch)
     n_images = (len(images.labels) // batch) * batch
@@ -154,3 +125,16 @@ def run_demo(out_dir: str | Path = "out/demo", tune_trials: int = 64, batch: int
         print(f"  {task:<16} {accuracy[task]:6.1%}   first image: {predicted!r} (true: {truth!r})")
     print(f"\nartifact: {fused_path}  (gmorph-tvm info {fused_path}; total {time.perf_counter() - started:.0f} s)")
     return 0
+
+
+def table(rows: list[Row], title: str) -> str:
+    """The demo's table: speedups over the models compiled separately by TVM (the same compiler
+    without fusion, the steadiest row: PyTorch on all cores swung by ±1554 % in one run), with ONNX
+    Runtime's best session kind beside it. The title says what the speedups divide by."""
+    fastest_ort = recipe.best(rows)
+    title += ". Speedups: over the models compiled separately by TVM"
+    if fastest_ort is not None:
+        title += f", and over ONNX Runtime's best ({fastest_ort.system.removeprefix(recipe.ONNX_RUNTIME + ', ')})"
+    return format_table(rows, baseline=recipe.SEPARATE_LABEL, title=title,
+                        compare=fastest_ort.system if fastest_ort else None,
+                        compare_label="best ONNX Runtime" if fastest_ort else None)

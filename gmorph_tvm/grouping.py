@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import tvm
 from tvm import relax
 
 from .artifact import build
+from .core.inputs import random_inputs
 from .core.targets import host_is_native, resolve_target
 from .core.timing import seconds_per_call
 from .errors import BuildError, GmorphError, one_line
@@ -54,15 +54,9 @@ def measured_latency(target=None, fuse: Fuse | None = None, number: int = 5) -> 
         except GmorphError as err:
             raise BuildError(f"building group {', '.join(mm.task_names)} for timing failed: {one_line(err)}") from err
         vm = relax.VirtualMachine(artifact.executable, tvm.cpu())
-        rng = np.random.default_rng(0)
-        args = []
-        for spec in mm.inputs:
-            if spec.dtype.startswith("float"):
-                arr = rng.standard_normal(spec.shape).astype(spec.dtype)
-            else:
-                arr = np.zeros(spec.shape, dtype=spec.dtype)
-            args.append(tvm.runtime.tensor(arr))
-        args += artifact.weight_args()  # external weights (the default build) follow the inputs
+        # Integer inputs (token ids, masks) get valid values within the recorded index bounds, not
+        # zeros; external weights (the default build) follow the inputs.
+        args = [tvm.runtime.tensor(arr) for arr in random_inputs(artifact.manifest)] + artifact.weight_args()
         vm["main"](*args)  # warm up
         return seconds_per_call(lambda: vm["main"](*args), number)[0]
 

@@ -3,9 +3,10 @@
     python scripts/make_records.py --sets demo,B1,C1,B8,C8,A1,A8 --trials-per-task 64
     python scripts/make_records.py --sets demo --mcpu haswell      # the x86_64-avx2 class
 
-Sets: ``demo`` (what ``gmorph-tvm demo`` builds: 4 Fashion-MNIST tasks, batch 1, separate and
-fused) and ``<A|B|C|E><batch>`` (what ``bench/lossless.py`` builds: separate, stitch,
-stitch+merge, grouped). Each set is tuned into ``<work-dir>/<class>/<set>`` with every task
+Sets (the benchmark recipe's, gmorph_tvm.recipe): ``demo`` (what ``gmorph-tvm demo`` builds: 4
+Fashion-MNIST tasks, batch 1, separate and stitch+merge) and ``<A|B|C|E><batch>`` (what
+``bench/lossless.py`` builds: separate, stitch, stitch+merge, grouped). Each set is tuned into
+``<work-dir>/<class>/<set>`` with every task
 that ``tune`` would tune getting ``--trials-per-task`` trials (a re-run continues where it
 stopped); after each set the best record per workload of all sets done so far is written to
 ``tuning/records/<class>/<tvm version>/`` (see gmorph_tvm.tuning.shipped). Measured on this
@@ -21,54 +22,34 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-
-import lossless
 import tvm
 
-from gmorph_tvm import import_models
+from gmorph_tvm import recipe
 from gmorph_tvm.core.targets import target_dict
-from gmorph_tvm.data import fashion_mnist
-from gmorph_tvm.pipeline import fuse_lossless
 from gmorph_tvm.tuning import tune
 from gmorph_tvm.tuning.shipped import INDEX_FILE, RECORDS_ROOT, package, target_class
 from gmorph_tvm.tuning.tasks import DEFAULT_MIN_FLOPS_SHARE
-from gmorph_tvm.zoo import pretrained
+
+ROOT = Path(__file__).resolve().parent.parent
+# A benchmark set's builds, tuned in this order: at batch 1 set B's separate models are the demo's,
+# already shipped when the demo set ran first.
+TUNING_ORDER = ("stitch", "stitch+merge", "grouped", "separate")
 
 
 def _say(msg: str) -> None:
     print(f"[records] {msg}", file=sys.stderr, flush=True)
 
 
-VARIANTS = ("stitch", "stitch+merge", "group", "separate")
-
-
 def set_modules(name: str, variants: set[str] | None = None) -> list[tuple[str, tvm.IRModule]]:
-    """The weight-bound modules a set tunes, labelled. ``variants`` (benchmark sets only; default:
-    all of :data:`VARIANTS`, ``group`` standing for every group of the grouped build) names the
-    builds to make: the others are not fused at all."""
-    if name == "demo":
-        models = pretrained.fmnist_backbone_set(4)
-        x = fashion_mnist.load_split("test", limit=256).images[:1].contiguous()
-        mm = import_models(models, x)
-        separate = fuse_lossless(mm, stitch=False, merge="never")  # the kernels of the models built one by one
-        return [("separate", separate.bound_module()), ("fused", fuse_lossless(mm).bound_module())]
-    wanted = set(VARIANTS) if variants is None else variants
-    set_name, batch = name[0], int(name[1:])
-    models, args, _ = lossless.load_set(set_name, None, batch)
-    mm = import_models(models, args)
-    mods = []
-    if "stitch" in wanted:
-        mods.append(("stitch", fuse_lossless(mm, merge="never").bound_module()))
-    if "stitch+merge" in wanted:
-        mods.append(("stitch+merge", fuse_lossless(mm, merge="auto").bound_module()))
-    if "group" in wanted:
-        mods += [(f"group{i}", part.bound_module()) for i, part in enumerate(lossless._grouped(mm))]
-    if "separate" in wanted:
-        # Last: at batch 1 set B's separate models are the demo's, already shipped when it ran first.
-        mods.append(("separate", fuse_lossless(mm, stitch=False, merge="never").bound_module()))
-    return mods
+    """The weight-bound modules a set (``demo`` or ``<set><batch>``) tunes, labelled. ``variants``
+    (benchmark sets only; default: all of the recipe's) names the builds to make: the others are not
+    fused at all."""
+    set_name, batch = recipe.parse_label(name)
+    imported = recipe.import_set(recipe.load_set(set_name, batch))
+    if set_name == recipe.DEMO:
+        return recipe.tuning_modules(imported, recipe.DEMO_VARIANTS)
+    wanted = set(recipe.VARIANTS) if variants is None else variants
+    return recipe.tuning_modules(imported, [v for v in TUNING_ORDER if v in wanted])
 
 
 def publish(work: Path, out: Path, spec: dict, sets: dict) -> dict:
@@ -110,7 +91,7 @@ def main(argv=None) -> int:
                         help="tune() leaves kernels under this cost share untuned (default: tune()'s); 0 tunes "
                         "every kernel (an untuned kernel runs ~10x slower, so a 0.5%% one becomes 5%% of the time)")
     parser.add_argument("--variants", help="comma-separated builds of a benchmark set to tune (default: all of "
-                        f"{', '.join(VARIANTS)})")
+                        f"{', '.join(recipe.VARIANTS)})")
     parser.add_argument("--op-names", help="comma-separated kernel names (substrings, as tune's op_names) to tune; "
                         "the others are left as shipped (e.g. a re-tune of a set's slowest kernels with more trials)")
     parser.add_argument("--work-dir", default=str(ROOT / "out" / "records"))
@@ -134,8 +115,9 @@ def main(argv=None) -> int:
     for name in args.sets.split(","):
         work = Path(args.work_dir) / str(cls) / name
         variants = set(args.variants.split(",")) if args.variants and name != "demo" else None
-        if variants and not variants <= set(VARIANTS):
-            parser.error(f"--variants: {', '.join(sorted(variants - set(VARIANTS)))} not among {', '.join(VARIANTS)}")
+        if variants and not variants <= set(recipe.VARIANTS):
+            parser.error(f"--variants: {', '.join(sorted(variants - set(recipe.VARIANTS)))} not among "
+                         f"{', '.join(recipe.VARIANTS)}")
         op_names = args.op_names.split(",") if args.op_names else None
         seconds = tune_set(name, target, work, args.trials_per_task, args.population, reuse, out, spec, variants,
                            args.min_flops_share, op_names)

@@ -6,21 +6,41 @@ import re
 
 import pytest
 
+from gmorph_tvm import recipe
 from gmorph_tvm.benchmark import Row, format_table, measure
-from gmorph_tvm.demo import run_demo
+from gmorph_tvm.demo import run_demo, table
 
 
 def test_demo_builds_checks_and_prints_table(tmp_path, capsys):
     assert run_demo(out_dir=tmp_path, tune_trials=0, batch=2, num_tasks=2, samples=5) == 0
     out = capsys.readouterr().out
-    assert "| gmorph-tvm fused |" in out and "| TVM, models compiled separately |" in out
+    assert "| gmorph-tvm fused: stitch+merge |" in out and "| TVM, models compiled separately |" in out
     assert "| PyTorch eager, 1 thread |" in out and "| ONNX Runtime, allow_spinning=0 |" in out
-    assert "vs TVM, models compiled separately |" in out
+    # Speedups are over the models compiled separately (the header says so), with ONNX Runtime's best beside.
+    header = next(line for line in out.splitlines() if line.startswith("| system |"))
+    assert "| x vs TVM, models compiled separately | x vs best ONNX Runtime |" in header, header
+    assert "Speedups: over the models compiled separately by TVM, and over ONNX Runtime's best (" in out
+    separate = next(line for line in out.splitlines() if line.startswith("| TVM, models compiled separately |"))
+    assert separate.split("|")[4].strip() == "1.00x", separate
     # Both bundled tasks are far better than chance on the 256 test images (coarse4 > 90 %).
     accuracy = re.search(r"coarse4\s+([\d.]+)%\s+first image: '(\w+)'", out)
     assert accuracy is not None and float(accuracy.group(1)) > 90, out
     assert "on 256 Fashion-MNIST test images" in out
     assert (tmp_path / "fused.so").is_file() and (tmp_path / "fused.manifest.json").is_file()
+
+
+def test_demo_speedups_are_over_the_separate_build_with_the_best_onnx_runtime_beside():
+    """Issue 25: the speedup column divided by PyTorch on all cores, the noisiest row (±1554 % in one
+    run, so the fused build read 202.80x); it divides by TVM's separate build, and ONNX Runtime's faster
+    session kind gets the second column."""
+    rows = [Row("PyTorch eager, 2 threads", 200.0, 1, spread_pct=1554.0),
+            Row("ONNX Runtime, default sessions", 3.0, 1), Row("ONNX Runtime, allow_spinning=0", 2.0, 1),
+            Row(recipe.SEPARATE_LABEL, 4.0, 1), Row("gmorph-tvm fused: stitch+merge", 1.0, 1)]
+    text = table(rows, "title")
+    assert "| system | median ms | ± | x vs TVM, models compiled separately | x vs best ONNX Runtime |" in text
+    assert "| gmorph-tvm fused: stitch+merge | 1.000 | - | 4.00x | 2.00x |" in text
+    assert "| PyTorch eager, 2 threads | 200.000 | 1554% | 0.02x | 0.01x |" in text
+    assert "over ONNX Runtime's best (allow_spinning=0)" in text
 
 
 def test_interleaved_timing_reports_median_and_spread():
@@ -32,7 +52,7 @@ def test_interleaved_timing_reports_median_and_spread():
     assert timings["a"].median_ms == pytest.approx(3.0)
     assert timings["a"].spread_pct == pytest.approx(50 * (4.6 - 1.4) / 3.0)
     table = format_table([Row.timed("a", timings["a"], 1_000_000)], baseline="a")
-    assert "| a | 3.000 | 53% | 1.00x | 1.00 |" in table
+    assert "| a | 3.000 | 53% | 1.00x | 1.00 |" in table and "| x vs a |" in table
 
 
 def test_a_system_is_not_timed_on_its_first_run_after_another():
@@ -53,10 +73,12 @@ def test_a_system_is_not_timed_on_its_first_run_after_another():
 def test_format_table_compares_against_a_second_row():
     rows = [Row("torch", 8.0, 1), Row("separate", 4.0, 1), Row("fused", 1.0, 1)]
     table = format_table(rows, baseline="torch", compare="separate")
-    assert "| fused | 1.000 | 8.00x | 4.00x | 0.00 |" in table and "vs separate" in table
+    assert "| fused | 1.000 | 8.00x | 4.00x | 0.00 |" in table and "| x vs torch | x vs separate |" in table
 
 
 def test_format_table_speedups_are_relative_to_baseline():
     table = format_table([Row("slow", 4.0, 2_000_000), Row("fast", 1.0, 1_000_000)], baseline="slow")
     assert "| fast | 1.000 | 4.00x | 1.00 |" in table
     assert "peak MB" not in table
+    with pytest.raises(ValueError, match="baseline 'gone' is not a row"):
+        format_table([Row("slow", 4.0, 2_000_000)], baseline="gone")

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import tvm
 
+from gmorph_tvm.errors import one_line
 from gmorph_tvm.tuning.report import TuningWarning
 
 # Largest relative difference (max |tuned - default| / max |default|, per buffer) accepted.
@@ -175,24 +176,18 @@ def check_schedule(
     try:
         inputs, want = defaults.get(workload)
     except Exception as err:  # noqa: BLE001 - TVM raises many error types
-        return KernelCheck(name, True, None, f"default schedule could not be run: {_one_line(err)}", verified=False)
+        return KernelCheck(name, True, None, f"default schedule could not be run: {one_line(err, 300)}", verified=False)
     if inputs is None or want is None:
         return KernelCheck(name, True, None, "reads non-float buffers", verified=False)
     try:
         got = _run(_compile(scheduled, target), inputs, target)
     except Exception as err:  # noqa: BLE001 - a record that no longer compiles is not usable
-        return KernelCheck(name, False, None, f"tuned schedule does not compile or run: {_one_line(err)}")
+        return KernelCheck(name, False, None, f"tuned schedule does not compile or run: {one_line(err, 300)}")
     rtol = rtol_for([str(p.dtype) for p in workload["main"].params])
     error = max((relative_error(g, w) for g, w in zip(got, want)), default=0.0)
     if error <= rtol:
         return KernelCheck(name, True, error)
     return KernelCheck(name, False, error, f"computes different values (max relative error {error:.3g} > {rtol:g})")
-
-
-def _one_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    text = lines[-1] if lines else type(err).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def verified_database(
@@ -235,7 +230,7 @@ def verified_database(
             try:
                 scheduled = apply_record(record)
             except Exception as err:  # noqa: BLE001 - a trace that no longer applies
-                check = KernelCheck(name, False, None, f"its trace does not apply: {_one_line(err)}")
+                check = KernelCheck(name, False, None, f"its trace does not apply: {one_line(err, 300)}")
             else:
                 check = check_schedule(name, record.workload.mod, scheduled, runner_target, seed=seed, defaults=defaults)
         result.checks.append(check)

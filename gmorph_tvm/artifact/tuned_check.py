@@ -22,6 +22,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from ..core.inputs import random_inputs
 from ..core.specs import TensorSpec
 from ..core.targets import host_is_native, is_cuda
 from ..tuning.report import TuningWarning
@@ -58,20 +59,6 @@ class ModuleCheck:
         }
 
 
-def random_inputs(specs: Sequence[TensorSpec], seed: int = 0) -> list[np.ndarray]:
-    """Standard-normal floats; integers in {0, 1} (valid token ids, type ids and masks)."""
-    rng = np.random.default_rng(seed)
-    arrays = []
-    for spec in specs:
-        if spec.dtype.startswith(("float", "bfloat")):
-            arrays.append(rng.standard_normal(spec.shape).astype(spec.dtype))
-        elif spec.dtype == "bool":
-            arrays.append(rng.integers(0, 2, spec.shape).astype(bool))
-        else:
-            arrays.append(rng.integers(0, 2, spec.shape).astype(spec.dtype))
-    return arrays
-
-
 def _flatten(value: Any) -> list[np.ndarray]:
     if isinstance(value, tvm.runtime.Tensor):
         return [value.numpy()]
@@ -94,8 +81,9 @@ def _call_main(vm: relax.VirtualMachine, executable: Any, device: Any, inputs: S
 
 def _run(executable: Any, device: Any, inputs: list[np.ndarray], trace: bool = False, call: Call = _call_main):
     """Outputs of the build (``call``: every entry point) and, with ``trace``, every kernel call as
-    (kernel, args after the call)."""
-    vm = relax.VirtualMachine(executable, device)
+    (kernel, args after the call). ``executable``: a VM executable, or a build holding one as
+    ``.executable`` (passed to ``call`` as is)."""
+    vm = relax.VirtualMachine(getattr(executable, "executable", executable), device)
     calls: list[tuple[str, list[np.ndarray]]] = []
     if trace:
 

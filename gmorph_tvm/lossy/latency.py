@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..artifact import build
-from ..core.timing import seconds_per_call
+from ..core.inputs import random_inputs
+from ..core.timing import seconds_per_call, time_main
 from ..errors import SearchError
-from ..runtime.loader import random_inputs, time_main
 
 
 @dataclass(frozen=True)

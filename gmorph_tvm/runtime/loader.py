@@ -38,6 +38,7 @@ import tvm_ffi
 from tvm import relax
 
 from ..core import device_code
+from ..core.inputs import random_inputs  # noqa: F401 (re-exported: gmorph_tvm.runtime.random_inputs)
 from ..core.manifest import (
     SIGNATURE_FUNCTION,
     check_signature,
@@ -49,6 +50,7 @@ from ..core.manifest import (
 )
 from ..core.specs import check_inputs
 from ..core.targets import runs_here
+from ..core.timing import time_main
 from ..core.tvm_log import quiet_tvm_warnings
 from ..core.vm import (  # noqa: F401 (re-exported)
     InputsLike,
@@ -62,7 +64,7 @@ from ..core.vm import (  # noqa: F401 (re-exported)
     split_outputs,
 )
 from ..core.weights_file import ALIGNMENT, WeightsFile, read_weights
-from ..errors import ArtifactError, InputSpecError, one_line
+from ..errors import ArtifactError, one_line
 from .cuda_driver import check_cuda_driver, cuda_driver_version
 
 DEVICE_COPY_CHUNK = 64 << 20  # bytes per host -> device copy of external weights
@@ -295,35 +297,3 @@ def _check_host_arch(library: Path, manifest: Mapping[str, Any]) -> None:
         raise ArtifactError(
             f"{library} was built for a {built_for} host but this machine is {machine}; run it on that device"
         )
-
-
-def random_inputs(manifest: Mapping[str, Any], seed: int = 0) -> list[np.ndarray]:
-    """Deterministic inputs matching the manifest (normal floats, small non-negative ints)."""
-    rng = np.random.default_rng(seed)
-    arrays = []
-    for spec in input_specs(manifest):
-        dtype = np.dtype(spec.dtype)
-        if dtype.kind == "f":
-            arrays.append(rng.standard_normal(spec.shape).astype(dtype))
-        elif dtype.kind == "b":
-            arrays.append(rng.integers(0, 2, spec.shape).astype(dtype))
-        else:  # token ids, indices: keep them small and valid
-            arrays.append(rng.integers(0, 2, spec.shape).astype(dtype))
-    return arrays
-
-
-def time_main(vm: relax.VirtualMachine, dev: tvm.runtime.Device, args: list, *, number: int, repeat: int,
-              min_repeat_ms: int = 0, func: str = "main") -> dict[str, float | int]:
-    if number < 1 or repeat < 1:
-        raise InputSpecError(f"number and repeat must be >= 1 (given number={number}, repeat={repeat})")
-    timer = vm.time_evaluator(func, dev, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
-    result = timer(*args)
-    results_ms = np.array(result.results, dtype=np.float64) * 1e3
-    return {
-        "median_ms": float(np.median(results_ms)),
-        "mean_ms": float(np.mean(results_ms)),
-        "std_ms": float(np.std(results_ms)),
-        "min_ms": float(np.min(results_ms)),
-        "repeat": int(repeat),
-        "number": int(number),
-    }

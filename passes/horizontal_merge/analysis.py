@@ -1,7 +1,7 @@
 """What HorizontalMerge reads off a dataflow block before planning: types, weights and dependencies.
 
-* helpers on the static types of values (shape, dtype, bytes) and on calls (op name, operands,
-  whether two calls are the same kind of op);
+* helpers on the static types of values (shape, dtype; readers of :mod:`gmorph_tvm.core.ir` applied
+  to an expression) and on calls (operands, whether two calls are the same kind of op);
 * :class:`WeightValues`: the value of a weight-only expression at pass time (a weight parameter, a
   constant, or layout ops of them), so merged weights can be concatenated before run time;
 * :class:`BlockGraph`: who uses and who depends on each binding of a block, so that the planner
@@ -21,6 +21,10 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
+# nbytes, op_name and normalize_axis (as norm_axis) are the rules' and planner's names for the
+# helpers of gmorph_tvm.core.ir, their one home.
+from gmorph_tvm.core.ir import dtype_str, nbytes, op_name, static_shape  # noqa: F401  (nbytes re-exported)
+from gmorph_tvm.core.ir import normalize_axis as norm_axis  # noqa: F401  (re-exported)
 from gmorph_tvm.errors import FusionError
 from gmorph_tvm.passes._util import weight_params
 
@@ -34,23 +38,10 @@ _WEIGHT_LAYOUT_OPS = frozenset(
 # ---- helpers on types ---------------------------------------------------------------------------
 
 
-def tensor_ty(expr: relax.Expr) -> relax.TensorType | None:
-    """The tensor type of ``expr`` (of its first field for a tuple), or None."""
-    ty = expr.ty
-    if isinstance(ty, relax.TupleType) and len(ty.fields) > 0:
-        ty = ty.fields[0]
-    return ty if isinstance(ty, relax.TensorType) else None
-
-
 def shape_of(expr: relax.Expr) -> tuple[int, ...] | None:
-    """Static shape of ``expr``'s tensor type, or None when unknown / symbolic."""
-    ty = tensor_ty(expr)
-    if ty is None or ty.shape is None:
-        return None
-    try:
-        return tuple(int(d) for d in ty.shape.values)
-    except (TypeError, AttributeError, ValueError):
-        return None
+    """Static shape of ``expr``'s tensor type (of its first field for a tuple), or None when unknown
+    / symbolic: :func:`gmorph_tvm.core.ir.static_shape` of the expression's type."""
+    return static_shape(expr.ty, first_field=True)
 
 
 def known_shape(expr: relax.Expr) -> tuple[int, ...]:
@@ -62,11 +53,8 @@ def known_shape(expr: relax.Expr) -> tuple[int, ...]:
 
 
 def dtype_of(expr: relax.Expr) -> str | None:
-    ty = tensor_ty(expr)
-    if ty is None:
-        return None
-    dtype = ty.dtype
-    return str(getattr(dtype, "dtype", dtype))
+    """dtype string of ``expr``'s tensor type (first field of a tuple): :func:`gmorph_tvm.core.ir.dtype_str`."""
+    return dtype_str(expr.ty, first_field=True)
 
 
 def known_dtype(expr: relax.Expr) -> str:
@@ -75,20 +63,6 @@ def known_dtype(expr: relax.Expr) -> str:
     if dtype is None:
         raise FusionError(f"HorizontalMerge: {expr.ty} is not a tensor")  # an internal invariant
     return dtype
-
-
-def nbytes(shape: Sequence[int], dtype: str) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-
-
-def norm_axis(axis: int, rank: int) -> int:
-    return axis + rank if axis < 0 else axis
-
-
-def op_name(expr: relax.Expr) -> str | None:
-    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-        return expr.op.name
-    return None
 
 
 def args_of(value: relax.Expr) -> list[relax.Expr]:

@@ -13,7 +13,9 @@ from gmorph_tvm.passes.cost_model import MergeCostModel, MergeOptionError
 from gmorph_tvm.passes.horizontal_merge.rewrite import merge_function
 from gmorph_tvm.passes.horizontal_merge.schedule import RegionReport
 
+# The merge modes, defined here only: the pipeline, the CLI and the benchmark recipe import them.
 MergeMode = Literal["auto", "always", "never"]
+MERGE_MODES: tuple[MergeMode, ...] = ("auto", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,6 @@ def horizontal_merge(
 
 
 def _options(mode, cost_model, target, min_branches) -> tuple[MergeMode, MergeCostModel, int]:
-    if mode not in ("auto", "always", "never"):
+    if mode not in MERGE_MODES:
         raise MergeOptionError(f"HorizontalMerge: mode must be 'auto', 'always' or 'never', got {mode!r}")
     return cast(MergeMode, mode), cost_model or MergeCostModel.for_target(target), max(2, int(min_branches))
