@@ -26,7 +26,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,17 +34,10 @@ import numpy as np
 import torch
 import tvm
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import lossless
-
-from gmorph_tvm import import_models
-from gmorph_tvm.artifact import build, resolve_target
-from gmorph_tvm.data import fashion_mnist
-from gmorph_tvm.pipeline import fuse_lossless, fuse_separately
+from gmorph_tvm import recipe
+from gmorph_tvm.artifact import resolve_target
+from gmorph_tvm.core.timing import seconds_per_call, time_main
 from gmorph_tvm.runtime import load
-from gmorph_tvm.zoo import pretrained
 
 TINY_US = 20.0  # kernels under this are "tiny": launch and wake-up costs are of their order
 
@@ -70,15 +62,6 @@ class Breakdown:
     @property
     def overhead_ms(self) -> float:
         return self.total_ms - self.kernel_ms
-
-
-def load_models(set_name: str, batch: int):
-    """(models, input tensors, input names) of a benchmark set or the demo set."""
-    if set_name == "demo":
-        models = pretrained.fmnist_backbone_set(4)
-        x = fashion_mnist.load_split("test", limit=max(batch, 256)).images[:batch].contiguous()
-        return models, (x,), ["x"]
-    return lossless.load_set(set_name, None, batch)
 
 
 def _config_threads(n: int) -> None:
@@ -107,8 +90,7 @@ def _capture_calls(runner, args) -> tuple[list[tuple[str, list]], int]:
 
 
 def _kernel_us(lib, name: str, args: list, dev) -> float:
-    timer = lib.time_evaluator(name, dev, number=20, repeat=5, min_repeat_ms=5)
-    return statistics.median(timer(*args).results) * 1e6
+    return time_main(lib, dev, args, number=20, repeat=5, min_repeat_ms=5, func=name)["median_ms"] * 1e3
 
 
 def tvm_breakdown(system: str, paths: list[str], feed: dict[str, np.ndarray], cores: int) -> Breakdown:
@@ -157,15 +139,12 @@ def ort_breakdown(system: str, onnx_paths: list[str], feed: dict[str, np.ndarray
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         sessions.append((sess, {i.name: feed[i.name] for i in sess.get_inputs()}))
-    totals = []
-    for _ in range(10):  # warm-up
+    def run_all() -> None:
         for sess, inputs in sessions:
             sess.run(None, inputs)
-    for _ in range(runs):
-        start = time.perf_counter()
-        for sess, inputs in sessions:
-            sess.run(None, inputs)
-        totals.append(time.perf_counter() - start)
+
+    seconds_per_call(run_all, 10)  # warm-up
+    totals = seconds_per_call(run_all, 1, runs)
     per_kernel: dict[str, list[float]] = defaultdict(list)
     run_us, node_us, count = 0.0, 0.0, 0
     for sess, _ in sessions:
@@ -212,7 +191,7 @@ def render(title: str, rows: list[Breakdown]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set", default="demo", help="demo, A, B, C or E")
+    parser.add_argument("--set", default="demo", choices=recipe.SETS)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--tuning-db", help="a tuning work dir applied before the shipped records")
     parser.add_argument("--runs", type=int, default=200, help="ONNX Runtime runs profiled")
@@ -220,28 +199,23 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
-    models, inputs, names = load_models(args.set, args.batch)
-    feed = {n: a.numpy() for n, a in zip(names, inputs)}
+    bench_set = recipe.load_set(args.set, args.batch)
+    models, feed = bench_set.models, bench_set.feed
     target = resolve_target("llvm")
     with tempfile.TemporaryDirectory(prefix="breakdown_") as tmp:
         work = Path(args.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        onnx_paths = []
-        for task, model in models.items():
-            path = work / f"{task}.onnx"
-            torch.onnx.export(model, inputs, str(path), dynamo=False, opset_version=17, input_names=names)
-            onnx_paths.append(str(path))
+        onnx_paths = list(bench_set.export_onnx(work).values())
         _say(f"building {len(models)} separate models and the fused one")
-        sep = [str(build(single, target, tuning_db=args.tuning_db).export(work / f"sep_{t}.so"))
-               for t, single in fuse_separately(models, inputs).items()]
-        fused = [str(build(fuse_lossless(import_models(models, inputs)), target,
-                           tuning_db=args.tuning_db).export(work / "fused.so"))]
+        imported = recipe.import_set(bench_set)
+        sep = recipe.build_variant(imported, "separate", target, work, tuning_db=args.tuning_db)
+        fused = recipe.build_variant(imported, "stitch+merge", target, work, tuning_db=args.tuning_db)
         _say("timing")
         rows = [
-            tvm_breakdown("TVM, compiled separately", sep, feed, cores),
-            tvm_breakdown("gmorph-tvm fused", fused, feed, cores),
-            ort_breakdown("ONNX Runtime, default sessions", onnx_paths, feed, True, args.runs, work),
-            ort_breakdown("ONNX Runtime, allow_spinning=0", onnx_paths, feed, False, args.runs, work),
+            tvm_breakdown(recipe.SEPARATE_LABEL, sep, feed, cores),
+            tvm_breakdown(recipe.variant_label("stitch+merge"), fused, feed, cores),
+            ort_breakdown(recipe.PEERS["ort"].label, onnx_paths, feed, True, args.runs, work),
+            ort_breakdown(recipe.PEERS["ort-nospin"].label, onnx_paths, feed, False, args.runs, work),
         ]
     title = (f"Set {args.set}, batch {args.batch}: {len(models)} models, {target.attrs['mcpu']}, {cores} cores "
              f"(`python bench/breakdown.py {' '.join(sys.argv[1:] if argv is None else argv)}`)")

@@ -22,14 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-import gmorph_tvm  # noqa: E402
-from gmorph_tvm.artifact import build, resolve_target  # noqa: E402
-from gmorph_tvm.benchmark import time_callable  # noqa: E402
-from gmorph_tvm.runtime import load  # noqa: E402
-from gmorph_tvm.zoo import pretrained  # noqa: E402
+import gmorph_tvm
+from gmorph_tvm.artifact import build, resolve_target
+from gmorph_tvm.benchmark import time_callable
+from gmorph_tvm.runtime import load
+from gmorph_tvm.zoo import pretrained
 
 
 def symbolic_executable(model, max_batch: int, target):

@@ -2,7 +2,7 @@
 
     python bench/layout.py --set C --batch 1 --trials-per-task 32 [--work-dir out/layout]
 
-Builds one 8-model benchmark set (``bench/lossless.py``'s sets B and C), fused losslessly
+Builds one 8-model benchmark set (the recipe's sets B and C, gmorph_tvm.recipe), fused losslessly
 (stitch+merge), twice: with the importers' NCHW convolutions (``channels_last=False``) and as
 CPU builds now lower them (``gmorph_tvm.passes.ChannelsLast``: every conv2d NHWC / OHWI, weights
 transposed once at build time). Each layout is tuned here with the same ``--trials-per-task``
@@ -19,17 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import lossless
-
-from gmorph_tvm import import_models
+from gmorph_tvm import recipe
 from gmorph_tvm.artifact import build, resolve_target
-from gmorph_tvm.benchmark import measure, onnxruntime_sampler, tvm_sampler
-from gmorph_tvm.pipeline import fuse_lossless
+from gmorph_tvm.benchmark import measure, tvm_sampler
 from gmorph_tvm.runtime import load
 from gmorph_tvm.tuning import tune
 
@@ -40,16 +32,12 @@ def _say(msg: str) -> None:
 
 def run(set_name: str, batch: int, per_task: int, work: Path, samples: int) -> str:
     target = resolve_target("llvm")
-    models, args, names = lossless.load_set(set_name, None, batch)
-    with torch.inference_mode():
-        reference = {t: m(*args).numpy() for t, m in models.items()}
-    feed = {n: a.numpy() for n, a in zip(names, args)}
-    onnx_paths = {}
-    for task, model in models.items():
-        onnx_paths[task] = str(work / f"{task}.onnx")
-        torch.onnx.export(model, args, onnx_paths[task], dynamo=False, opset_version=17, input_names=names)
-
-    fused = fuse_lossless(import_models(models, args))
+    bench_set = recipe.load_set(set_name, batch)
+    models, feed = bench_set.models, bench_set.feed
+    reference = bench_set.reference()
+    peer = recipe.PEERS["ort-nospin"]
+    peer_inputs = recipe.PeerInputs(bench_set, bench_set.export_onnx(work))
+    (fused,) = recipe.builds(recipe.import_set(bench_set), "stitch+merge")
     builds = {}
     for layout, channels_last in (("NCHW", False), ("NHWC", True)):
         db = work / f"{layout.lower()}_tuning"
@@ -61,17 +49,12 @@ def run(set_name: str, batch: int, per_task: int, work: Path, samples: int) -> s
         artifact = build(fused, target, tuning_db=db, shipped_records=False, channels_last=channels_last)
         builds[f"gmorph-tvm fused, {layout} ({per_task} trials/kernel)"] = artifact.export(work / f"{layout.lower()}.so")
     runners = {label: load(path) for label, path in builds.items()}
-    errors = {}
-    for label, runner in runners.items():
-        out = runner({k: v for k, v in feed.items() if k in {s["name"] for s in runner.manifest["inputs"]}})
-        values = [out[t] for t in models] if set(models) <= set(out) else list(out.values())  # IRModule: out0..
-        errors[label] = max(float(np.max(np.abs(v - reference[t])) / (np.abs(reference[t]).max() + 1e-12))
-                            for v, t in zip(values, models))
-    systems = {"ONNX Runtime, allow_spinning=0": onnxruntime_sampler(onnx_paths, {t: feed for t in models},
-                                                                    spinning=False)}
+    errors = {label: recipe.max_relative_error(recipe.run_artifacts([str(path)], feed), reference)
+              for label, path in builds.items()}
+    systems = {peer.label: peer.sampler(peer_inputs)}
     systems.update({label: tvm_sampler([r], feed) for label, r in runners.items()})
     timings = measure(systems, samples=samples)
-    ort = timings["ONNX Runtime, allow_spinning=0"].median_ms
+    ort = timings[peer.label].median_ms
     lines = [f"**Set {set_name}, batch {batch}** ({target.attrs['mcpu']}, {len(models)} models)", "",
              "| system | median ms | ± | min ms | vs ONNX Runtime | max rel. error vs PyTorch |",
              "|---|---:|---:|---:|---:|---:|"]

@@ -34,10 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gmorph_tvm.data import fashion_mnist as fm  # noqa: E402
-from gmorph_tvm.zoo import pretrained as pt  # noqa: E402
+from gmorph_tvm.data import fashion_mnist as fm
+from gmorph_tvm.zoo import pretrained as pt
 
 BATCH = 128
 

@@ -28,9 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -48,16 +45,17 @@ if ARGS is not None:
     # Before TVM starts its thread pool (here and in the tuning worker it spawns).
     os.environ["TVM_NUM_THREADS"] = str(ARGS.threads)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import tvm  # noqa: E402
-from tvm import relax  # noqa: E402
+import numpy as np
+import torch
+import tvm
+from tvm import relax
 
-from gmorph_tvm import import_models  # noqa: E402
-from gmorph_tvm.benchmark import time_callable  # noqa: E402
-from gmorph_tvm.core.targets import resolve_target, target_dict  # noqa: E402
-from gmorph_tvm.tuning import lower, tune  # noqa: E402
-from gmorph_tvm.tuning.tasks import DEFAULT_MIN_FLOPS_SHARE  # noqa: E402
+from gmorph_tvm import import_models
+from gmorph_tvm.benchmark import time_callable
+from gmorph_tvm.core.targets import resolve_target, target_dict
+from gmorph_tvm.core.timing import time_main
+from gmorph_tvm.tuning import lower, tune
+from gmorph_tvm.tuning.tasks import DEFAULT_MIN_FLOPS_SHARE
 
 
 def _model(name: str, batch: int) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
@@ -84,8 +82,7 @@ def _time_tvm(mod: tvm.IRModule, target: tvm.target.Target, inputs: list[np.ndar
     args = [tvm.runtime.tensor(x) for x in inputs]
     out = vm["main"](*args)
     outs = [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
-    timer = vm.time_evaluator("main", tvm.cpu(), number=10, repeat=7, min_repeat_ms=100)
-    return timer(*args).median * 1e3, outs
+    return time_main(vm, tvm.cpu(), args, number=10, repeat=7, min_repeat_ms=100)["median_ms"], outs
 
 
 def main() -> None:
