@@ -6,7 +6,7 @@ weight is renamed ``<task>.<original parameter name>`` so its provenance survive
 per-model functions are then called from one ``main`` that takes the distinct inputs (tasks that
 read an input of the same name, shape and dtype share one Relax var) and returns every task's
 outputs, and are inlined so later passes see one dataflow graph. TIR functions a frontend emits
-beside ``main`` (``emit_te``, e.g. Clip with tensor bounds) are kept, renamed ``<task>_<name>``.
+beside ``main`` (``emit_te``, e.g. a reflect Pad) are kept, renamed ``<task>_<name>``.
 
 ONNX graphs are first folded at the given static shapes (``onnx_fold``: onnxslim) and converted with
 gmorph-tvm's extra converters (``onnx_convert``, ``onnx_ops``: LSTM, GRU). An exported program whose
@@ -269,12 +269,6 @@ def _quiet_torch_logs():
             lg.setLevel(level)
 
 
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    """An error message collapsed to one line (for checkers whose context follows the cause)."""
-    text = " ".join(ln.strip() for ln in str(err).strip().splitlines() if ln.strip())
-    return (text[:limit] + "...") if len(text) > limit else text or type(err).__name__
-
-
 @contextlib.contextmanager
 def _frontend_call():
     """A TVM frontend call: its warnings and the converter's own prints (``Error converting
@@ -516,8 +510,10 @@ def _import_onnx(
     try:
         onnx.checker.check_model(proto)
     except Exception as err:
-        raise ModelImportError(f"model {task!r}: {where} is not a valid ONNX model: {_one_line(err)}") from err
-    proto = _clip_as_max_min(proto)
+        # The checker states the problem first and the node it is in last ("==> Context: ..."): keep both.
+        problem, context = one_line(err, 250, first=True), one_line(err, 200)
+        detail = problem if context == problem else f"{problem} ({context.removeprefix('==> Context: ')})"
+        raise ModelImportError(f"model {task!r}: {where} is not a valid ONNX model: {detail}") from err
 
     initializers = {init.name for init in proto.graph.initializer}
     graph_inputs = [i for i in proto.graph.input if i.name not in initializers]
@@ -572,53 +568,18 @@ def _import_onnx(
     ]
     weight_params = list(func.params)[num_input:]
     weight_values = list(func.attrs["params"]) if "params" in func.attrs else []
-    weights = list(zip(_onnx_weight_names([p.name for p in weight_params], folded), weight_values))
+    names = _onnx_weight_names([p.name for p in weight_params], folded)
+    # Initialisers a converter consumed as constants (Clip bounds, ...) are no weights of the model.
+    used = set(relax.analysis.free_vars(func.body))
+    keep = [i for i, p in enumerate(weight_params[:len(weight_values)]) if p in used]
+    if len(weight_values) == len(weight_params) and len(keep) < len(weight_params):
+        mod["main"] = relax.Function(
+            list(func.params)[:num_input] + [weight_params[i] for i in keep], func.body, func.ret_ty, func.is_pure,
+            func.attrs,
+        ).with_attr("params", [weight_values[i] for i in keep])
+    weights = [(names[i], weight_values[i]) for i in keep]
     return _finish(task, mod, num_input, inputs, weights, {}, "onnx", source_hash,
                    input_names=[inp.name for inp in graph_inputs])
-
-
-def _clip_as_max_min(proto):
-    """A copy of ``proto`` where each Clip with known, non-NaN bounds is ``Min(Max(x, lo), hi)``.
-
-    TVM's Clip converter emits its own TIR ``maximum``/``minimum`` functions, which merging the
-    model into one module cannot carry ("There is no definition of I.GlobalVar('maximum')") and
-    which turn NaN into a bound; ONNX Max/Min become ``relax.maximum``/``minimum``, legalised
-    NaN-propagating like onnxruntime's Clip. Bounds given by a graph computation, or NaN (which
-    ONNX reads as "no bound"), leave the node as it is.
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    known = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
-    for node in proto.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            known[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-
-    def rewritable(node) -> bool:
-        bounds = [b for b in list(node.input)[1:3] if b]
-        return (node.op_type == "Clip" and not node.attribute and bounds and all(b in known for b in bounds)
-                and not any(np.isnan(known[b]).any() for b in bounds))
-
-    if not any(rewritable(n) for n in proto.graph.node):
-        return proto
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)
-    nodes = []
-    for index, node in enumerate(copy.graph.node):
-        if not rewritable(node):
-            nodes.append(node)
-            continue
-        inputs = list(node.input) + ["", ""]
-        current = inputs[0]
-        for op, bound in (("Max", inputs[1]), ("Min", inputs[2])):
-            if bound:
-                out = f"{node.output[0]}__gmorph_clip_{op.lower()}_{index}"
-                nodes.append(onnx.helper.make_node(op, [current, bound], [out]))
-                current = out
-        nodes.append(onnx.helper.make_node("Identity", [current], [node.output[0]]))
-    del copy.graph.node[:]
-    copy.graph.node.extend(nodes)
-    return copy
 
 
 def _sanitize(name: str) -> str:

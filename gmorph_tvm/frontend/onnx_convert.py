@@ -2,7 +2,8 @@
 
 ``convert`` runs ``tvm.relax.frontend.onnx``'s ``ONNXGraphImporter`` through a subclass that
 
-* consults :data:`gmorph_tvm.frontend.onnx_ops.CONVERTERS` (LSTM, GRU) before TVM's converter map
+* consults :data:`gmorph_tvm.frontend.onnx_ops.CONVERTERS` (LSTM, GRU; Clip, Max/Min/Sum/Mean,
+  HardSigmoid, opset<13 Softmax written as the PyTorch importer writes them) before TVM's converter map
   (this TVM version has no public hook for custom converters; ``_convert_operator`` and
   ``_check_for_unsupported_ops`` are the two places it looks ops up);
 * lists every unsupported op type with the first node that uses it (:class:`UnsupportedOps`);

@@ -132,3 +132,14 @@ def test_models_must_be_a_mapping_and_task_names_distinct(tmp_path):
         gmorph_tvm.import_models([str(path)])
     with pytest.raises(ModelImportError, match=r"task names 'a-b' and 'a_b' collide"):
         gmorph_tvm.import_models({"a-b": str(path), "a_b": str(path)})
+
+
+def test_invalid_onnx_model_error_names_the_problem_and_the_node():
+    """The checker's problem and its "==> Context" line (the node) both reach the one-line error."""
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu_7", bogus=1)]
+    model = onnx_model(nodes, [("x", F, [1, 4])], [("y", F, [1, 4])], [])
+    with pytest.raises(ModelImportError) as info:
+        gmorph_tvm.import_models({"t": model})
+    message = str(info.value)
+    assert "\n" not in message
+    assert "Unrecognized attribute: bogus" in message and "relu_7" in message, message
