@@ -125,7 +125,7 @@ def test_the_docs_have_snippets_and_both_lists_are_current():
 
 
 @pytest.mark.parametrize("page", DOCS, ids=_name)
-def test_every_block_runs_or_is_shown_as_text(page):
+def test_every_block_is_run_or_shown_as_text(page):
     """A block in another language (```sh, or none) would be neither run nor announced as shown."""
     for lang, line, _ in code_blocks(page.read_text(encoding="utf-8")):
         assert lang in RUN_LANGS + SHOWN_LANGS, f"{_name(page)}:{line}: block language {lang!r}: use one of " \
