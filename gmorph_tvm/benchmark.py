@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .core.table import markdown_table
-from .core.timing import calls_to_last, seconds_per_call
+from .core.timing import calls_to_last, seconds_per_call, time_main
 
 # A sample: seconds per call of one full pass, timed over enough calls to last ``min_time_s``.
 Sampler = Callable[[], float]
@@ -189,10 +189,11 @@ def tvm_sampler(runners: Sequence, inputs: Mapping[str, np.ndarray], *, min_time
         names = [s["name"] for s in runner.manifest["inputs"]]
         args = [tvm.runtime.tensor(inputs[n], runner.device) for n in names] + runner.weight_args("main")
         number = calls_to_last(lambda runner=runner, args=args: runner.vm["main"](*args), min_time_s / len(runners))
-        prepared.append((runner.vm.time_evaluator("main", runner.device, number=number, repeat=1), args))
+        prepared.append((runner, args, number))
 
     def sample() -> float:
-        return sum(float(timer(*args).results[0]) for timer, args in prepared)
+        return sum(time_main(runner.vm, runner.device, args, number=number, repeat=1)["median_ms"] / 1e3
+                   for runner, args, number in prepared)
 
     return sample
 
