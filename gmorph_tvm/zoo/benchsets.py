@@ -1,4 +1,5 @@
-"""The benchmark sets of ``bench/`` (and of the shipped tuning records), defined once.
+"""The models and inputs of the benchmark sets, defined once: :mod:`gmorph_tvm.recipe` (the benchmark
+recipe that ``gmorph-tvm demo``, ``bench/`` and the shipped tuning records use) builds on them.
 
 ``A``: the all-MiniLM-L6-v2 multi-task text set (``input_ids``, ``attention_mask``); ``B``: the
 Fashion-MNIST backbone set (fine-tuned copies of one CNN: shared weights to stitch); ``C``: the
