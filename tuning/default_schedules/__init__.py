@@ -1,0 +1,85 @@
+"""Default CPU schedules for kernels without a tuning record, in the spirit of dlight.
+
+Without them an untuned CPU kernel compiles as the plain loop nest legalization wrote (TVM 0.27's
+``s_tir.dlight.cpu`` has GEMV and row reductions only): untuned builds ran 10-30x slower than
+ONNX Runtime. One rule per op family, tried in this order on every PrimFunc not yet scheduled
+(``tirx.is_scheduled``: kernels MetaScheduleApplyDatabase gave a tuned record keep it):
+
+* :class:`.conv2d.Conv2D`: NHWC / NCHW conv2d, dense, grouped, depthwise, fused epilogue;
+* :class:`.matmul.Matmul`: matmul / dense / batch matmul, fused epilogue;
+* :class:`.pooling.Pooling`: max / average pools;
+* :class:`.reduction.Reduction`: other reductions (means over spatial axes; softmax / layer norm);
+* :class:`.elementwise.Elementwise`: kernels without a reduction;
+* :class:`.fallback.Fallback`: parallel outer loops for anything else.
+
+All vectorise at the target's vector width (``-mcpu``: AVX-512 16 floats, AVX2 8, NEON 4) and run
+outer loops on the target's cores. The pass must run before ``SplitLayoutRewritePreproc``:
+Conv2D / Matmul store constant weights in a blocked layout through
+``meta_schedule.layout_rewrite_preproc`` blocks, which that pass moves out for ``FoldConstant``.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm.s_tir.dlight import ApplyDefaultSchedule
+
+from gmorph_tvm.tuning.default_schedules._rule import CPURule
+from gmorph_tvm.tuning.default_schedules.conv2d import Conv2D
+from gmorph_tvm.tuning.default_schedules.elementwise import Elementwise
+from gmorph_tvm.tuning.default_schedules.fallback import Fallback
+from gmorph_tvm.tuning.default_schedules.matmul import Matmul
+from gmorph_tvm.tuning.default_schedules.pooling import Pooling
+from gmorph_tvm.tuning.default_schedules.reduction import Reduction
+
+__all__ = ["CPURule", "Conv2D", "DefaultCPUSchedules", "Elementwise", "Fallback", "Matmul", "Pooling",
+           "Reduction", "default_cpu_rules", "default_rules"]
+
+SCHEDULED = "tirx.is_scheduled"
+
+
+def default_rules() -> list[CPURule]:
+    """The rules in the order they are tried."""
+    return [Conv2D(), Matmul(), Pooling(), Reduction(), Elementwise(), Fallback()]
+
+
+def _is_scheduled(func) -> bool:
+    return func.attrs is not None and SCHEDULED in func.attrs and bool(func.attrs[SCHEDULED])
+
+
+@tvm.transform.module_pass(opt_level=0, name="DefaultCPUSchedules")
+class DefaultCPUSchedules:
+    """Schedule every not-yet-scheduled PrimFunc of a module for the llvm ``target`` with the
+    first of :func:`default_rules` that takes it (a module pass; other targets: unchanged).
+
+    Rewrites: the loop nests (and weight layouts) of kernels without ``tirx.is_scheduled``,
+    marking them scheduled. Preserves: what every kernel computes, kernels already scheduled
+    (tuned records), Relax functions and kernel signatures.
+    """
+
+    def __init__(self, target: tvm.target.Target):
+        self.target = target
+
+    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        if self.target.kind.name != "llvm":
+            return mod
+        with self.target:
+            return ApplyDefaultSchedule(*default_rules())(mod)
+
+
+def default_cpu_rules(mod: tvm.IRModule, target: tvm.target.Target) -> dict[str, str]:
+    """Which rule :class:`DefaultCPUSchedules` gives each kernel of ``mod`` that is not yet
+    scheduled: ``{kernel name: "Conv2D" | "Matmul" | ... | "Fallback"}`` (kernels no rule takes
+    are left out)."""
+    chosen: dict[str, str] = {}
+    if target.kind.name != "llvm":
+        return chosen
+    rules = default_rules()
+    with target:
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tvm.tirx.PrimFunc) or _is_scheduled(func):
+                continue
+            for rule in rules:
+                if rule.apply(func, target, False) is not None:
+                    chosen[gvar.name_hint] = rule.name
+                    break
+    return chosen
