@@ -3,15 +3,18 @@
 Started by :func:`gmorph_tvm.tuning.tune` as ``python -m gmorph_tvm.tuning._worker SPEC``. The
 search (TuneContext, cost model, mutators) runs in-process in MetaSchedule and has crashed with
 segfaults before (apache-tvm-ffi 0.1.15), so it runs here: a crash costs the parent one task,
-not the user's process. Tasks run one after the other, each with its own trial budget, writing
-to the shared JSON database in the work dir.
+not the user's process. All tasks are searched in one ``tune_tasks`` call with ONE cost model
+(:mod:`gmorph_tvm.tuning.cost_model`: loaded from the work dir or the shipped pre-trained one,
+saved after every measured batch) and a gradient task scheduler (:func:`_scheduler`) that also
+enforces per-task caps and the wall-clock deadline, writing to the JSON database in the work dir.
 
 Protocol: the parent reads one JSON object per line from this process's stdout (``ready``,
-``start``, ``measured``, ``done``, ``error``); everything else the process prints (MetaSchedule,
+``start`` before each search round of a task, ``measured`` after it, ``rejected``, and one
+``done`` per task at the end); everything else the process prints (MetaSchedule,
 XGBoost, compilers) goes to ``<work_dir>/logs/worker.log``.
 
 Fault injection for tests: ``GMORPH_TVM_TUNING_CRASH_TASK=<task name>`` makes the worker die
-with SIGSEGV when it starts that task, exactly like a crash inside MetaSchedule.
+with SIGSEGV when the scheduler first picks that task, exactly like a crash inside MetaSchedule.
 """
 
 from __future__ import annotations
@@ -91,36 +94,174 @@ def _task_logger(log_dir: str, task_name: str) -> logging.Logger:
     return logger
 
 
-def _progress_callback(emit: Callable[..., None], task_name: str):
-    """A MeasureCallback reporting each measured batch (count, best latency) to the parent."""
+class _RunState:
+    """What the scheduler and the measure callbacks of one worker share, per task (by index)."""
+
+    def __init__(self, spec: dict[str, Any], emit: Callable[..., None]) -> None:
+        tasks = spec["tasks"]
+        self.emit = emit
+        self.names = [t["name"] for t in tasks]
+        self.caps = [int(t["trials"]) for t in tasks]  # most trials each task may get in this worker
+        self.weights = [float(t.get("weight", 1.0)) for t in tasks]
+        self.budget = int(spec.get("trials_global", sum(self.caps)))
+        self.deadline = spec.get("deadline")  # epoch seconds, or None
+        self.clock_zero = float(spec.get("clock_zero", time.time()))  # tune()'s start (report times)
+        n = len(tasks)
+        self.measured, self.failed = [0] * n, [0] * n
+        self.best_s: list[float | None] = [None] * n
+        self.history: list[list[float]] = [[] for _ in range(n)]  # best seconds after each batch
+        self.seconds = [0.0] * n
+        self.batch_started = 0.0
+        self.predicted: list[Any] = [None] * n  # predicted scores of the batch being measured
+        self.gain: list[dict[str, Any] | None] = [None] * n  # the decisive improvement
+        self.stopped_by_us: set[int] = set()
+        self.exhausted: set[int] = set()
+        self.out_of_time = False
+
+    @property
+    def total_measured(self) -> int:
+        return sum(self.measured)
+
+
+def _predict_callback(state: _RunState, cost_model: Any, warmup: int):
+    """First measure callback: the cost model's scores of a batch before it learns from it."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class _Predict(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            state.predicted[task_id] = None
+            if cost_model.data_size < warmup or cost_model.booster is None or not len(measure_candidates):
+                return  # still predicting at random: nothing to compare
+            try:
+                context = task_scheduler.tasks_[task_id].ctx
+                state.predicted[task_id] = list(cost_model.predict(context, list(measure_candidates)))
+            except Exception:  # noqa: BLE001 - a report detail, never worth a failed batch
+                traceback.print_exc()
+
+    return _Predict()
+
+
+def _per_task_callback(callbacks: list[Any]):
+    """A measure callback that hands each batch to the callback of its task (``callbacks[task_id]``)."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class _PerTask(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            callbacks[task_id].apply(task_scheduler, task_id, measure_candidates, builder_results, runner_results)
+
+    return _PerTask()
+
+
+def _progress_callback(state: _RunState, cost_model: Any, save_model: Callable[[], None]):
+    """Last measure callback: counts, best latency, time to each improvement, predicted vs
+    measured gain; reports each batch to the parent and saves the cost model."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
     @derived_object
     class _Progress(PyMeasureCallback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.best_s: float | None = None
-            self.measured = 0
-            self.failed = 0
-
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-            for build, run in zip(builder_results, runner_results):
+            before = state.best_s[task_id]
+            batch_best, batch_best_i = None, None
+            for i, (build, run) in enumerate(zip(builder_results, runner_results)):
                 if build.error_msg is not None or run.error_msg is not None or not run.run_secs:
-                    self.failed += 1
+                    state.failed[task_id] += 1
                     continue
                 secs = sum(float(s) for s in run.run_secs) / len(run.run_secs)
-                self.best_s = secs if self.best_s is None else min(self.best_s, secs)
-            self.measured += len(measure_candidates)
-            emit(
+                if batch_best is None or secs < batch_best:
+                    batch_best, batch_best_i = secs, i
+            improved = batch_best is not None and (before is None or batch_best < before)
+            if improved:
+                state.best_s[task_id] = batch_best
+                scores = state.predicted[task_id]
+                if before is not None and scores is not None and batch_best_i is not None:
+                    # XGBModel scores are throughput relative to the best measured (1.0): the
+                    # score of the schedule that won is the gain the model predicted for it.
+                    state.gain[task_id] = {"predicted": float(scores[batch_best_i]),
+                                           "measured": before / batch_best}
+            if state.best_s[task_id] is not None:
+                state.history[task_id].append(state.best_s[task_id])
+            state.measured[task_id] += len(measure_candidates)
+            state.seconds[task_id] += time.time() - state.batch_started
+            best = state.best_s[task_id]
+            state.emit(
                 "measured",
-                task=task_name,
+                task=state.names[task_id],
                 count=len(measure_candidates),
-                best_us=None if self.best_s is None else self.best_s * 1e6,
-                failed=self.failed,
+                best_us=None if best is None else best * 1e6,
+                improved=improved,
+                at_s=time.time() - state.clock_zero,
+                failed=state.failed[task_id],
             )
+            save_model()
 
     return _Progress()
+
+
+def _scheduler(state: _RunState):
+    """MetaSchedule's gradient task scheduler (Ansor's), plus per-task caps and a deadline.
+
+    First every task gets one batch (round robin), then the task whose best latency x calls is
+    expected to drop most per trial (alpha x recent slope + (1 - alpha) x best / batches): time
+    goes to the kernels where it pays. Each pick is reported to the parent (``start``), so a
+    crash in the search is charged to the task being searched. Past the deadline no task is
+    picked: the batches in flight are measured and the run ends with what it found.
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.task_scheduler import PyTaskScheduler, TaskScheduler
+
+    alpha, window = 0.2, 3
+
+    @derived_object
+    class _GradientWithDeadline(PyTaskScheduler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pending: set[int] = set()
+            self.tried: set[int] = set()
+
+        def _gradient(self, i: int) -> float:
+            history = state.history[i]
+            if not history:
+                return float("inf")  # nothing valid measured yet: worth a batch
+            best, n = history[-1], len(history)
+            slope = (history[-1 - window] - best) / window if n > window else 0.0
+            return (alpha * slope + (1 - alpha) * best / n) * state.weights[i]
+
+        def next_task_id(self) -> int:
+            outer = self._outer()
+            for i in sorted(self.pending):  # measure what is in flight: its results decide
+                if not outer.tasks_[i].is_terminated:
+                    self.join_running_task(i)
+            self.pending.clear()
+            for i, record in enumerate(outer.tasks_):
+                if record.is_terminated:
+                    if i not in state.stopped_by_us and state.measured[i] < state.caps[i]:
+                        state.exhausted.add(i)  # the search had no candidate left
+                    continue
+                if state.measured[i] >= state.caps[i]:
+                    state.stopped_by_us.add(i)
+                    TaskScheduler.terminate_task(outer, i)
+            if state.deadline is not None and time.time() >= state.deadline:
+                state.out_of_time = True
+                return -1
+            if state.total_measured >= state.budget:
+                return -1
+            alive = [i for i, record in enumerate(outer.tasks_) if not record.is_terminated]
+            if not alive:
+                return -1
+            fresh = [i for i in alive if i not in self.tried]
+            chosen = fresh[0] if fresh else max(alive, key=lambda i: (self._gradient(i), -i))
+            self.tried.add(chosen)
+            self.pending.add(chosen)
+            state.batch_started = time.time()
+            state.emit("start", task=state.names[chosen])
+            return chosen
+
+    return _GradientWithDeadline()
 
 
 def _load_pickled(blob: str | None):
@@ -131,10 +272,86 @@ def _load_pickled(blob: str | None):
     return cloudpickle.loads(base64.b64decode(blob))
 
 
+def _load_cost_model(spec: dict[str, Any], num_threads: Any):
+    """The run's cost model: the work dir's (an earlier worker or run), else the shipped
+    pre-trained one, else a fresh one."""
+    from gmorph_tvm.tuning import cost_model as cm
+
+    threads = num_threads if isinstance(num_threads, int) else None
+    model = cm.new_model(threads, int(spec.get("cost_model_warmup", cm.WARMUP_SAMPLES)))
+    for path in spec.get("cost_model_from", []):
+        if not os.path.isfile(path):
+            continue
+        try:
+            count = cm.load(model, path)
+        except Exception as err:  # noqa: BLE001 - an unreadable model costs its knowledge, not the run
+            logging.getLogger("tvm.s_tir.meta_schedule").warning("cost model %s ignored: %s", path, one_line(err))
+            model = cm.new_model(threads, int(spec.get("cost_model_warmup", cm.WARMUP_SAMPLES)))
+            continue
+        logging.getLogger("tvm.s_tir.meta_schedule").info("cost model from %s: %d measurements", path, count)
+        break
+    return model
+
+
+def _seed_with_transfers(spec, state, contexts, database, builder, runner, model, target, save_model) -> None:
+    """Measure, for each task marked ``transfer``, the nearest structurally equal record's
+    schedule remapped to its extents (:mod:`gmorph_tvm.tuning.transfer`, verified there) and
+    commit it: the search's initial population starts from it, and the cost model learns it."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from gmorph_tvm.tuning import transfer
+    from gmorph_tvm.tuning.verify import FAILED_RUN_SECS
+
+    databases = []
+    for directory in spec["transfer_from"]:
+        try:
+            databases.append(ms.database.JSONDatabase(
+                path_workload=os.path.join(directory, "database_workload.json"),
+                path_tuning_record=os.path.join(directory, "database_tuning_record.json"),
+                module_equality="structural", allow_missing=False,
+            ))
+        except Exception:  # noqa: BLE001 - an unreadable folder lends nothing
+            traceback.print_exc()
+    sources = transfer.collect_sources(databases)
+    for index, task in enumerate(spec["tasks"]):
+        if not task.get("transfer") or state.deadline is not None and time.time() >= state.deadline:
+            continue
+        state.batch_started = time.time()
+        state.emit("seed", task=state.names[index])  # a crash here is this task's
+        workload = contexts[index].mod
+        found = transfer.transfer_record(state.names[index], workload, target, sources)
+        if found is None:
+            continue
+        sch = found.schedule
+        candidate = ms.MeasureCandidate(sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True))
+        (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
+        if built.error_msg is not None:
+            continue
+        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, target.kind.name, candidate.args_info)])
+        result = future.result()
+        ms.utils.remove_build_dir(built.artifact_path)
+        secs = [float(s) for s in result.run_secs] if result.run_secs else [FAILED_RUN_SECS]
+        database.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, database.commit_workload(workload), secs, target, candidate.args_info))
+        model.update(contexts[index], [candidate], [result])
+        best = sum(secs) / len(secs)
+        # Not a trial of the task's budget (like a reused record): the search starts from it.
+        state.seconds[index] += time.time() - state.batch_started
+        improved = result.error_msg is None and best < FAILED_RUN_SECS
+        if improved:
+            state.best_s[index] = best
+            state.history[index].append(best)
+        state.emit("measured", task=state.names[index], count=0, best_us=state.best_s[index] and state.best_s[index] * 1e6,
+                   improved=improved, at_s=time.time() - state.clock_zero, failed=state.failed[index],
+                   transferred=str(found.source.record.workload.as_json()[0]))
+        save_model()
+
+
 def run(spec: dict[str, Any], emit: Callable[..., None]) -> None:
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
+    from gmorph_tvm.tuning import cost_model as cm
     from gmorph_tvm.tuning.intrinsics import register_for_target
     from gmorph_tvm.tuning.remote import make_export, make_runner
     from gmorph_tvm.tuning.verify import verifying_add_to_database
@@ -162,67 +379,90 @@ def run(spec: dict[str, Any], emit: Callable[..., None]) -> None:
         f"{spec['rpc']['key']!r}, {spec['rpc']['max_workers']} board(s)" if spec.get("rpc") else type(runner).__name__
     )
     crash_task = os.environ.get(CRASH_TASK_ENV)
+    num_threads = spec.get("num_threads", "physical")
+    state = _RunState(spec, emit)
+    contexts, checks, stats = [], [], []
+    for index, task in enumerate(spec["tasks"]):
+        name = task["name"]
+        workload = tvm.ir.load_json(task["workload"])
+        contexts.append(ms.TuneContext(
+            mod=tvm.ir.load_json(task["workload"]),  # the same workload as `workload` below
+            target=target,
+            space_generator="post-order-apply",
+            search_strategy=ms.search_strategy.EvolutionarySearch(
+                population_size=int(task.get("population_size", 512))
+            ),
+            task_name=name,
+            logger=_task_logger(log_dir, name),
+            rand_state=int(task["seed"]),
+            num_threads=num_threads,
+        ).clone())
+
+        def reject(check, name=name):
+            emit("rejected", task=name, message=check.message, error=check.error)
+
+        # MetaSchedule's AddToDatabase, but a schedule is checked against the default one first.
+        stats.append({})
+        checks.append(verifying_add_to_database(database, workload, target, name, reject, stats=stats[index]))
+    model = _load_cost_model(spec, contexts[0].num_threads if contexts else None)
+    state_path = os.path.join(work_dir, cm.STATE_FILE)
+    warmup = int(spec.get("cost_model_warmup", cm.WARMUP_SAMPLES))
+
+    def save_model() -> None:
+        if model.data_size:
+            cm.save(model, state_path)
+
+    scheduler = _scheduler(state)
+    if crash_task in state.names:  # fault injection: die when the scheduler first picks it
+        crash_index = state.names.index(crash_task)
+        emit_plain = state.emit
+
+        def emit_and_crash(event: str, **fields: Any) -> None:
+            emit_plain(event, **fields)
+            if event == "start" and fields.get("task") == state.names[crash_index]:
+                os.kill(os.getpid(), signal.SIGSEGV)
+
+        state.emit = emit_and_crash
+    callbacks = [
+        cb for cb in ms.measure_callback.MeasureCallback.create("default")
+        if "AddToDatabase" not in type(cb).__name__
+    ]
     emit("ready")
-    for task in spec["tasks"]:
-        name, trials = task["name"], int(task["trials"])
-        emit("start", task=name, trials=trials)
-        if crash_task == name:
-            os.kill(os.getpid(), signal.SIGSEGV)
-        started = time.monotonic()
-        try:
-            context = ms.TuneContext(
-                mod=tvm.ir.load_json(task["workload"]),  # the same workload as `workload` below
-                target=target,
-                space_generator="post-order-apply",
-                search_strategy=ms.search_strategy.EvolutionarySearch(
-                    population_size=int(task.get("population_size", 512))
-                ),
-                task_name=name,
-                logger=_task_logger(log_dir, name),
-                rand_state=int(task["seed"]),
-                num_threads=spec.get("num_threads", "physical"),
-            ).clone()
-            progress = _progress_callback(emit, name)
-            workload = tvm.ir.load_json(task["workload"])
-            rejected = []
-
-            def reject(check, name=name, rejected=rejected):
-                rejected.append(check)
-                emit("rejected", task=name, message=check.message, error=check.error)
-
-            # MetaSchedule's AddToDatabase, but a schedule is checked against the default one first.
-            check_stats: dict[str, float] = {}
-            verified_add = verifying_add_to_database(database, workload, target, name, reject, stats=check_stats)
-            callbacks = [
-                cb for cb in ms.measure_callback.MeasureCallback.create("default")
-                if "AddToDatabase" not in type(cb).__name__
-            ]
-            ms.tune.tune_tasks(
-                tasks=[context],
-                task_weights=[1.0],
-                work_dir=work_dir,
-                max_trials_global=trials,
-                max_trials_per_task=trials,
-                num_trials_per_iter=min(trials, spec.get("trials_per_round", 64)),
-                builder=builder,
-                runner=runner,
-                database=database,
-                cost_model=ms.cost_model.XGBModel(num_tuning_cores=context.num_threads),
-                measure_callbacks=[verified_add, *callbacks, progress],
-                task_scheduler="round-robin",
-            )
-            emit(
-                "done",
-                task=name,
-                trials=progress.measured,
-                failed=progress.failed,
-                best_us=None if progress.best_s is None else progress.best_s * 1e6,
-                seconds=time.monotonic() - started,
-                check_seconds=check_stats.get("check_seconds", 0.0),
-            )
-        except Exception as err:  # a Python-level failure: report it, keep going
-            traceback.print_exc()
-            emit("error", task=name, message=one_line(err))
+    if spec.get("transfer_from"):
+        _seed_with_transfers(spec, state, contexts, database, builder, runner, model, target, save_model)
+    if contexts:
+        per_round = max(1, min(int(spec.get("trials_per_round", 64)), max(state.caps)))
+        ms.tune.tune_tasks(
+            tasks=contexts,
+            task_weights=state.weights,
+            work_dir=work_dir,
+            max_trials_global=state.budget,
+            max_trials_per_task=max(state.caps),
+            num_trials_per_iter=per_round,
+            builder=builder,
+            runner=runner,
+            database=database,
+            cost_model=model,
+            measure_callbacks=[
+                _predict_callback(state, model, warmup), _per_task_callback(checks), *callbacks,
+                _progress_callback(state, model, save_model),
+            ],
+            task_scheduler=scheduler,
+        )
+    for index, name in enumerate(state.names):
+        best = state.best_s[index]
+        emit(
+            "done",
+            task=name,
+            trials=state.measured[index],
+            failed=state.failed[index],
+            best_us=None if best is None else best * 1e6,
+            seconds=state.seconds[index],
+            check_seconds=stats[index].get("check_seconds", 0.0),
+            exhausted=index in state.exhausted and state.measured[index] < state.caps[index],
+            out_of_time=state.out_of_time,
+            gain=state.gain[index],
+        )
 
 
 def main(argv: list[str]) -> int:

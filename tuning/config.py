@@ -53,6 +53,9 @@ class TuneConfig:
     key: str | None = None
     #: Use the records shipped with gmorph-tvm (exact and transferred) and its pre-trained cost model.
     shipped_records: bool = True
+    #: A kernel with no record of its own is first measured with the schedule of the nearest
+    #: kernel of the same structure (another shape), remapped and verified: the search starts there.
+    transfer: bool = True
     #: Convolution layout, as :func:`gmorph_tvm.build` takes it (default: NHWC on CPUs).
     channels_last: bool | None = None
 

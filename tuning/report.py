@@ -15,6 +15,9 @@ TIMED_OUT = "timed out"
 # Its whole design space is searched and no schedule of it ran (none generated, or every one
 # failed: a gather measured on random indices reads out of bounds): it keeps its default schedule.
 NO_SCHEDULE = "no schedule"
+# The run ended (time budget, or the scheduler gave the trials to other kernels) before this
+# kernel's first search round: it keeps its default schedule (or a transferred one).
+NOT_REACHED = "not reached"
 FALLBACK_STATUSES = (CRASHED, FAILED, TIMED_OUT)
 
 
@@ -39,6 +42,16 @@ class TaskReport:
     check_seconds: float = 0.0  # spent checking measured schedules' results against the default
     message: str = ""
     shipped: bool = False  # left to the shipped records (a record, or their note that nothing runs)
+    # (seconds since tune() started, best us) at each improvement of this run's best.
+    improvements: list[tuple[float, float]] = field(default_factory=list)
+    # The improvement that gave the final best: the cost model's predicted speed-up of the
+    # winning schedule over the best before it (None while the model still predicted at
+    # random) and the speed-up measured.
+    predicted_gain: float | None = None
+    measured_gain: float | None = None
+    # Workload hash of the record whose schedule was transferred (remapped to this kernel's
+    # extents) and measured first: the search started from it.
+    transferred_from: str = ""
 
 
 @dataclass
@@ -74,14 +87,21 @@ class TuningReport:
     def table(self) -> str:
         """Markdown table of the tasks, largest FLOPs share first."""
         lines = [
-            "| task | calls | MFLOP/call | share | trials (run/planned) | best us | status |",
-            "|---|---:|---:|---:|---:|---:|---|",
+            "| task | calls | MFLOP/call | share | trials (run/planned) | best us | status "
+            "| improvements (s: us) | gain predicted / measured |",
+            "|---|---:|---:|---:|---:|---:|---|---|---:|",
         ]
         for t in sorted(self.tasks, key=lambda t: -t.share):
             best = f"{t.best_us:.1f}" if t.best_us is not None else "-"
+            steps = ", ".join(f"{at:.0f}: {us:.1f}" for at, us in t.improvements) or "-"
+            if t.transferred_from:
+                steps = f"transferred, {steps}"
+            measured = f"{t.measured_gain:.2f}x" if t.measured_gain is not None else "-"
+            predicted = f"{t.predicted_gain:.2f}x" if t.predicted_gain is not None else "random"
+            gain = f"{predicted} / {measured}" if t.measured_gain is not None else "-"
             lines.append(
                 f"| {t.name} | {t.calls} | {t.flops / 1e6:.2f} | {t.share:.1%} | "
-                f"{t.trials_run}/{t.trials_planned} | {best} | {t.status} |"
+                f"{t.trials_run}/{t.trials_planned} | {best} | {t.status} | {steps} | {gain} |"
             )
         lines.append(
             f"\n{len(self.tuned)} of {len(self.tasks)} tasks tuned, {self.trials_run} trials in "

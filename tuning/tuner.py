@@ -42,6 +42,7 @@ import tvm
 from gmorph_tvm.core.targets import host_is_native, is_cuda, resolve_target, target_dict
 from gmorph_tvm.errors import TuningError
 from gmorph_tvm.frontend.multimodel import MultiModel, bind_weights
+from gmorph_tvm.tuning import cost_model
 from gmorph_tvm.tuning import report as rpt
 from gmorph_tvm.tuning.config import TuneConfig
 from gmorph_tvm.tuning.ffi_guard import ensure_ir_json_works
@@ -52,6 +53,15 @@ from gmorph_tvm.tuning.shipped import lookup as lookup_shipped
 from gmorph_tvm.tuning.shipped import note_exhausted, read_exhausted, workload_hash
 from gmorph_tvm.tuning.target_key import claim_work_dir
 from gmorph_tvm.tuning.tasks import MIN_USEFUL_TRIALS, TaskPlan, allocate, extract
+
+# The trial budget of a run bounded by minutes alone (the clock stops it long before).
+UNLIMITED_TRIALS = 1_000_000
+
+
+def deadline_grace_s(minutes: float) -> float:
+    """How long past the deadline the worker may take to measure the candidates in flight
+    before it is stopped (what it committed so far stays): a tenth of the budget, 10-60 s."""
+    return min(60.0, max(10.0, 6.0 * minutes))
 
 
 def _resolve(target: Any) -> tvm.target.Target:
@@ -217,9 +227,14 @@ def tune(
     cfg = TuneConfig.with_overrides(config, overrides)
     mod = _module_to_tune(mod)
     target = _resolve(target)
-    if cfg.trials is None and cfg.trials_per_task is None:
+    if cfg.trials is None and cfg.trials_per_task is None and cfg.minutes is None:
         raise TuningError("give tune() either trials (a total) or trials_per_task (or a budget in minutes)")
     trials, trials_per_task = cfg.trials, cfg.trials_per_task
+    clock_zero = time.time()
+    deadline = clock_zero + 60.0 * cfg.minutes if cfg.minutes is not None else None
+    only_minutes = trials is None and trials_per_task is None  # the clock alone decides
+    if only_minutes:
+        trials = UNLIMITED_TRIALS
     runner, tracker = cfg.runner, cfg.tracker
     rpc = runner_spec(tracker, cfg.key) if tracker is not None else None
     board_export = export_spec(target) if rpc is not None else None
@@ -246,6 +261,9 @@ def tune(
         p.name: TaskReport(p.name, p.calls, p.flops, p.share, p.status, trials_planned=p.trials, message=p.note)
         for p in plans
     }
+    if only_minutes:  # no trial plan: the clock and the task scheduler decide
+        for task in reports.values():
+            task.trials_planned = 0
     existing = _records_in_database(work_dir, selected)
     used_up = read_exhausted(work_dir)
     shipped = lookup_shipped(target) if cfg.shipped_records else None
@@ -257,6 +275,8 @@ def tune(
         # A top-up of less than one measured batch costs a whole search round (minutes) for
         # next to nothing: records that close to the plan count as enough.
         enough = plan.trials - MIN_USEFUL_TRIALS + 1 if plan.trials > MIN_USEFUL_TRIALS else plan.trials
+        if only_minutes:  # on the clock, time goes to kernels with no record at all
+            enough = 1
         searched = used_up.get(workload_hash(plan.workload))
         if searched is not None and reused < enough:  # an earlier run here searched all there is
             if reused:
@@ -273,6 +293,9 @@ def tune(
         else:
             to_run.append((plan, plan.trials - reused))
 
+    # One worker run for all tasks: one cost model, and the task scheduler gives the trials to
+    # the kernels where they pay (caps: trials_per_task's exact count, else the whole budget).
+    budget = sum(n for _, n in to_run)
     base_spec = {
         "target": _target_spec(target),
         "work_dir": str(work_dir),
@@ -280,30 +303,58 @@ def tune(
         "builder": _pickled(cfg.builder, "builder"),
         "rpc": rpc,
         "board_export": board_export,
-        "trials_per_round": cfg.trials_per_round,
+        "trials_per_round": _trials_per_round(cfg.trials_per_round, [n for _, n in to_run], trials_per_task),
+        "deadline": deadline,
+        "clock_zero": clock_zero,
+        "cost_model_from": _cost_models(work_dir, cfg.shipped_records),
+        # Where a kernel without records of its own borrows a schedule of another shape.
+        "transfer_from": [str(work_dir)] + ([str(shipped.directory)] if shipped is not None and shipped.directory else []),
     }
     task_specs = {
         plan.name: {
             "name": plan.name,
-            "trials": n,
+            "trials": n if trials_per_task is not None else budget,
+            "weight": float(plan.calls),
             "seed": (cfg.seed + zlib.crc32(plan.name.encode()) + existing.get(plan.name, 0)) % (2**31 - 1),
             "workload": tvm.ir.save_json(plan.workload),
-            "population_size": cfg.population_size or min(512, max(64, 8 * n)),
+            "population_size": cfg.population_size or min(512, max(64, 8 * min(n, 64 if only_minutes else n))),
+            "transfer": cfg.transfer and not existing.get(plan.name, 0),
         }
         for plan, n in to_run
     }
     if task_specs:
-        ended_short = _run_workers(task_specs, base_spec, work_dir, reports, cfg.progress, cfg.task_timeout_s)
+        ended_short = _run_workers(task_specs, base_spec, budget, work_dir, reports, cfg.progress, cfg.task_timeout_s)
         if ended_short:  # those searches had no unmeasured candidate left
             note_exhausted(work_dir, {
                 workload_hash(plan.workload): reports[plan.name].records_reused + reports[plan.name].trials_run
                 for plan, _ in to_run if plan.name in ended_short
             })
+    if only_minutes:
+        trials = sum(t.trials_run for t in reports.values())
 
     result = TuningReport(_target_spec(target), str(work_dir), trials, tasks=list(reports.values()))
     result.shipped_note = shipped.note if shipped is not None else "shipped tuning records not used"
     result.seconds = time.monotonic() - started
     return result
+
+
+def _trials_per_round(most: int, planned: Sequence[int], trials_per_task: int | None) -> int:
+    """Candidates per search round: ``most``, but small enough that the first round (one batch per
+    kernel) takes at most half the budget, so the scheduler has the rest to give where it pays."""
+    if not planned:
+        return most
+    if trials_per_task is not None:
+        return max(1, min(most, max(planned)))
+    return max(1, min(most, max(MIN_USEFUL_TRIALS, sum(planned) // (2 * len(planned)))))
+
+
+def _cost_models(work_dir: Path, shipped_records: bool) -> list[str]:
+    """Cost model files the worker tries in order: this work dir's, then the shipped one."""
+    paths = [str(work_dir / cost_model.STATE_FILE)]
+    shipped = cost_model.shipped_model_path() if shipped_records else None
+    if shipped is not None:
+        paths.append(str(shipped))
+    return paths
 
 
 def _check_local_runner_can_measure(target: tvm.target.Target) -> None:
@@ -331,19 +382,30 @@ def _fall_back(reports: dict[str, TaskReport], name: str, status: str, why: str)
 def _run_workers(
     task_specs: dict[str, dict[str, Any]],
     base_spec: dict[str, Any],
+    budget: int,
     work_dir: Path,
     reports: dict[str, TaskReport],
     progress: bool,
     task_timeout_s: float | None,
 ) -> set[str]:
     """Run the tasks in worker processes, filling ``reports``; returns the tasks whose search
-    ended (``done``) with fewer candidates measured than asked for: design space used up."""
+    ran out of candidates (design space used up).
+
+    One worker searches all tasks with one cost model. It announces each search round
+    (``start``); if it dies, the task of that round falls back (crashed) and a fresh worker
+    carries on with the others, from the cost model the first one saved. A round longer than
+    ``task_timeout_s`` stops that task the same way. Past the deadline (plus
+    :func:`deadline_grace_s` for the measurements in flight) the worker is stopped and every
+    task keeps what it found.
+    """
     from tqdm import tqdm
 
     remaining = list(task_specs)
     ended_short: set[str] = set()
+    deadline = base_spec.get("deadline")
+    grace_s = deadline_grace_s((deadline - base_spec["clock_zero"]) / 60.0) if deadline is not None else 0.0
     bar = tqdm(
-        total=sum(spec["trials"] for spec in task_specs.values()),
+        total=budget if deadline is None else None,
         unit="trial",
         desc="tuning",
         file=sys.stderr,
@@ -353,11 +415,25 @@ def _run_workers(
     log_hint = work_dir / "logs"
     try:
         while remaining:
-            spec = dict(base_spec, tasks=[task_specs[name] for name in remaining])
+            run_so_far = sum(reports[n].trials_run for n in task_specs)
+            if run_so_far >= budget or (deadline is not None and time.time() >= deadline):
+                for name in remaining:
+                    _out_of_budget(reports[name], deadline is not None and time.time() >= deadline)
+                break
+            for name in [n for n in remaining if reports[n].trials_run >= task_specs[n]["trials"]]:
+                _out_of_budget(reports[name], False)  # done before an earlier worker died
+                remaining.remove(name)
+            if not remaining:
+                break
+            tasks = [dict(task_specs[name], trials=task_specs[name]["trials"] - reports[name].trials_run,
+                          transfer=task_specs[name].get("transfer") and not reports[name].trials_run)
+                     for name in remaining]
+            spec = dict(base_spec, tasks=tasks, trials_global=budget - run_so_far)
             worker = _WorkerRun(spec, work_dir / "logs" / "worker_spec.json")
             current: str | None = None
             current_since = 0.0
             before = len(remaining)
+            stopped_at_deadline = False
             try:
                 for event in worker.events():
                     if event is None:
@@ -367,47 +443,42 @@ def _run_workers(
                             remaining.remove(current)
                             current = None
                             break
+                        if deadline is not None and time.time() > deadline + grace_s:
+                            worker.kill()
+                            stopped_at_deadline = True
+                            break
                         continue
                     kind, name = event.get("event"), event.get("task")
-                    if kind == "start":
+                    if kind in ("start", "seed"):
                         current, current_since = name, time.monotonic()
                         bar.set_description(f"tuning {name}")
                     elif kind == "measured" and name in reports:
-                        reports[name].trials_run += int(event["count"])
-                        reports[name].best_us = event.get("best_us")
+                        task = reports[name]
+                        task.trials_run += int(event["count"])
+                        task.best_us = event.get("best_us")
+                        if event.get("transferred"):
+                            task.transferred_from = event["transferred"]
+                        if event.get("improved") and task.best_us is not None:
+                            task.improvements.append((round(float(event.get("at_s", 0.0)), 2), task.best_us))
                         bar.update(int(event["count"]))
                     elif kind == "rejected" and name in reports:
                         reports[name].records_rejected += 1
                         reports[name].message = f"rejected schedule: {event.get('message', '')}"
-                    elif kind in ("done", "error") and name in reports:
-                        task = reports[name]
-                        if task.records_rejected:
-                            warnings.warn(
-                                f"tuning workload {name!r}: {task.records_rejected} measured schedule(s) computed "
-                                f"different values from the default schedule and were not stored ({task.message})",
-                                TuningWarning,
-                                stacklevel=3,
-                            )
-                        task.seconds = float(event.get("seconds", time.monotonic() - current_since))
-                        task.check_seconds = float(event.get("check_seconds", 0.0))
-                        if kind == "done" and int(event.get("trials", 0)) < task_specs[name]["trials"]:
+                    elif kind == "done" and name in reports:
+                        if event.get("exhausted"):
                             ended_short.add(name)
-                        if kind == "done" and event.get("best_us") is not None:
-                            task.status, task.best_us = rpt.TUNED, event["best_us"]
-                        elif kind == "done" and not event.get("trials"):
-                            task.status = rpt.NO_SCHEDULE
-                            task.message = "MetaSchedule generated no schedule to search: it keeps its default one"
-                        elif kind == "done":
-                            _fall_back(reports, name, rpt.FAILED, f"found no valid schedule (see {log_hint})")
-                        else:
-                            _fall_back(reports, name, rpt.FAILED, f"failed: {event.get('message', '')}")
+                        _finish(reports[name], event, log_hint)
                         remaining.remove(name)
                         current = None
             finally:
                 worker.close()
             returncode = worker.proc.returncode
-            if current is not None:  # died inside a task: that task falls back, others go on
-                reports[current].seconds = time.monotonic() - current_since
+            if stopped_at_deadline:
+                for name in remaining:
+                    _out_of_budget(reports[name], True)
+                remaining = []
+            elif current is not None:  # died inside a task: that task falls back, others go on
+                reports[current].seconds += time.monotonic() - current_since
                 _fall_back(
                     reports, current, rpt.CRASHED,
                     f"crashed the tuning process ({_signal_name(returncode)}; log in {log_hint})",
@@ -423,8 +494,52 @@ def _run_workers(
                 for name in remaining:
                     _fall_back(reports, name, rpt.FAILED, why)
                 remaining = []
-            bar.total = bar.n + sum(task_specs[n]["trials"] for n in remaining)
             bar.refresh()
     finally:
         bar.close()
     return ended_short
+
+
+def _warn_rejected(task: TaskReport) -> None:
+    if task.records_rejected:
+        warnings.warn(
+            f"tuning workload {task.name!r}: {task.records_rejected} measured schedule(s) computed "
+            f"different values from the default schedule and were not stored ({task.message})",
+            TuningWarning,
+            stacklevel=4,
+        )
+
+
+def _finish(task: TaskReport, event: dict[str, Any], log_hint: Path) -> None:
+    """Status of a task from the worker's ``done`` event."""
+    _warn_rejected(task)
+    task.seconds += float(event.get("seconds", 0.0))
+    task.check_seconds += float(event.get("check_seconds", 0.0))
+    gain = event.get("gain")
+    if gain:
+        task.predicted_gain, task.measured_gain = gain.get("predicted"), gain.get("measured")
+    if event.get("best_us") is not None:
+        task.status, task.best_us = rpt.TUNED, event["best_us"]
+    elif task.best_us is not None:  # found in an earlier worker of this run
+        task.status = rpt.TUNED
+    elif event.get("exhausted") and not event.get("trials") and not task.trials_run:
+        task.status = rpt.NO_SCHEDULE
+        task.message = "MetaSchedule generated no schedule to search: it keeps its default one"
+    elif not task.trials_run:
+        _out_of_budget(task, bool(event.get("out_of_time")))
+    else:
+        task.status, task.message = rpt.FAILED, f"found no valid schedule (see {log_hint})"
+        warnings.warn(f"tuning workload {task.name!r} {task.message}; it keeps its default schedule",
+                      TuningWarning, stacklevel=4)
+
+
+def _out_of_budget(task: TaskReport, out_of_time: bool) -> None:
+    """A task the run ended before (the clock or the trial budget): what it found, or nothing."""
+    if task.best_us is not None:
+        task.status = rpt.TUNED
+        if out_of_time:
+            task.message = "stopped at the time budget"
+    elif not task.trials_run:
+        task.status = rpt.NOT_REACHED
+        task.message = ("the time budget ran out before its turn" if out_of_time
+                        else "the task scheduler spent the trials on other kernels")

@@ -1,8 +1,9 @@
 """End-to-end tuning with a tiny budget: crash fallback, database reuse, fresh-process re-apply.
 
-One tuning session (shared by the tests below, ~1-2 min on 2 busy cores) tunes a two-conv module
-with the worker made to crash (SIGSEGV) on the larger conv: that kernel must fall back to its
-default schedule with a warning naming it, while the other is tuned with 8 trials.
+One tuning session (shared by the tests below, ~2-5 min on 2 busy cores) tunes a two-conv module
+with the worker made to crash (SIGSEGV) when it picks the smaller conv, after one round of the
+larger one: that kernel must fall back to its default schedule with a warning naming it, while
+the other is tuned with 8 trials and what the run's one cost model learned from it survives.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import tvm
 from tvm import relax
 
 from gmorph_tvm.errors import TuningError
-from gmorph_tvm.tuning import TuneConfig, TuningWarning, extract, lower, prepare, shipped, tune
+from gmorph_tvm.tuning import TuneConfig, TuningWarning, cost_model, extract, lower, prepare, shipped, tune
 from gmorph_tvm.tuning._worker import CRASH_TASK_ENV
 from gmorph_tvm.tuning.report import CRASHED, FAILED, NO_SCHEDULE, REUSED, SHIPPED, TUNED
 
@@ -57,11 +58,12 @@ def _run(mod: tvm.IRModule) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
-    """Tune with the worker crashing on the biggest conv; returns (report, warnings, names, dir)."""
+    """Tune with the worker crashing when the task scheduler first picks the smaller conv, after
+    the bigger one's first round; returns (report, warnings, names, dir)."""
     mod = _two_conv_module()
     plans = sorted(extract(prepare(mod, TARGET), TARGET), key=lambda p: -p.share)
     # The two convs (the CPU lowering adds the input's and the output's NHWC transposes).
-    crashing, tuned = [p.name for p in plans if "conv2d" in p.name]
+    tuned, crashing = [p.name for p in plans if "conv2d" in p.name]
     work_dir = tmp_path_factory.mktemp("tuning_db")
     os.environ[CRASH_TASK_ENV] = crashing
     try:
@@ -69,7 +71,7 @@ def session(tmp_path_factory):
             warnings.simplefilter("always")
             report = tune(
                 mod, TARGET, trials_per_task=TRIALS_PER_TASK, work_dir=work_dir, op_names=["conv2d"],
-                progress=False,
+                progress=False, transfer=False,
             )
     finally:
         del os.environ[CRASH_TASK_ENV]
@@ -88,6 +90,45 @@ def test_crash_in_one_workload_falls_back_with_a_warning_naming_it(session):
     assert status[tuned].status == TUNED
     assert status[tuned].trials_run == TRIALS_PER_TASK and status[tuned].best_us > 0
     assert crashing in report.table() and "crashed" in report.table()
+
+
+@pytest.mark.slow  # shares the tuning session
+def test_the_cost_model_learned_before_a_crash_is_kept(session):
+    """The run's one cost model is saved after every measured batch: the crash (in the second
+    kernel's first round) loses that kernel, not what the model learned from the first."""
+    _, _, crashing, tuned, work_dir = session
+    model = cost_model.new_model(2)
+    shipped_model = cost_model.shipped_model_path()
+    before = cost_model.load(cost_model.new_model(2), shipped_model) if shipped_model else 0
+    assert cost_model.load(model, work_dir / cost_model.STATE_FILE) == before + TRIALS_PER_TASK
+    group = list(model.data.values())[-1]  # the newest workload group: the tuned conv's measurements
+    assert len(group.costs) == TRIALS_PER_TASK
+
+
+def test_all_kernels_share_one_cost_model_and_one_scheduler(tmp_path, monkeypatch):
+    """The worker tunes every task in ONE tune_tasks call with one cost model (each kernel had
+    its own fresh XGBModel before, which predicts at random until 100 measurements)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from gmorph_tvm.tuning import _worker
+
+    plans = [p for p in extract(prepare(_two_conv_module(), TARGET), TARGET) if "conv2d" in p.name]
+    calls = []
+    monkeypatch.setattr(ms.tune, "tune_tasks", lambda **kwargs: calls.append(kwargs))
+    (tmp_path / "logs").mkdir()
+    spec = {
+        "target": TARGET.export(), "work_dir": str(tmp_path), "trials_per_round": 8,
+        "tasks": [{"name": p.name, "trials": 8, "seed": 0, "workload": tvm.ir.save_json(p.workload)}
+                  for p in plans],
+    }
+    events = []
+    _worker.run(spec, lambda event, **fields: events.append((event, fields)))
+    assert len(calls) == 1, "one tune_tasks call per kernel: one cost model each"
+    assert len(calls[0]["tasks"]) == 2
+    assert isinstance(calls[0]["cost_model"], ms.cost_model.XGBModel)
+    assert calls[0]["cost_model"].num_warmup_samples < 100
+    assert calls[0]["task_scheduler"] is not None and not isinstance(calls[0]["task_scheduler"], str)
+    assert [e for e, _ in events].count("done") == 2
 
 
 @pytest.mark.slow  # shares the ~1.5 min tuning session
