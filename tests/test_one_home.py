@@ -51,8 +51,6 @@ EXEMPT = {("bench/gpu_check.py", "timing loop"), ("bench/gpu_check.py", "def tim
 # entry that no longer occurs fails too: delete it here when its patch lands.
 PENDING = {
     ("gmorph_tvm/frontend/importer.py", "def _dtype_str"),  # -> core.ir.dtype_str
-    ("bench/zoo.py", "sys.path.insert"),  # -> delete (the package is installed)
-    ("bench/zoo.py", "time_evaluator"),  # -> core.timing.time_main
 }
 
 
