@@ -14,8 +14,8 @@
 
 Cases: sets B and C (the lossless benchmark's real-weight Fashion-MNIST sets, 8 models each) at
 batch 1 and 8, each as the models compiled one by one ("separate") and as one fused program,
-plus the lossy search's chosen plan (``coarse4@6<class10@8`` by default: the plan the README's
-search chose, built from the bundled task models with adapters fitted by least squares; the
+plus the lossy search's chosen plan (``coarse4@6<class10@8`` by default: the plan the search benchmark
+(docs/benchmarks.md) chose, built from the bundled task models with adapters fitted by least squares; the
 check compares TVM with PyTorch on the same weights, so fine-tuning would not change it).
 Set A (MiniLM, 87 MB of fp32 weights per model) does not fit the 64 MiB a GPU visit carries;
 ``--sets A,B,C`` builds it anyway and ``--max-mib`` decides.

@@ -25,14 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-import gmorph_tvm  # noqa: E402
-from gmorph_tvm.artifact import build, resolve_target  # noqa: E402
-from gmorph_tvm.artifact.lift_weights import LiftWeights  # noqa: E402
-from gmorph_tvm.core.weights_file import write_weights  # noqa: E402
-from gmorph_tvm.tuning.pipeline import has_database, open_database, prepare  # noqa: E402
+import gmorph_tvm
+from gmorph_tvm.artifact import build, resolve_target
+from gmorph_tvm.core.weights_file import write_weights
+from gmorph_tvm.passes import LiftWeights
+from gmorph_tvm.tuning.pipeline import has_database, open_database, prepare
 
 PROBE = r"""
 import json, sys, time, mmap

@@ -137,10 +137,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from .artifact import build, resolve_target
     from .frontend import import_models
     from .pipeline import fuse_lossless
+    from .tuning.pipeline import has_database
 
     target = resolve_target(args.target)  # a bad target fails before any slow work
-    if (args.tracker or args.key) and not args.tune_trials:
-        raise InputSpecError("--tracker/--key measure tuning trials on boards; give --tune-trials N too")
+    if (args.tracker or args.key) and not (args.tune_trials or args.tune_minutes):
+        raise InputSpecError("--tracker/--key measure tuning trials on boards; give --tune-trials N or --tune-minutes M too")
+    if args.tune_minutes is not None and not args.tune_minutes > 0:
+        raise InputSpecError(f"--tune-minutes must be > 0, got {args.tune_minutes}")
     if args.tracker and not args.key:
         raise InputSpecError("--tracker needs --key (the device key the boards registered with)")
     names = _task_names(args.models, args.names)
@@ -161,21 +164,31 @@ def _cmd_build(args: argparse.Namespace) -> int:
             mm = fuse_lossless(mm, merge=args.merge)
         models[batch] = mm
     tuning_db = args.tuning_db
-    if args.tune_trials:
-        from .tuning import tune
+    if args.tune_trials or args.tune_minutes:
+        from .tuning import TuneConfig, tune
         from .tuning.target_key import target_key
 
         # Records are kept per target: the default database directory is keyed by it.
         tuning_db = tuning_db or str(Path(str(Path(args.output).with_suffix("")) + ".tuning") / target_key(target))
         where = f" on the boards under key {args.key!r} at tracker {args.tracker[0]}:{args.tracker[1]}" if args.tracker else ""
         tracker = f"{args.tracker[0]}:{args.tracker[1]}" if args.tracker else None
+        # --tune-minutes is the whole build's budget: the buckets share it.
+        minutes = args.tune_minutes / len(models) if args.tune_minutes else None
+        budget = " and ".join(([f"{args.tune_trials} trials"] if args.tune_trials else [])
+                              + ([f"{minutes:g} minutes"] if minutes else []))
         for batch, mm in models.items():  # each bucket's own workloads, one database
-            _progress(f"tuning{'' if batch is None else f' batch {batch}'} with {args.tune_trials} trials{where}, "
+            _progress(f"tuning{'' if batch is None else f' batch {batch}'} with {budget}{where}, "
                       f"database {tuning_db}")
-            tune(mm.bound_module(), target, trials=args.tune_trials, work_dir=tuning_db, tracker=tracker, key=args.key)
+            config = TuneConfig(trials=args.tune_trials or None, minutes=minutes, tracker=tracker, key=args.key)
+            tune(mm.bound_module(), target, config, work_dir=tuning_db)
+    if tuning_db is not None and not (args.tune_trials or args.tune_minutes) and not has_database(tuning_db):
+        # A new database folder: nothing to apply yet; tuning (--tune-trials N) fills it later.
+        Path(tuning_db).mkdir(parents=True, exist_ok=True)
+        _progress(f"no tuning records in {tuning_db} yet: building with default schedules "
+                  "(give --tune-trials N to tune into it)")
     _progress(f"building for target {args.target} ({args.weights} weights)")
     artifact = build(models if args.batch_buckets else models[None], target, tuning_db=tuning_db,
-                     weights=args.weights)
+                     weights=args.weights, dump_ir=args.dump_ir)
     path = artifact.export(args.output)
     _progress(f"wrote {path} and its manifest")
     print(path)
@@ -350,6 +363,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", choices=["auto", "always", "never"], default="auto",
                    help="horizontal merging of compatible ops (default: auto, by the cost rule)")
     p.add_argument("--tune-trials", type=int, default=0, metavar="N", help="MetaSchedule trials (0: no tuning)")
+    p.add_argument("--tune-minutes", type=float, metavar="M",
+                   help="tune for at most M minutes of wall clock and keep the best found (with or without "
+                        "--tune-trials)")
     p.add_argument("--tuning-db", metavar="DIR", help="tuning database to reuse and extend "
                    "(default: <output>.tuning/<target key>)")
     p.add_argument("--tracker", type=_parse_hostport, metavar="HOST:PORT",
@@ -361,6 +377,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-buckets", metavar="B1,B2,...",
                    help="one entry point per batch size (e.g. 1,8,32) sharing one copy of the weights; needs "
                         "--input-shape (the first dimension is the batch)")
+    p.add_argument("--dump-ir", metavar="DIR",
+                   help="write the module after every phase of the compiler pipeline to DIR (TVMScript)")
     p.add_argument("-o", "--output", required=True, help="output library (.so, or .tar to link on the device)")
     p.set_defaults(func=_cmd_build)
 

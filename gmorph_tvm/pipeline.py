@@ -1,6 +1,9 @@
-"""The one place that decides the order of gmorph-tvm's passes (like TVM's ``relax/pipeline.py``).
+"""Lossless fusion verbs and the ``"gmorph"`` relax pipeline, both made of the ONE pipeline object.
 
-Lossless fusion of a :class:`~gmorph_tvm.frontend.MultiModel`:
+Every pass order lives in :class:`gmorph_tvm.tuning.pipeline.Pipeline` (phases import_cleanup,
+lossless_fusion, target_lowering, apply_tuning, weights_and_signature, finalize); this module
+runs its first two phases on a :class:`~gmorph_tvm.frontend.MultiModel` (keeping the provenance of
+every shared or merged weight) and registers the whole object with TVM:
 
 1. ``CanonicalizeOps``      spell every op one way (frontends differ), fold batch norm into convs;
 2. ``StitchSharedWeights``  identical weights stored once, identical ops on them computed once;
@@ -10,20 +13,19 @@ With many models, :func:`fuse_grouped` first partitions the tasks (``group_tasks
 share weights stay together, groups bounded in size / FLOPs / weight bytes, or chosen by
 measurement, with :mod:`gmorph_tvm.grouping`) and fuses each group on its own, one module per group.
 
-Every step keeps the outputs equal to the separate models' (float32 rounding). Lowering to a
-target (legalisation, tuning database, weight pre-packing, codegen) happens in
-:mod:`gmorph_tvm.tuning` and :mod:`gmorph_tvm.artifact`, after this.
+Every step keeps the outputs equal to the separate models' (float32 rounding).
 
-Importing this module also registers the fusion with TVM's pipeline registry as ``"gmorph"``
+Importing this module registers the pipeline with TVM's registry as ``"gmorph"``
 (:data:`TVM_PIPELINE`), as MLC-LLM registers ``"mlc_llm"``: ``tvm.compile(mod, target,
-relax_pipeline="gmorph")`` runs :func:`lossless_passes` and then TVM's default build for the
-target, with no gmorph-tvm call in between (:func:`gmorph_relax_pipeline`).
+relax_pipeline="gmorph")`` runs every phase, fusion included, with the lowering, NaN semantics,
+kernel layouts and verified tuning records of :func:`gmorph_tvm.build` (weights stay embedded).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, overload
+from typing import Any, overload
 
 import tvm
 from tvm import relax
@@ -31,19 +33,16 @@ from tvm import relax
 from .errors import FusionError
 from .frontend.importer import import_models
 from .frontend.multimodel import MultiModel
-from .passes import CanonicalizeOps, HorizontalMerge, StitchSharedWeights
 from .passes.group_models import group_tasks, split_into_groups
-
-MergeMode = Literal["auto", "always", "never"]
+from .passes.horizontal_merge.transform import MergeMode
+from .tuning.pipeline import Pipeline
 
 
 def lossless_passes(*, stitch: bool = True, merge: MergeMode = "auto", target=None) -> tvm.transform.Pass:
-    """The lossless fusion passes as one ``tvm.transform.Sequential`` (usable on any IRModule)."""
-    passes: list[tvm.transform.Pass] = [CanonicalizeOps()]
-    if stitch:
-        passes.append(StitchSharedWeights())
-    if merge != "never":
-        passes.append(HorizontalMerge(mode=merge, target=target))
+    """The pipeline's import_cleanup and lossless_fusion phases as one ``tvm.transform.Sequential``
+    (usable on any IRModule)."""
+    pipe = Pipeline(target, fuse=True, stitch=stitch, merge=merge)
+    passes = [p for phase in ("import_cleanup", "lossless_fusion") for p in pipe.phase_passes(phase, target)]
     return tvm.transform.Sequential(passes, name="GmorphLosslessFusion")
 
 
@@ -99,38 +98,27 @@ def fuse_separately(models: Mapping[str, Any], example_inputs=None, **import_opt
             for task, model in models.items()}
 
 
-# ---- the same fusion as a TVM relax pipeline ------------------------------------------------------
+# ---- the whole pipeline as a TVM relax pipeline -------------------------------------------------
 
 TVM_PIPELINE = "gmorph"
 
 
-def gmorph_relax_pipeline(*, stitch: bool = True, merge: MergeMode = "auto") -> tvm.transform.Pass:
-    """The lossless fusion, then TVM's default build for the current target, as one pass.
-
-    Registered with TVM as ``relax_pipeline="gmorph"`` (``relax.get_pipeline("gmorph", ...)`` takes
-    the same keywords). ``tvm.compile`` runs it inside ``with target:``; the target informs
-    HorizontalMerge's cost rule and picks TVM's build: what ``relax_pipeline="default"`` would run
-    (the target's own pipeline on GPUs, ``default_build`` otherwise), so compiling a module with
-    ``"gmorph"`` differs from the default only by the fusion.
-    """
-
-    @tvm.transform.module_pass(opt_level=0, name="GmorphRelaxPipeline")
-    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        target = tvm.target.Target.current(allow_none=True)
-        fused = lossless_passes(stitch=stitch, merge=merge, target=target)(mod)
-        return _default_build(target)(fused)
-
-    return _pipeline
-
-
-def _default_build(target: tvm.target.Target | None) -> tvm.transform.Pass:
-    """The relax pipeline ``tvm.compile(..., relax_pipeline="default")`` picks for ``target``."""
-    if target is not None and "gpu" in target.keys:
-        try:
-            return relax.get_default_pipeline(target)
-        except (ValueError, AttributeError):
-            pass  # a GPU kind without a pipeline of its own: the generic build, as tvm.compile does
-    return relax.get_pipeline("default")
+def gmorph_relax_pipeline(
+    *,
+    stitch: bool = True,
+    merge: MergeMode = "auto",
+    fuse: bool = True,
+    channels_last: bool | None = None,
+    tuning_db: str | os.PathLike | None = None,
+    shipped_records: bool = True,
+    dump_ir: str | os.PathLike | None = None,
+) -> tvm.transform.Pass:
+    """The :class:`Pipeline` as one pass, registered with TVM as ``relax_pipeline="gmorph"``
+    (``relax.get_pipeline("gmorph", ...)`` takes the same keywords). ``tvm.compile`` runs it inside
+    ``with target:``: fusion, then the lowering, tuning records and finalisation ``gmorph_tvm.build``
+    runs, so both compile paths give the same kernels and the same outputs (NaN included)."""
+    return Pipeline(None, fuse=fuse, stitch=stitch, merge=merge, channels_last=channels_last, tuning_db=tuning_db,
+                    shipped_records=shipped_records, dump_ir=dump_ir).as_pass()
 
 
 if TVM_PIPELINE not in relax.pipeline.PIPELINE_MAP:  # once per process (re-imports keep the first)

@@ -3,7 +3,7 @@
 #   bash scripts/build_board_runtime.sh [aarch64|native] [TVM_SOURCE_DIR] [extra cmake args...]
 # aarch64 (default): cross-compiled here for a Jetson's CPU, without CUDA (the board's CUDA is not
 # here); on the board itself use `native -DGMORPH_TVM_USE_CUDA=ON` to get the CUDA runtime too.
-# Too slow for CI on 2 cores (see the README's Jetson section for the time measured), so a script.
+# Too slow for CI on 2 cores (see docs/deployment.md, TVM's runtime from source for the time measured), so a script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-aarch64}"; shift || true

@@ -115,3 +115,18 @@ def test_build_weights_and_batch_buckets_flags(onnx_pair):
                                        rtol=1e-5, atol=1e-5)
     proc = _cli("build", models[0][2], "--batch-buckets", "1,8", "-o", str(tmp / "never.so"))
     assert proc.returncode == 1 and "--batch-buckets needs --input-shape" in proc.stderr
+
+
+def test_build_with_a_new_tuning_db_and_no_trials_builds_untuned_and_dumps_the_ir(onnx_pair):
+    """``--tune-trials 0 --tuning-db NEWDIR`` used to fail ("no tuning database in NEWDIR")."""
+    tmp, _, models = onnx_pair
+    new_db, dump = tmp / "new-db", tmp / "ir"
+    out = tmp / "untuned.so"
+    proc = _cli("build", models[0][2], "--tune-trials", "0", "--tuning-db", str(new_db), "--dump-ir", str(dump),
+                "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file() and new_db.is_dir()
+    assert f"no tuning records in {new_db} yet" in proc.stderr
+    phases = sorted(p.name.split("-", 1)[1] for p in dump.iterdir())
+    assert phases == sorted(["import_cleanup.py", "lossless_fusion.py", "target_lowering.py", "apply_tuning.py",
+                             "weights_and_signature.py", "finalize.py"])

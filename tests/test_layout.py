@@ -22,8 +22,10 @@ SOURCES = {"gmorph_tvm": ROOT / "gmorph_tvm", "gmorph_tvm.passes": ROOT / "passe
 LAYERS = [
     "errors", "core",  # neutral: exceptions; specs, targets, manifest format, provenance, TVM logs
     "data", "zoo",  # bundled data sets and model definitions
-    "frontend", "passes", "pipeline", "tuning", "artifact", "runtime",  # import -> fuse -> tune -> build -> run
-    "grouping", "benchmark", "lossy", "demo", "cli",  # on top
+    # import -> passes -> the pipeline object and tuning (gmorph_tvm.tuning.pipeline) -> the fusion verbs
+    # and the "gmorph" registration made of it (gmorph_tvm.pipeline) -> build -> run
+    "frontend", "passes", "tuning", "pipeline", "artifact", "runtime",
+    "grouping", "benchmark", "recipe", "lossy", "demo", "cli",  # on top (recipe: the benchmark sets/variants/peers)
 ]
 RANK = {name: i for i, name in enumerate(LAYERS)}
 # The CLI is the top of the graph (nothing imports it); it imports each command's stage when that

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 import torch
 import tvm
 from helpers import run_relax
@@ -98,7 +101,7 @@ def _conv_kernel_calls(mod: tvm.IRModule) -> int:
 
     def visit(node):
         nonlocal calls
-        if isinstance(node, relax.Call) and isinstance(node.op, tvm.ir.GlobalVar) and node.op.name_hint.startswith("conv"):
+        if isinstance(node, relax.Call) and isinstance(node.op, tvm.ir.GlobalVar) and "conv2d" in node.op.name_hint:
             calls += 1
 
     relax.analysis.post_order_visit(mod["main"].body, visit)
@@ -119,6 +122,7 @@ def test_tvm_compile_with_the_gmorph_pipeline_fuses_a_plain_two_model_module():
         fused, plain = relax.get_pipeline(TVM_PIPELINE)(mod), relax.get_pipeline("default")(mod)
     assert _conv_kernel_calls(plain) == 4
     assert _conv_kernel_calls(fused) == 2  # the first convs read x: one conv; the second ones: one grouped conv
+    assert not tvm_pipeline_left_dataflow(fused)  # the whole pipeline ran, finalize included
 
     outputs = {}
     for pipeline in (TVM_PIPELINE, "default"):
@@ -141,3 +145,133 @@ def test_the_gmorph_pipeline_is_registered_when_fuse_is_first_used():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "GmorphRelaxPipeline", out.stderr[-2000:]
+
+
+def tvm_pipeline_left_dataflow(mod: tvm.IRModule) -> bool:
+    from gmorph_tvm.tuning.pipeline import needs_finalize
+
+    return needs_finalize(mod)
+
+
+# ---- one pipeline object behind build() and relax_pipeline="gmorph" -------------------------------
+
+
+class _ClampNet(nn.Module):
+    """relu, relu6 (clip) and max: the ops whose NaN semantics the lowering fixes."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.nn.functional.relu6(self.c1(x))
+        z = torch.maximum(torch.relu(self.c2(y)), y)
+        return self.fc(z.mean((2, 3)))
+
+
+@tvm.instrument.pass_instrument
+class _KernelsAfterTuning:
+    """The PrimFuncs of every module leaving the pipeline's apply_tuning phase (structural hashes)."""
+
+    def __init__(self):
+        self.kernels: list[list[int]] = []
+
+    def run_after_pass(self, mod, info):
+        if info.name == "gmorph.apply_tuning":
+            import tvm_ffi
+
+            self.kernels.append(sorted(tvm_ffi.structural_hash(f.without_attr("global_symbol"))
+                                       for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)))
+
+
+def _two_model_module():
+    import gmorph_tvm
+
+    x = torch.randn(1, 3, 12, 12)
+    x[0, 0, 3:5, 3:5] = float("nan")  # NaN in -> NaN out, the same in both paths
+    models = {"a": _ClampNet(0).eval(), "b": _ClampNet(1).eval()}
+    mm = gmorph_tvm.import_models(models, x)
+    return x, mm
+
+
+def _compile_both(target):
+    """``tvm.compile(relax_pipeline="gmorph")`` of the unfused module and ``gmorph_tvm.build`` of the
+    fused MultiModel: (kernel hashes, executable) of each."""
+    import gmorph_tvm
+
+    x, mm = _two_model_module()
+    seen = _KernelsAfterTuning()
+    with tvm.transform.PassContext(instruments=[seen]):
+        executable = tvm.compile(mm.bound_module(), target=target, relax_pipeline=TVM_PIPELINE)
+        artifact = gmorph_tvm.build(gmorph_tvm.fuse(mm), target, weights="embedded")
+    assert len(seen.kernels) == 2, "each path runs the pipeline's apply_tuning phase once"
+    return x, seen.kernels, executable, artifact
+
+
+def test_build_and_relax_pipeline_gmorph_give_the_same_kernels_and_outputs_on_llvm():
+    from gmorph_tvm.core.targets import resolve_target
+
+    target = resolve_target("llvm")
+    x, (via_tvm, via_build), executable, artifact = _compile_both(target)
+    assert via_tvm == via_build
+    assert len(via_tvm) >= 4
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    got_tvm = [o.numpy() for o in vm["main"](tvm.runtime.tensor(x.numpy()))]
+    got_build = list(artifact.run({"x": x.numpy()}).values())
+    assert len(got_tvm) == len(got_build) == 2
+    for a, b in zip(got_tvm, got_build):
+        np.testing.assert_array_equal(a, b)  # NaN positions included (assert_array_equal: NaN == NaN)
+        assert np.isnan(a).any()  # the NaN reached the output through relu6 / relu / max
+
+
+def test_build_and_relax_pipeline_gmorph_give_the_same_kernels_on_cuda():
+    from gmorph_tvm.core.targets import resolve_target
+
+    if not any(Path(d, "nvcc").exists() for d in os.environ.get("PATH", "").split(os.pathsep)):
+        pytest.skip("no nvcc on PATH: the CUDA build needs it to make device code")
+    target = resolve_target({"kind": "cuda", "arch": "sm_87", "host": {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}})
+    _, (via_tvm, via_build), _, _ = _compile_both(target)
+    assert via_tvm == via_build and via_tvm
+
+
+def test_build_dumps_the_ir_after_every_phase(tmp_path):
+    import gmorph_tvm
+    from gmorph_tvm.tuning.pipeline import PHASES
+
+    _, mm = _two_model_module()
+    gmorph_tvm.build(gmorph_tvm.fuse(mm), "llvm", dump_ir=tmp_path, shipped_records=False)
+    dumped = sorted(p.name for p in tmp_path.iterdir())
+    # every phase, lossless_fusion included (empty in build: it builds what fuse() returned)
+    expected = [f"{PHASES.index(p):02d}-{p}.py" for p in PHASES]
+    assert dumped == expected, dumped
+    assert "T.prim_func" in (tmp_path / "02-target_lowering.py").read_text()
+    assert "gmorph_signature" in (tmp_path / "04-weights_and_signature.py").read_text()
+
+
+def test_every_pass_order_is_in_the_pipeline_object():
+    """Only tuning/pipeline.py builds Sequentials of passes (the one home of every pass order)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for folder in ("gmorph_tvm", "passes", "tuning"):
+        for path in (root / folder).rglob("*.py"):
+            if path == root / "tuning" / "pipeline.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Call) and ast.unparse(node.func).endswith(("transform.Sequential", "get_pipeline")):
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node.func)}")
+    allowed = [
+        # the fusion verbs: a Sequential of the pipeline's own import_cleanup + lossless_fusion passes
+        f"gmorph_tvm/pipeline.py:{_line_of('gmorph_tvm/pipeline.py', 'GmorphLosslessFusion')}: tvm.transform.Sequential",
+        # stitch(): StitchSharedWeights with its prerequisite (it compares canonical ops), for tests and the search
+        f"passes/stitch_shared_weights.py:{_line_of('passes/stitch_shared_weights.py', 'mm.apply(')}: "
+        "tvm.transform.Sequential",
+    ]
+    assert sorted(offenders) == sorted(allowed), offenders
+
+
+def _line_of(relative: str, text: str) -> int:
+    path = Path(__file__).resolve().parents[1] / relative
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)

@@ -1,50 +1,88 @@
-"""The lowering shared by tuning and building, so tuned workloads match what gets compiled.
+"""The compiler pipeline: every pass order of gmorph-tvm, in one object.
 
-``prepare`` turns a Relax module (weights bound as constants) into fused TIR kernels: the
-workloads MetaSchedule tunes. ``lower`` runs ``prepare`` again, applies a tuning database and
-finishes the module for ``tvm.compile``:
+Shaped like MLC-LLM's ``compiler_pass/pipeline.py``: named phases, each a list of passes, an
+optional IR dump after every phase, and the same object behind :func:`gmorph_tvm.build`,
+:func:`gmorph_tvm.tune` (its workloads) and ``tvm.compile(mod, target, relax_pipeline="gmorph")``
+(registered by :mod:`gmorph_tvm.pipeline`). Nothing else in gmorph-tvm decides an order of passes.
 
-* CPU (llvm): convolutions are made channels-last first (:mod:`gmorph_tvm.passes.channels_last`:
-  NHWC activations, OHWI weights, the weight transposes folded), the layout x86 kernels
-  vectorise well: set C fused at batch 1 went from 0.72x to 1.18x of ONNX Runtime
-  (``bench/layout.py``). Inputs and outputs of ``main`` stay NCHW. Kernels read weights through
-  ``layout_free_buffers``, so tuned schedules may store weights in a blocked layout
-  (MetaSchedule's RewriteLayout). ``SplitLayoutRewritePreproc`` moves that re-layout into
-  separate kernels applied to the weight constants and ``FoldConstant`` runs them once at build
-  time. The artifact keeps the plain ``main(*inputs)`` convention with the
-  packed weights embedded: TVM's own ``static_shape_tuning`` pipeline instead lifts them into a
-  ``main_transform_params`` function callers must run first.
-* CUDA: kernels without tuning records get dlight's default GPU schedules (every kernel must be
-  thread-bound to compile); tuned ones keep their records. Convolutions are first rewritten to
-  unfold + matmul (:mod:`gmorph_tvm.passes.conv2d_to_gemm`) since dlight has no conv2d rule.
+=======================  ================================================================
+phase                    passes
+=======================  ================================================================
+import_cleanup           CanonicalizeOps: one spelling per op, batch norm folded into convs
+lossless_fusion          StitchSharedWeights, HorizontalMerge (``fuse=True`` only: ``build``
+                         takes what :func:`gmorph_tvm.fuse` returned and leaves it as is)
+target_lowering          FoldPadIntoConv; CPU: ChannelsLast (NHWC activations, OHWI weights);
+                         GPU: Conv2dToGemm (dlight has no conv2d rule); decompose for
+                         inference; LegalizeNaNSafe (NaN in -> NaN out for relu/clip/max/min);
+                         LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR;
+                         CPU: weights layout-free (tuned schedules may re-lay them out)
+apply_tuning             records (the user's database, then the shipped ones for the target's
+                         class), each verified against the default schedule first; GPU:
+                         dlight default schedules; CPU: the weight re-layouts of tuned kernels
+                         evaluated at build time (SplitLayoutRewritePreproc + FoldConstant)
+weights_and_signature    external weights: LiftWeights per entry point, equal tensors stored
+                         once; entry points combined into one module; AttachSignature
+finalize                 TVM's ``default_build`` (VM lowering), when anything is left to lower
+=======================  ================================================================
 
-Both must see the same module: workloads are matched by structural hash. Records shipped with
-gmorph-tvm for the target's class (:mod:`.shipped`) are applied too, after the user's database:
-a kernel the user's database has a record for gets the user's. Every record, the user's or a
-shipped one, is applied only after it is checked against the default schedule (:mod:`.verify`).
+The tuner extracts its workloads from ``import_cleanup`` + ``target_lowering`` (:func:`prepare`),
+which is exactly what ``apply_tuning`` sees, so records match by structural hash. CPU
+convolutions are channels-last because x86 kernels vectorise over output channels: set C fused
+at batch 1 went from 0.72x to 1.18x of ONNX Runtime (``bench/layout.py``). The artifact keeps the
+plain ``main(*inputs, *weights)`` convention with packed weights; TVM's ``static_shape_tuning``
+pipeline instead lifts them into a ``main_transform_params`` callers must run first.
+
+``dump_ir=DIR`` writes the module after every phase as TVMScript:
+``DIR/<NN>-<phase>[.<entry>].py``.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
 import tvm
 from tvm import relax
 
-from gmorph_tvm.errors import TuningError, one_line
-from gmorph_tvm.passes import LegalizeNaNSafe
-from gmorph_tvm.passes.channels_last import ChannelsLast
-from gmorph_tvm.passes.conv2d_to_gemm import Conv2dToGemm
-from gmorph_tvm.passes.fold_pad_into_conv import FoldPadIntoConv
+from gmorph_tvm.core.weights_file import unique_arrays
+from gmorph_tvm.errors import GmorphError, TuningError, one_line
+from gmorph_tvm.passes import (
+    AttachSignature,
+    CanonicalizeOps,
+    ChannelsLast,
+    Conv2dToGemm,
+    FoldPadIntoConv,
+    HorizontalMerge,
+    LegalizeNaNSafe,
+    LiftWeights,
+    StitchSharedWeights,
+)
+from gmorph_tvm.passes.horizontal_merge.transform import MergeMode
 from gmorph_tvm.tuning.ffi_guard import ensure_ir_json_works
 from gmorph_tvm.tuning.shipped import lookup as lookup_shipped
+from gmorph_tvm.tuning.shipped import target_class
+from gmorph_tvm.tuning.target_key import STAMP_FILE
 from gmorph_tvm.tuning.verify import VerifiedTuning, verified_database
 
 DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
+
+PHASES = ("import_cleanup", "lossless_fusion", "target_lowering", "apply_tuning", "weights_and_signature", "finalize")
+Phase = Literal["import_cleanup", "lossless_fusion", "target_lowering", "apply_tuning", "weights_and_signature",
+                "finalize"]
+WeightsMode = Literal["external", "embedded"]
+
+# Ops that survive lowering (VM builtins and packed calls): anything else left in a Relax
+# function means the module still needs the finalize phase.
+_LOWERED_OPS = ("relax.vm.", "relax.builtin.", "relax.memory.", "relax.call_builtin_with_ctx", "relax.call_packed",
+                "relax.call_pure_packed", "relax.null_value", "relax.shape_of", "relax.print", "relax.assert_op",
+                "relax.make_closure", "relax.invoke_closure", "relax.invoke_pure_closure")
 
 
 def is_gpu_target(target: tvm.target.Target) -> bool:
@@ -52,7 +90,7 @@ def is_gpu_target(target: tvm.target.Target) -> bool:
 
 
 def conv_channels_last(target: tvm.target.Target, channels_last: bool | None = None) -> bool:
-    """Whether :func:`prepare` makes convolutions NHWC for ``target`` given the caller's
+    """Whether the target lowering makes convolutions NHWC for ``target`` given the caller's
     ``channels_last`` (None: on CPU targets); True on a GPU target is a TuningError."""
     if channels_last is None:
         return not is_gpu_target(target)
@@ -61,33 +99,340 @@ def conv_channels_last(target: tvm.target.Target, channels_last: bool | None = N
     return channels_last
 
 
-def prepare(mod: tvm.IRModule, target: tvm.target.Target, *, channels_last: bool | None = None) -> tvm.IRModule:
-    """Legalise and fuse ``mod`` into the TIR kernels that tuning sees and building compiles.
+def dlight_gpu_rules() -> list[tuple[str, Any]]:
+    """dlight's default GPU schedule rules, in the order TVM's CUDA pipeline tries them."""
+    from tvm.s_tir import dlight as dl
 
-    ``channels_last`` (default: on CPU targets) runs :class:`ChannelsLast` first; ``False`` keeps
-    the importers' NCHW convolutions (kernels as gmorph-tvm lowered them before, for records
-    tuned then).
+    return [("Matmul", dl.gpu.Matmul()), ("GEMV", dl.gpu.GEMV()), ("Reduction", dl.gpu.Reduction()),
+            ("GeneralReduction", dl.gpu.GeneralReduction()), ("Fallback", dl.gpu.Fallback())]
+
+
+@dataclass
+class PipelineResult:
+    """What one run of the pipeline did beyond rewriting the module."""
+
+    tuning: VerifiedTuning | None = None  # records applied / dropped (None: no database at all)
+    file_weights: list[tuple[str, tvm.runtime.Tensor]] = field(default_factory=list)  # external weights, once each
+    entry_weights: list[list[str]] = field(default_factory=list)  # per entry point: its weights' names, in order
+    lifted: list[list[tuple[str, tvm.runtime.Tensor]]] = field(default_factory=list)  # per entry point
+
+
+class Pipeline:
+    """gmorph-tvm's compiler pipeline for one target (see the module docstring for the phases).
+
+    ``fuse``: run the lossless fusion (``tvm.compile(..., relax_pipeline="gmorph")`` does;
+    :func:`gmorph_tvm.build` does not, it builds the model it is given). ``stitch`` / ``merge``:
+    the fusion's options. ``channels_last``: see :func:`conv_channels_last`. ``tuning_db``: a
+    MetaSchedule work dir whose records apply first; ``shipped_records``: then the records shipped
+    for the target's class; ``exclude``: kernels whose records are not applied. ``weights``:
+    ``"external"`` lifts them out of the code (:class:`LiftWeights`, ``weight_names`` names them
+    after the model's parameters), ``"embedded"`` keeps them as constants. ``signature``: given the
+    weight names of each entry point, the mapping :class:`AttachSignature` embeds (None: none).
+    ``dump_ir``: a folder to write the module to after every phase.
     """
-    channels_last = conv_channels_last(target, channels_last)
-    passes = [
-        # Before fusion: a zero pad fused as a kernel's epilogue is mis-scheduled by MetaSchedule
-        # (see the pass's docstring); as the next conv's padding it is not.
-        FoldPadIntoConv(),
-        # x86 conv kernels vectorise over output channels: NHWC / OHWI puts them innermost.
-        *([ChannelsLast()] if channels_last else []),
-        # dlight has no conv2d rule: on GPUs convs become unfold + matmul, which its Matmul /
-        # GEMV / Reduction rules schedule (instead of the one-thread-per-output Fallback).
-        *([Conv2dToGemm()] if is_gpu_target(target) else []),
-        relax.transform.DecomposeOpsForInference(),
-        relax.transform.CanonicalizeBindings(),
-        LegalizeNaNSafe(),  # NaN in -> NaN out for relu/clip/max/min (then "zero" has nothing left to legalise)
-        relax.get_pipeline("zero"),
-    ]
-    if not is_gpu_target(target):
-        # Weights (constants) become layout-free: the schedule may choose their layout.
-        passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
+
+    def __init__(
+        self,
+        target: tvm.target.Target | None = None,
+        *,
+        fuse: bool = True,
+        stitch: bool = True,
+        merge: MergeMode = "auto",
+        channels_last: bool | None = None,
+        tuning_db: str | os.PathLike | None = None,
+        shipped_records: bool = True,
+        exclude: Sequence[str] = (),
+        weights: WeightsMode = "embedded",
+        weight_names: Mapping[bytes, str] | None = None,
+        signature: Callable[[list[list[str]]], Mapping[str, Any]] | None = None,
+        dump_ir: str | os.PathLike | None = None,
+    ) -> None:
+        self.target = target
+        self.fuse, self.stitch, self.merge = fuse, stitch, merge
+        self.channels_last = channels_last
+        self.tuning_db = tuning_db
+        self.shipped_records = shipped_records
+        self.exclude = tuple(exclude)
+        self.weights = weights
+        self.weight_names = weight_names or {}
+        self.signature = signature
+        self.dump_ir = Path(dump_ir) if dump_ir is not None else None
+        self.result = PipelineResult()
+        self._last_tuning: VerifiedTuning | None = None  # of the last apply_tuning run
+        self._last_lifted: list[tuple[str, tvm.runtime.Tensor]] = []  # of the last weights run
+        self._raised: GmorphError | None = None  # raised by one of our passes inside TVM's pass machinery
+
+    # ---- the phases --------------------------------------------------------------------------
+
+    def phase_passes(self, phase: Phase, target: tvm.target.Target | None) -> list[tvm.transform.Pass]:
+        """The passes of ``phase`` for ``target``, in order (per entry point for the first four;
+        the first two need no target)."""
+        if target is None and phase not in ("import_cleanup", "lossless_fusion"):
+            raise TuningError(f"pipeline phase {phase!r} needs a target")
+        cpu = target is None or not is_gpu_target(target)
+        if phase == "import_cleanup":
+            return [CanonicalizeOps()]
+        if phase == "lossless_fusion":
+            if not self.fuse:
+                return []
+            return [*([StitchSharedWeights()] if self.stitch else []),
+                    *([HorizontalMerge(mode=self.merge, target=target)] if self.merge != "never" else [])]
+        assert target is not None
+        if phase == "target_lowering":
+            return [
+                # Before fusion into kernels: a zero pad fused as a kernel's epilogue is
+                # mis-scheduled by MetaSchedule (see the pass); as the next conv's padding it is not.
+                FoldPadIntoConv(),
+                *([ChannelsLast()] if conv_channels_last(target, self.channels_last) else []),
+                *([Conv2dToGemm()] if not cpu else []),
+                relax.transform.DecomposeOpsForInference(),
+                relax.transform.CanonicalizeBindings(),
+                LegalizeNaNSafe(),  # before LegalizeOps, which then has no relu/clip/max/min left
+                # TVM's "zero" pipeline, spelled out (no database is current here).
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+                # Weights (constants) become layout-free: a tuned schedule may choose their layout.
+                *([relax.transform.AttachAttrLayoutFreeBuffers()] if cpu else []),
+            ]
+        if phase == "apply_tuning":
+            after = ([_DLightDefault()] if not cpu else
+                     [relax.transform.SplitLayoutRewritePreproc(),
+                      relax.transform.FoldConstant(),  # the weight re-layout kernels, run once at build time
+                      relax.transform.DeadCodeElimination()])
+            return [_ApplyVerifiedRecords(self), *after]
+        if phase == "weights_and_signature":
+            return [_LiftEntryWeights(self)] if self.weights == "external" else []
+        if phase == "finalize":
+            return [relax.get_pipeline("default_build")]
+        raise TuningError(f"unknown pipeline phase {phase!r}; phases: {', '.join(PHASES)}")
+
+    # ---- running ---------------------------------------------------------------------------
+
+    def run(self, mod: tvm.IRModule, *, phases: Sequence[Phase] = PHASES, label: str = "") -> tvm.IRModule:
+        """``mod`` through ``phases`` (in the pipeline's order) for ``self.target``."""
+        target = self._target()
+        unknown = [p for p in phases if p not in PHASES]
+        if unknown:
+            raise TuningError(f"unknown pipeline phase {unknown[0]!r}; phases: {', '.join(PHASES)}")
+        with target:
+            for index, phase in enumerate(PHASES):
+                if phase not in phases:
+                    continue
+                if phase == "finalize" and not needs_finalize(mod):
+                    continue
+                passes = self.phase_passes(phase, target)
+                if passes:
+                    self._raised = None
+                    try:
+                        mod = tvm.transform.Sequential(passes, name=f"gmorph.{phase}")(mod)
+                    except Exception:
+                        # TVM's FFI turns an exception raised inside a Python pass into a RuntimeError:
+                        # re-raise our own (a TuningError naming the database, ...) as it was raised.
+                        if self._raised is not None:
+                            raise self._raised from self._raised.__cause__
+                        raise
+                self._dump(index, phase, mod, label)
+        return mod
+
+    def run_entries(self, entries: Mapping[str, tvm.IRModule]) -> tvm.IRModule:
+        """Several entry points (function name -> module with a ``main``) into one module, ready for
+        ``tvm.compile`` (everything but ``finalize``): each entry point is lowered and tuned on its
+        own (its own workloads), its weights lifted; then they are combined (kernels renamed apart,
+        identical ones kept once), equal weights stored once, and the signature attached."""
+        self.result = PipelineResult()
+        parts, tunings = {}, []
+        for function, mod in entries.items():
+            label = function if len(entries) > 1 else ""
+            parts[function] = self.run(mod, phases=PHASES[:4], label=label)
+            tunings.append(self._last_tuning)
+            if self.weights == "external":
+                parts[function] = self.run(parts[function], phases=("weights_and_signature",), label=label)
+                self.result.lifted.append(self._last_lifted)
+            else:
+                self.result.lifted.append([])
+        self.result.tuning = merge_tunings(tunings)
+        if self.weights == "external":
+            self.result.file_weights, self.result.entry_weights = unique_weights(self.result.lifted)
+        else:
+            self.result.entry_weights = [[] for _ in entries]
+        combined = parts[next(iter(parts))] if len(parts) == 1 else combine_entries(parts)
+        if self.signature is not None:
+            combined = AttachSignature(self.signature(self.result.entry_weights))(combined)  # type: ignore[operator]
+            self._dump(PHASES.index("weights_and_signature"), "weights_and_signature", combined,
+                       "combined" if len(entries) > 1 else "")
+        return combined
+
+    def finalize_pass(self) -> tvm.transform.Pass:
+        """The finalize phase alone, for ``tvm.compile(lowered, relax_pipeline=...)`` after :meth:`run_entries`."""
+
+        @tvm.transform.module_pass(opt_level=0, name="GmorphFinalize")
+        def _finalize(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+            return self.run(mod, phases=("finalize",))
+
+        return _finalize
+
+    def as_pass(self) -> tvm.transform.Pass:
+        """The whole pipeline as one module pass (what ``relax_pipeline="gmorph"`` runs): ``main``
+        (and any other Relax function, kept as is) through every phase for the current target."""
+
+        @tvm.transform.module_pass(opt_level=0, name="GmorphRelaxPipeline")
+        def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+            self.target = self.target or tvm.target.Target.current(allow_none=True)
+            lowered = self.run_entries({"main": mod})
+            return self.run(lowered, phases=("finalize",))
+
+        return _pipeline
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _target(self) -> tvm.target.Target:
+        target = self.target or tvm.target.Target.current(allow_none=True)
+        if target is None:
+            raise TuningError("the gmorph pipeline needs a target (tvm.compile(mod, target, relax_pipeline='gmorph'))")
+        return target
+
+    def _dump(self, index: int, phase: str, mod: tvm.IRModule, label: str) -> None:
+        if self.dump_ir is None:
+            return
+        self.dump_ir.mkdir(parents=True, exist_ok=True)
+        name = f"{index:02d}-{phase}" + (f".{label}" if label else "") + ".py"
+        (self.dump_ir / name).write_text(mod.script(show_meta=False), encoding="utf-8")
+
+
+@tvm.transform.module_pass(opt_level=0, name="ApplyVerifiedRecords")
+class _ApplyVerifiedRecords:
+    """The tuning records for the module's kernels (user's database, then shipped), each applied only
+    if it computes what the default schedule computes (:func:`verified_database`)."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        pipe = self.pipeline
+        target = pipe._target()
+        pipe._last_tuning = None
+        try:
+            database = record_databases(target, pipe.tuning_db, pipe.shipped_records)
+            if database is None:
+                return mod
+            checked, pipe._last_tuning = verified_database(database, mod, target, exclude=pipe.exclude)
+        except GmorphError as err:
+            pipe._raised = err
+            raise
+        with checked:
+            return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+
+
+@tvm.transform.module_pass(opt_level=0, name="DLightDefaultSchedules")
+class _DLightDefault:
+    """dlight's default GPU schedules for every kernel the database left unscheduled (every kernel
+    must be thread-bound to compile for a GPU)."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        from tvm.s_tir import dlight as dl
+
+        return dl.ApplyDefaultSchedule(*(rule for _, rule in dlight_gpu_rules()))(mod)
+
+
+@tvm.transform.module_pass(opt_level=0, name="LiftEntryWeights")
+class _LiftEntryWeights:
+    """:class:`LiftWeights` with the pipeline's weight names; keeps the lifted values for the artifact."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        lift = LiftWeights(names=self.pipeline.weight_names)
+        out = lift(mod)  # type: ignore[operator]  # a module pass instance
+        self.pipeline._last_lifted = lift.lifted()
+        return out
+
+
+# ---- the public lowering entry points (tuning and the tests use these) ----------------------
+
+
+def prepare(mod: tvm.IRModule, target: tvm.target.Target, *, channels_last: bool | None = None) -> tvm.IRModule:
+    """``mod``'s kernels as tuning sees them: the pipeline's ``import_cleanup`` and
+    ``target_lowering`` (what ``apply_tuning`` receives in a build). ``channels_last``: see
+    :func:`conv_channels_last` (``False`` keeps the importers' NCHW convolutions)."""
+    return Pipeline(target, fuse=False, channels_last=channels_last).run(
+        mod, phases=("import_cleanup", "target_lowering"))
+
+
+def lower(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    *,
+    database_dir: str | os.PathLike | None = None,
+    shipped_records: bool = True,
+) -> tvm.IRModule:
+    """``mod`` (weights bound) through the pipeline up to ``apply_tuning``, for
+    ``tvm.compile(result, target=target)``: tuned kernels where a verified record exists, default
+    schedules elsewhere (dlight on GPUs, plain loops on CPUs); ``main`` keeps its signature."""
+    return lower_tuned(mod, target, database_dir=database_dir, shipped_records=shipped_records)[0]
+
+
+def lower_tuned(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    *,
+    database_dir: str | os.PathLike | None = None,
+    shipped_records: bool = True,
+    exclude: Sequence[str] = (),
+    channels_last: bool | None = None,
+) -> tuple[tvm.IRModule, VerifiedTuning | None]:
+    """:func:`lower`, also saying which kernels got tuned schedules (None without a database).
+
+    A record that disagrees with the default schedule on random inputs, or a kernel named in
+    ``exclude``, is dropped with a :class:`TuningWarning` and the kernel keeps its default schedule.
+    """
+    pipe = Pipeline(target, fuse=False, channels_last=channels_last, tuning_db=database_dir,
+                    shipped_records=shipped_records, exclude=exclude)
+    lowered = pipe.run(mod, phases=("import_cleanup", "target_lowering", "apply_tuning"))
+    return lowered, pipe._last_tuning
+
+
+def default_gpu_rules(prepared: tvm.IRModule, target: tvm.target.Target) -> dict[str, str]:
+    """Which dlight rule of the GPU ``apply_tuning`` phase schedules each kernel of ``prepared``
+    (the output of :func:`prepare`): ``{kernel name: "Matmul" | "GEMV" | ... | "Fallback"}``, the
+    first rule in the list that accepts it, as ``ApplyDefaultSchedule`` picks."""
+    from tvm.s_tir import dlight as dl
+
+    chosen: dict[str, str] = {}
+    current = prepared
     with target:
-        return tvm.transform.Sequential(passes)(mod)
+        for name, rule in dlight_gpu_rules():
+            current = dl.ApplyDefaultSchedule(rule)(current)
+            for gvar, func in current.functions_items():
+                scheduled = isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and func.attrs.get("tirx.is_scheduled")
+                if scheduled and gvar.name_hint not in chosen:
+                    chosen[gvar.name_hint] = name
+    return chosen
+
+
+def needs_finalize(mod: tvm.IRModule) -> bool:
+    """Whether ``mod`` still has dataflow / ``call_tir`` for the finalize phase to lower."""
+    pending = False
+
+    def visit(expr):
+        nonlocal pending
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and not expr.op.name.startswith(_LOWERED_OPS):
+            pending = True
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            if any(isinstance(b, relax.DataflowBlock) for b in getattr(func.body, "blocks", [])):
+                return True
+            relax.analysis.post_order_visit(func.body, visit)
+            if pending:
+                return True
+    return False
+
+
+# ---- tuning databases ------------------------------------------------------------------------
 
 
 def has_database(directory: str | os.PathLike) -> bool:
@@ -116,19 +461,35 @@ def open_database(directory: str | os.PathLike):
         raise TuningError(f"tuning database in {directory} is unreadable: {one_line(err)}") from err
 
 
+def check_database_target(directory: str | os.PathLike, target: tvm.target.Target) -> None:
+    """Refuse a database whose target stamp (written by ``tune``) names another machine class than
+    ``target``'s (another CPU class or architecture, another CUDA arch): its schedules were chosen,
+    and its kernels verified, for the other one. A database without a stamp is taken as is."""
+    stamp = Path(directory) / STAMP_FILE
+    if not stamp.is_file():
+        return
+    try:
+        recorded = json.loads(stamp.read_text(encoding="utf-8"))
+        recorded_target = tvm.target.Target(recorded)
+    except Exception as err:  # noqa: BLE001 - a stamp TVM cannot read names no target we can match
+        raise TuningError(f"tuning database {directory}: its target stamp {stamp.name} is unreadable "
+                          f"({one_line(err)})") from err
+    mine, theirs = _machine_class(target), _machine_class(recorded_target)
+    if mine != theirs:
+        raise TuningError(
+            f"tuning database {directory} was tuned for {theirs} ({recorded_target}), not for this build's "
+            f"{mine} ({target}); tune for this target into another directory, or build without it"
+        )
+
+
+def _machine_class(target: tvm.target.Target) -> str:
+    return target_class(target) or target.kind.name
+
+
 def _uses_tensor_intrinsics(directory: Path) -> bool:
     """Whether any record tensorises: applying it then needs the intrinsics registered."""
     with open(directory / DATABASE_FILES[1], encoding="utf-8") as records:
         return any('"Tensorize"' in line for line in records)
-
-
-def _default_gpu_schedules() -> tvm.transform.Pass:
-    from tvm.s_tir import dlight as dl
-
-    # Same rule list as TVM's CUDA default pipeline; skips kernels already scheduled by the DB.
-    return dl.ApplyDefaultSchedule(
-        dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
-    )
 
 
 class ShippedRecordsNote(UserWarning):
@@ -140,9 +501,15 @@ def record_databases(
 ):
     """The database to apply (user's first, then the shipped records for ``target``), or None.
 
+    A user's directory without a database yet (e.g. a new ``--tuning-db`` with no tuning) adds
+    nothing; one stamped for another machine class is refused (:func:`check_database_target`).
     Warns with :class:`ShippedRecordsNote` when shipped records exist but not for this target.
     """
-    directories = [Path(database_dir)] if database_dir is not None else []
+    directories = []
+    if database_dir is not None:
+        check_database_target(database_dir, target)
+        if has_database(database_dir) or not Path(database_dir).is_dir():
+            directories.append(Path(database_dir))  # a missing folder stays an error (a typo)
     if shipped_records:
         shipped = lookup_shipped(target)
         if shipped.directory is not None:
@@ -161,78 +528,74 @@ def record_databases(
     return ms.database.OrderedUnionDatabase(*databases)
 
 
-def lower(
-    mod: tvm.IRModule,
-    target: tvm.target.Target,
-    *,
-    database_dir: str | os.PathLike | None = None,
-    shipped_records: bool = True,
-) -> tvm.IRModule:
-    """Lower a Relax module with bound weights for ``tvm.compile(result, target=target)``.
-
-    Kernels with records in ``database_dir``, then kernels with records shipped for the target's
-    class (``shipped_records``), get their tuned schedules if they compute what the default
-    schedule computes (see :func:`lower_tuned`); the others keep default ones (dlight on GPUs,
-    plain loops on CPUs). ``main`` keeps its signature.
-    """
-    return lower_tuned(mod, target, database_dir=database_dir, shipped_records=shipped_records)[0]
+# ---- entry points and weights ------------------------------------------------------------------
 
 
-def lower_tuned(
-    mod: tvm.IRModule,
-    target: tvm.target.Target,
-    *,
-    database_dir: str | os.PathLike | None = None,
-    shipped_records: bool = True,
-    exclude: Sequence[str] = (),
-    channels_last: bool | None = None,
-) -> tuple[tvm.IRModule, VerifiedTuning | None]:
-    """:func:`lower`, also saying which kernels got tuned schedules (None without a database).
-
-    Every record that would be applied is first checked against the kernel's default schedule
-    on random inputs (:func:`gmorph_tvm.tuning.verify.verified_database`); a record that
-    disagrees, or a kernel named in ``exclude``, is dropped with a :class:`TuningWarning` and the
-    kernel keeps its default schedule. ``channels_last``: see :func:`prepare`.
-    """
-    lowered = prepare(mod, target, channels_last=channels_last)
-    applied = None
-    with target:
-        database = record_databases(target, database_dir, shipped_records)
-        if database is not None:
-            checked, applied = verified_database(database, lowered, target, exclude=exclude)
-            with checked:
-                lowered = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(lowered)
-        if is_gpu_target(target):
-            lowered = _default_gpu_schedules()(lowered)
-        else:
-            lowered = tvm.transform.Sequential(
-                [
-                    relax.transform.SplitLayoutRewritePreproc(),
-                    # Evaluates the weight re-layout kernels on the constants at build time.
-                    relax.transform.FoldConstant(),
-                    relax.transform.DeadCodeElimination(),
-                ]
-            )(lowered)
-    return lowered, applied
+def merge_tunings(parts: Sequence[VerifiedTuning | None]) -> VerifiedTuning | None:
+    """The per-entry tuning results as one (None when no entry was lowered with records)."""
+    found = [p for p in parts if p is not None]
+    if not found:
+        return None
+    if len(found) == 1:
+        return found[0]
+    return VerifiedTuning(
+        applied=sorted({k for p in found for k in p.applied}),
+        dropped={k: v for p in found for k, v in p.dropped.items()},
+        unverified=sorted({k for p in found for k in p.unverified}),
+        checks=[c for p in found for c in p.checks],
+        seconds=sum(p.seconds for p in found),
+    )
 
 
-def default_gpu_rules(prepared: tvm.IRModule, target: tvm.target.Target) -> dict[str, str]:
-    """Which dlight rule of :func:`_default_gpu_schedules` schedules each kernel of ``prepared``
-    (the output of :func:`prepare`): ``{kernel name: "Matmul" | "GEMV" | ... | "Fallback"}``,
-    the first rule in the list that accepts it, as ``ApplyDefaultSchedule`` picks."""
-    from tvm.s_tir import dlight as dl
+def unique_weights(lifted: Sequence[Sequence[tuple[str, tvm.runtime.Tensor]]]):
+    """One tensor per distinct content over all entries: (file weights, per-entry names in order)."""
+    flat: list[tuple[str, np.ndarray]] = []
+    values: dict[str, tvm.runtime.Tensor] = {}
+    keyed: list[list[str]] = []
+    for i, part in enumerate(lifted):
+        names = []
+        for name, value in part:
+            key = name if name not in values else f"{name}@{i}"
+            n = 1
+            while key in values:
+                key, n = f"{name}@{i}.{n}", n + 1
+            values[key] = value
+            flat.append((key, value.numpy()))
+            names.append(key)
+        keyed.append(names)
+    kept, alias = unique_arrays(flat)
+    file_weights = [(name, values[name]) for name, _ in kept]
+    return file_weights, [[alias.get(n, n) for n in names] for names in keyed]
 
-    rules = [
-        ("Matmul", dl.gpu.Matmul()), ("GEMV", dl.gpu.GEMV()), ("Reduction", dl.gpu.Reduction()),
-        ("GeneralReduction", dl.gpu.GeneralReduction()), ("Fallback", dl.gpu.Fallback()),
-    ]
-    chosen: dict[str, str] = {}
-    current = prepared
-    with target:
-        for name, rule in rules:
-            current = dl.ApplyDefaultSchedule(rule)(current)
-            for gvar, func in current.functions_items():
-                scheduled = isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and func.attrs.get("tirx.is_scheduled")
-                if scheduled and gvar.name_hint not in chosen:
-                    chosen[gvar.name_hint] = name
-    return chosen
+
+@relax.expr_functor.mutator
+class _Rename(relax.PyExprMutator):
+    """Points calls at renamed kernels (the GlobalVars of the combined module)."""
+
+    def __init__(self, mapping: Mapping[str, tvm.ir.GlobalVar]):
+        super().__init__()
+        self.mapping = mapping
+
+    def visit_global_var_(self, gvar):
+        return self.mapping.get(gvar.name_hint, gvar)
+
+
+def combine_entries(parts: Mapping[str, tvm.IRModule]) -> tvm.IRModule:
+    """One module with each part's ``main`` as the function named by its key; kernels renamed apart
+    (identical kernels are kept once)."""
+    bb = relax.BlockBuilder()
+    for function, part in parts.items():
+        mapping: dict[str, tvm.ir.GlobalVar] = {}
+        for gvar, func in part.functions_items():
+            if isinstance(func, tvm.tirx.PrimFunc):
+                mapping[gvar.name_hint] = bb.add_func(func.without_attr("global_symbol"), gvar.name_hint)
+        for gvar, func in part.functions_items():
+            if isinstance(func, relax.Function):
+                new_name = function if gvar.name_hint == "main" else f"{gvar.name_hint}_{function}"
+                renamed = _Rename(mapping).visit_expr(func)
+                if gvar.name_hint == "main":
+                    renamed = renamed.with_attr("global_symbol", function)
+                else:
+                    renamed = renamed.without_attr("global_symbol")
+                bb.add_func(renamed, new_name)
+    return bb.get()

@@ -168,7 +168,7 @@ def version_tuple(text: str) -> tuple[int, int]:
 
 
 def min_driver_for(release: str) -> str:
-    """The oldest CUDA driver that loads SASS made by CUDA ``release`` (see the README's table).
+    """The oldest CUDA driver that loads SASS made by CUDA ``release`` (see docs/deployment.md, Device code per JetPack).
 
     Drivers are backward compatible (newer drivers load older code). From CUDA 11 on, minor
     version compatibility lets code from any 11.x / 12.x toolkit run on a driver of the same

@@ -217,17 +217,16 @@ def test_errors_name_the_op_or_kernel_and_its_task(monkeypatch, x):
     """A failure inside TVM is reported with the op/kernel it mentions and the tasks using it."""
     import tvm
 
-    import gmorph_tvm.artifact.builder as builder
-
     mm = gmorph_tvm.import_models({"shape": TinyCNN(4, 0).eval(), "flat": Flat().eval()}, example_inputs=x)
     import gmorph_tvm.tuning as tuning
+    from gmorph_tvm.tuning.pipeline import Pipeline
 
-    real_lower, real_lower_tuned = tuning.lower, builder.lower_tuned
+    real_lower, real_run_entries = tuning.lower, Pipeline.run_entries
 
-    def failing_lower(mod, target, **kwargs):
+    def failing_lower(self, entries):
         raise tvm.error.InternalError("Check failed: (ok) is false: cannot legalize relax.nn.conv2d\n  File \"x.cc\"")
 
-    monkeypatch.setattr(builder, "lower_tuned", failing_lower)
+    monkeypatch.setattr(Pipeline, "run_entries", failing_lower)
     with pytest.raises(BuildError) as info:
         build(mm, "llvm")
     assert str(info.value) == (
@@ -235,7 +234,7 @@ def test_errors_name_the_op_or_kernel_and_its_task(monkeypatch, x):
         "Check failed: (ok) is false: cannot legalize relax.nn.conv2d"
     )
 
-    monkeypatch.setattr(builder, "lower_tuned", real_lower_tuned)
+    monkeypatch.setattr(Pipeline, "run_entries", real_run_entries)
     target = tvm.target.Target({"kind": "llvm"})
     kernels = [gv.name_hint for gv in real_lower(mm.bound_module(), target).get_global_vars()]
     conv_kernel = next(k for k in kernels if "conv2d" in k)

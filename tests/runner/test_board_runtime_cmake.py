@@ -3,7 +3,7 @@
 Without the TVM tree, configuring stops with one message holding the git commands that fetch
 it. With a tree (``third_party/tvm``, or ``$GMORPH_TVM_SOURCE_DIR``) and CMake >= 3.26 (tvm-ffi's
 minimum), configuring a cross build for aarch64 succeeds; compiling it takes too long for CI on 2
-cores and is ``scripts/build_board_runtime.sh`` (its time is in the README's Jetson section).
+cores and is ``scripts/build_board_runtime.sh`` (its time is in docs/deployment.md, TVM's runtime from source).
 """
 
 from __future__ import annotations

@@ -135,3 +135,41 @@ def test_cpu_lowering_is_channels_last_and_keeps_results_and_nan():
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
+
+
+def _stamped_database(folder, target: tvm.target.Target):
+    """An (empty) tuning database stamped for ``target``, as tune() leaves its work dir."""
+    import json
+
+    from gmorph_tvm.core.targets import target_dict
+    from gmorph_tvm.tuning.pipeline import DATABASE_FILES
+    from gmorph_tvm.tuning.target_key import STAMP_FILE
+
+    folder.mkdir()
+    for name in DATABASE_FILES:
+        (folder / name).write_text("")
+    (folder / STAMP_FILE).write_text(json.dumps(target_dict(target)))
+    return folder
+
+
+@pytest.mark.parametrize("tuned_for", [{"kind": "llvm", "mcpu": "haswell"},
+                                       {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78"}])
+def test_a_database_tuned_for_another_machine_class_is_refused_at_build(tmp_path, tuned_for):
+    """It used to be applied silently (the stamp was checked when tuning only)."""
+    db = _stamped_database(tmp_path / "db", tvm.target.Target(tuned_for))
+    build_for = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+    with pytest.raises(TuningError, match=r"was tuned for (x86_64-avx2|aarch64-\w+) .* not for this build's x86_64-avx512"):
+        lower(_cnn(), build_for, database_dir=db, shipped_records=False)
+
+
+def test_a_database_tuned_on_another_cpu_of_the_same_class_applies(tmp_path):
+    db = _stamped_database(tmp_path / "db", tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}))
+    lowered = lower(_cnn(), tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"}), database_dir=db, shipped_records=False)
+    assert "main" in [gv.name_hint for gv in lowered.get_global_vars()]
+
+
+def test_a_new_empty_database_folder_builds_with_default_schedules(tmp_path):
+    (tmp_path / "new").mkdir()
+    x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype("float32")
+    want = _run(lower(_cnn(), LLVM, shipped_records=False), x)
+    np.testing.assert_array_equal(_run(lower(_cnn(), LLVM, database_dir=tmp_path / "new", shipped_records=False), x), want)

@@ -1,6 +1,6 @@
 """``LiftWeights``: the tensor constants of a lowered function become its trailing parameters.
 
-Run after lowering (``gmorph_tvm.tuning.lower``), when every weight the kernels read is final:
+Run after lowering (the pipeline's apply-tuning phase, :mod:`gmorph_tvm.tuning.pipeline`), when every weight the kernels read is final:
 folded batch norms, transposes and the tuned CPU layouts (``SplitLayoutRewritePreproc`` +
 ``FoldConstant``) are already evaluated into constants. Each non-scalar constant becomes one new
 parameter after the existing ones (constants of equal dtype, shape and bytes become one), and
