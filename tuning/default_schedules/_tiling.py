@@ -10,7 +10,8 @@
   parallel, the reduction loops go inside them and the ``bi x vi`` block of accumulators
   innermost (``bi`` unrolled, ``vi`` vectorised), written back through a small cache stage (or
   the epilogue, computed per tile). Layout-free weights (constants) whose last axis is not the
-  vector axis are re-laid out so it is (``[.., co, ..] -> [co // vi, .., co % vi]``) in a block
+  vector axis, or whose rows are longer than a tile, are re-laid out so that one tile is
+  contiguous (``[.., co, ..] -> [co // vi, .., co % vi]``, ``[K, N] -> [N // vi, K, N % vi]``) in a block
   annotated ``meta_schedule.layout_rewrite_preproc``: ``SplitLayoutRewritePreproc`` moves it out
   and ``FoldConstant`` runs it once at build time.
 * :func:`schedule_injective`: parallel outer loops, vectorised innermost loop.
@@ -32,21 +33,34 @@ PARALLEL_MIN_ELEMENTS = 4096
 PARALLEL_MIN_WORK = 32768  # ... and below this many multiply-adds for a reduction
 
 
+def vector_bits(target: Target) -> int:
+    """The widest SIMD register of ``target``'s CPU (``mcpu`` / ``mattr`` features): 512 with
+    AVX-512, 256 with AVX / AVX2, else 128 (SSE, NEON, generic x86-64 without ``mcpu``).
+    (``llvm_get_vector_width`` answers for the host CPU: 512 for a haswell target here.)"""
+    from tvm.target.codegen import target_has_features
+
+    def has(feature: str) -> bool:
+        try:
+            return bool(target_has_features(feature, target))
+        except Exception:  # noqa: BLE001  # a feature LLVM does not know for this architecture
+            return False
+
+    if has("avx512f"):
+        return 512
+    if has("avx2") or has("avx"):
+        return 256
+    return 128
+
+
 def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
     """Lanes of ``dtype_bits`` per vector register of ``target`` (at least 2)."""
-    from tvm.target.codegen import llvm_get_vector_width
-
-    try:
-        bits = int(llvm_get_vector_width(target))
-    except Exception:  # noqa: BLE001  # not an llvm target / LLVM cannot tell
-        bits = 128
-    return max((bits if bits > 0 else 128) // dtype_bits, 2)
+    return max(vector_bits(target) // dtype_bits, 2)
 
 
 def vector_registers(target: Target) -> int:
     """SIMD registers to hold accumulators in: 32 with AVX-512 or on aarch64, else 16."""
     triple = str(target.attrs.get("mtriple", ""))
-    if triple.startswith(("aarch64", "arm64")) or vector_lanes(target) >= 16:
+    if triple.startswith(("aarch64", "arm64")) or vector_bits(target) >= 512:
         return 32
     return 16
 
@@ -369,14 +383,14 @@ def _relayout_weights(sch: s_tir.Schedule, anchor, func: tirx.PrimFunc, v_var, v
             continue
         region = [r.min for r in read.region]
         dims = [d for d, e in enumerate(region) if isinstance(e, tirx.Var) and e.same_as(v_var)]
-        if len(dims) != 1 or dims[0] == len(region) - 1:
+        if len(dims) != 1:
             continue
         if any(v_var in _vars_of(e) for d, e in enumerate(region) if d != dims[0]):
             continue
         d = dims[0]
         shape = [_int(s) for s in read.source.shape]
-        if shape[d] is None or shape[d] % vi != 0:
-            continue
+        if shape[d] is None or shape[d] % vi != 0 or (d == len(region) - 1 and shape[d] == vi):
+            continue  # (already one contiguous tile per row)
         cached = sch.cache_read(anchor, index, "global")
         sch.annotate(cached, LAYOUT_REWRITE, True)
 
