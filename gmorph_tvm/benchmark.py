@@ -27,6 +27,7 @@ import numpy as np
 
 from .core.table import markdown_table
 from .core.timing import calls_to_last, seconds_per_call, time_main
+from .core.vm import entries_of
 
 # A sample: seconds per call of one full pass, timed over enough calls to last ``min_time_s``.
 Sampler = Callable[[], float]
@@ -181,19 +182,29 @@ def openvino_sampler(paths: Mapping[str, str], inputs: Mapping[str, Mapping[str,
 
 
 def tvm_sampler(runners: Sequence, inputs: Mapping[str, np.ndarray], *, min_time_s: float = 0.02) -> Sampler:
-    """Running every artifact's ``main`` once, one after another, timed by ``time_evaluator``."""
+    """Running every artifact once, one after another, timed by ``time_evaluator``: its ``main``, or
+    each group's entry point of a grouped artifact (entry points that repeat tasks already timed, such
+    as batch buckets, are left out: one call runs one of them)."""
     import tvm
 
-    prepared = []
+    calls = []
     for runner in runners:
-        names = [s["name"] for s in runner.manifest["inputs"]]
-        args = [tvm.runtime.tensor(inputs[n], runner.device) for n in names] + runner.weight_args("main")
-        number = calls_to_last(lambda runner=runner, args=args: runner.vm["main"](*args), min_time_s / len(runners))
-        prepared.append((runner, args, number))
+        covered: set[str] = set()
+        for entry in entries_of(runner.manifest):
+            if not set(entry["tasks"]) - covered:
+                continue
+            covered |= set(entry["tasks"])
+            function = entry["function"]
+            args = ([tvm.runtime.tensor(inputs[s["name"]], runner.device) for s in entry["inputs"]]
+                    + runner.weight_args(function))
+            calls.append((runner, function, args))
+    prepared = [(runner, function, args, calls_to_last(lambda runner=runner, function=function, args=args:
+                                                        runner.vm[function](*args), min_time_s / len(calls)))
+                for runner, function, args in calls]
 
     def sample() -> float:
-        return sum(time_main(runner.vm, runner.device, args, number=number, repeat=1)["median_ms"] / 1e3
-                   for runner, args, number in prepared)
+        return sum(time_main(runner.vm, runner.device, args, number=number, repeat=1, func=function)["median_ms"] / 1e3
+                   for runner, function, args, number in prepared)
 
     return sample
 

@@ -82,3 +82,23 @@ def test_format_table_speedups_are_relative_to_baseline():
     assert "peak MB" not in table
     with pytest.raises(ValueError, match="baseline 'gone' is not a row"):
         format_table([Row("slow", 4.0, 2_000_000)], baseline="gone")
+
+
+def test_tvm_sampler_times_each_group_of_a_grouped_artifact(tmp_path):
+    """A grouped artifact has one entry point per group and no ``main``: the sampler runs every group
+    (bench/lossless.py's grouped row failed with 'no entry point main')."""
+    import torch
+    from torch import nn
+
+    from gmorph_tvm import build, import_models
+    from gmorph_tvm.benchmark import tvm_sampler
+    from gmorph_tvm.pipeline import fuse_grouped
+    from gmorph_tvm.runtime import load
+
+    x = torch.randn(1, 16)
+    models = {f"t{i}": nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval() for i in range(2)}
+    groups = fuse_grouped(import_models(models, x), groups=[["t0"], ["t1"]])
+    runner = load(build(groups, "llvm").export(tmp_path / "grouped.so"))
+    assert [e["function"] for e in runner.manifest["entries"]] == ["main_g0", "main_g1"]
+    (name,) = [s["name"] for s in runner.manifest["inputs"]]
+    assert tvm_sampler([runner], {name: x.numpy()})() > 0
