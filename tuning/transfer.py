@@ -43,9 +43,16 @@ MAX_TRIES = 3
 
 
 def _script(workload: tvm.IRModule) -> str:
+    """The kernel's TVMScript with its parameter buffers named by position (``lv2`` in one
+    model is ``lv`` in another)."""
     func = workload["main"]
-    return func.without_attr("global_symbol").script() if func.attrs and "global_symbol" in func.attrs \
+    text = func.without_attr("global_symbol").script() if func.attrs and "global_symbol" in func.attrs \
         else func.script()
+    names = [str(getattr(param, "name", "")) for param in func.params]  # parameters are buffers
+    for index, name in enumerate(names):
+        if name:
+            text = re.sub(rf"\b{re.escape(name)}\b", f"arg_{index}_", text)
+    return text
 
 
 def structure_key(workload: tvm.IRModule) -> str:

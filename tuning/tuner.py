@@ -318,7 +318,7 @@ def tune(
             "seed": (cfg.seed + zlib.crc32(plan.name.encode()) + existing.get(plan.name, 0)) % (2**31 - 1),
             "workload": tvm.ir.save_json(plan.workload),
             "population_size": cfg.population_size or min(512, max(64, 8 * min(n, 64 if only_minutes else n))),
-            "transfer": cfg.transfer and not existing.get(plan.name, 0),
+            "transfer": cfg.transfer and target.kind.name == "llvm" and not existing.get(plan.name, 0),
         }
         for plan, n in to_run
     }

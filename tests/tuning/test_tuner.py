@@ -29,14 +29,14 @@ TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
 TRIALS_PER_TASK = 8
 
 
-def _two_conv_module() -> tvm.IRModule:
+def _two_conv_module(size: int = 12) -> tvm.IRModule:
     rng = np.random.default_rng(0)
 
     def const(*shape):
         return relax.const(rng.standard_normal(shape).astype("float32") * 0.2)
 
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 4, 12, 12), "float32"))
+    x = relax.Var("x", relax.TensorType((1, 4, size, size), "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
             h = relax.op.nn.conv2d(x, const(8, 4, 3, 3), padding=1)
@@ -147,6 +147,88 @@ def test_tuned_module_keeps_signature_and_results(session):
     # Weight re-layout kernels were evaluated at build time, not left for every call.
     assert not any(k.endswith("_weight_prepack") for k in scheduled), scheduled
     np.testing.assert_allclose(_run(lowered), _run(lower(mod, TARGET)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # shares the tuning session; ~1 min of feature extraction
+def test_a_pretrained_cost_model_is_trained_on_records_and_loaded_by_a_run(session, tmp_path, monkeypatch):
+    from gmorph_tvm.tuning import _worker, pretrain, tuner
+
+    _, _, _, tuned, work_dir = session
+    out = tmp_path / "pretrained.npz"
+    counts = pretrain.train([work_dir], out, target=TARGET)
+    assert counts["workloads"] == 1 and counts["records"] >= TRIALS_PER_TASK, counts
+    model = cost_model.new_model(2)
+    assert cost_model.load(model, out) == counts["records"] and model.booster is not None
+    # A run in a fresh work dir starts from the shipped model (its own, once it has one, first).
+    monkeypatch.setattr(cost_model, "SHIPPED_FILE", out)
+    fresh = tmp_path / "fresh"
+    assert tuner._cost_models(fresh, True) == [str(fresh / cost_model.STATE_FILE), str(out)]
+    assert tuner._cost_models(fresh, False) == [str(fresh / cost_model.STATE_FILE)]
+    loaded = _worker._load_cost_model({"cost_model_from": tuner._cost_models(fresh, True)}, 2)
+    assert loaded.data_size == counts["records"] and loaded.booster is not None
+
+
+def _lower_with(prepared: tvm.IRModule, database) -> tvm.IRModule:
+    """What lower_tuned does with a database: verify, apply, pre-pack the weights."""
+    from gmorph_tvm.tuning.verify import verified_database
+
+    checked, applied = verified_database(database, prepared, TARGET)
+    with TARGET, checked:
+        lowered = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(prepared)
+        lowered = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(),
+                                            relax.transform.FoldConstant()])(lowered)
+    return lowered, applied
+
+
+@pytest.mark.slow  # shares the tuning session
+def test_a_record_transfers_to_a_new_shape_verified(session, monkeypatch):
+    """The tuned 12x12 conv's record has no exact match at 20x20: it is replayed there with its
+    tile decisions remapped to divisors of the new extents, checked against the default
+    schedule, and applied; the other conv (same structure, other channels) borrows it too."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from gmorph_tvm.tuning import transfer, verify
+    from gmorph_tvm.tuning.pipeline import open_database
+
+    _, _, crashing, tuned, work_dir = session
+    exact = open_database(work_dir)
+    prepared = prepare(_two_conv_module(20), TARGET)
+    extra, report = transfer.transferred_database(prepared, TARGET, [exact])
+    kinds = {name: kind for name, kind in report.kinds.items() if "conv2d" in name}
+    assert sorted(kinds.values()) == [transfer.TRANSFERRED] * 2, report.kinds
+    assert "0 kernel(s) ran exact records, 2 transferred ones" in report.summary()
+    for record in extra.get_all_tuning_records():  # every tile factorises the NEW extents
+        sch = tvm.s_tir.Schedule(record.workload.mod)
+        record.trace.apply_to_schedule(sch, remove_postproc=False)
+        for inst, decision in record.trace.decisions.items():
+            if inst.kind.name == "SamplePerfectTile":
+                assert all(int(f) >= 1 for f in decision)
+    lowered, applied = _lower_with(prepared, ms.database.OrderedUnionDatabase(exact, extra))
+    assert sorted(n for n in applied.applied if "conv2d" in n) == sorted(kinds), applied
+    x = np.random.default_rng(1).standard_normal((1, 4, 20, 20)).astype("float32")
+
+    def run(mod):
+        return relax.VirtualMachine(tvm.compile(mod, target=TARGET), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+
+    np.testing.assert_allclose(run(lowered), run(lower(_two_conv_module(20), TARGET, shipped_records=False)),
+                               rtol=1e-4, atol=1e-4)
+    # A transferred schedule that computes other values is never used.
+    monkeypatch.setattr(verify, "check_schedule", lambda name, *a, **k: verify.KernelCheck(name, False, 1.0, "wrong"))
+    _, rejected = transfer.transferred_database(prepared, TARGET, [exact])
+    assert {k for n, k in rejected.kinds.items() if "conv2d" in n} == {transfer.DEFAULT}, rejected.kinds
+
+
+def test_tile_decisions_are_remapped_to_divisors_of_the_new_extent():
+    from gmorph_tvm.tuning.transfer import remap_tile, structure_key
+
+    assert remap_tile([3, 1, 2, 2], 12) == [3, 1, 2, 2]
+    for old, extent in (([7, 1, 4, 4], 112), ([1, 2, 2, 3], 20), ([2, 16], 17), ([4, 2, 1, 8], 1)):
+        new = remap_tile(old, extent, max_innermost=16)
+        assert len(new) == len(old) and int(np.prod(new)) == extent and new[-1] <= 16, (old, extent, new)
+    assert remap_tile([1, 2, 2, 16], 40, max_innermost=8)[-1] == 8
+    conv = [[p for p in extract(prepare(_two_conv_module(size), TARGET), TARGET) if "conv2d" in p.name]
+            for size in (12, 20)]
+    assert structure_key(conv[0][0].workload) == structure_key(conv[1][0].workload)
 
 
 @pytest.mark.slow  # shares the ~1.5 min tuning session
