@@ -13,10 +13,17 @@
 // shapes against the manifest, sha256 unless --no-verify-weights) and handed to the VM: on the CPU
 // as tensors that point into the mapping (no copy; the file is 64-byte aligned), on CUDA copied
 // tensor by tensor to the device, each tensor's host pages dropped after its copy.
+// Every file is read as if hostile: the manifest and the weights header are size- and depth-
+// capped JSON (runner/json.h); the weights file must be a plain file in the library's folder
+// (a bare name in the manifest, no symlink), its size and sha256 are checked before its header is
+// parsed, and every tensor's data_offsets must lie inside the data, in order, without overlap; the
+// library is hashed and loaded from one private copy (so what runs is what was checked); .npy
+// inputs are checked against their file size before anything is allocated.
 // Entry points (manifest "entries"): a bucketed artifact runs the smallest batch bucket that holds
 // the inputs' leading dimension, padding the batch by repeating the last sample; a grouped one
 // runs every group.
 #include <dlfcn.h>
+#include <errno.h>
 #include <sched.h>
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -49,6 +56,7 @@
 
 #include "json.h"
 #include "npy.h"
+#include "safetensors.h"
 #include "sha256.h"
 
 namespace ffi = tvm::ffi;
@@ -56,6 +64,8 @@ namespace ffi = tvm::ffi;
 namespace {
 
 constexpr int kPooledAllocator = 2;
+// Text from a file (names, dtypes) in a message: printable ASCII only, so messages stay one line.
+std::string P(const std::string& text) { return gmorph::json::Printable(text); }
 
 struct Options {
   std::string library;
@@ -81,11 +91,27 @@ std::string ShapeText(const std::vector<int64_t>& shape) {
   return s + "]";
 }
 
+const std::set<std::string>& KnownDtypes() {
+  static const std::set<std::string> known = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16",
+                                              "int8", "uint64", "uint32", "uint16", "uint8", "bool"};
+  return known;
+}
+
+// A tensor spec of the manifest: refuses unknown dtypes, negative dimensions and element counts
+// past 2^62 (so sizes computed from it cannot overflow).
 Spec SpecOf(const gmorph::json::Value& v) {
   Spec s;
   s.name = v["name"].String();
-  for (const auto& d : v["shape"].Array()) s.shape.push_back(d.Int());
   s.dtype = v["dtype"].String();
+  if (KnownDtypes().count(s.dtype) == 0) throw std::runtime_error("tensor '" + P(s.name) + "' has unknown dtype '" + P(s.dtype) + "'");
+  int64_t count = 1;
+  for (const auto& d : v["shape"].Array()) {
+    const int64_t dim = d.Int();
+    if (dim < 0) throw std::runtime_error("tensor '" + P(s.name) + "' has a negative dimension");
+    if (dim != 0 && count > (int64_t{1} << 62) / dim) throw std::runtime_error("tensor '" + P(s.name) + "' is too large");
+    count *= dim;
+    s.shape.push_back(dim);
+  }
   return s;
 }
 
@@ -141,12 +167,19 @@ Options ParseArgs(int argc, char** argv) {
   return opt;
 }
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error("cannot open " + path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
+// The whole of a small file (a manifest): refused by its size before anything is read.
+std::string ReadSmallFile(const std::string& path, size_t limit) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) throw std::runtime_error("cannot open it");
+  const std::streamoff size = in.tellg();
+  if (size < 0 || static_cast<uint64_t>(size) > limit) {
+    throw std::runtime_error("is " + std::to_string(size) + " bytes, over the limit of " + std::to_string(limit));
+  }
+  in.seekg(0);
+  std::string text(static_cast<size_t>(size), '\0');
+  in.read(&text[0], size);
+  if (in.gcount() != size) throw std::runtime_error("cannot read it");
+  return text;
 }
 
 std::string ManifestPathFor(const std::string& library) {
@@ -223,8 +256,8 @@ class QuietScopeWarnings {
 
 // A library cross-compiled for another CPU (e.g. an aarch64 Jetson .so on x86) cannot be
 // dlopen'ed here; say so instead of printing the loader's "wrong ELF class" message.
-void CheckHostArch(const std::string& library) {
-  std::ifstream in(library, std::ios::binary);
+void CheckHostArch(const std::string& file, const std::string& library) {
+  std::ifstream in(file, std::ios::binary);
   unsigned char head[20] = {0};
   in.read(reinterpret_cast<char*>(head), sizeof(head));
   if (!in || std::memcmp(head, "\x7f" "ELF", 4) != 0) return;  // not ELF: let the loader report it
@@ -324,70 +357,76 @@ std::string DirOf(const std::string& path) {
   return slash == std::string::npos ? std::string() : path.substr(0, slash + 1);
 }
 
+// The weights file a manifest names: a bare file name (no folder, no "..", not absolute), so it
+// can only be a file in the library's folder; "" and the reason otherwise.
+std::string WeightsFileProblem(const std::string& name) {
+  if (name.empty() || name == "." || name == "..") return "is empty or a folder";
+  if (name.find('/') != std::string::npos || name.find('\\') != std::string::npos) {
+    return "is a path, not a file name in the artifact's folder";
+  }
+  if (name.find('\0') != std::string::npos) return "holds a NUL byte";
+  return "";
+}
+
 // The external weights file, mapped: every tensor by name (CPU: views into the mapping).
 class WeightsFile {
  public:
   WeightsFile(const std::string& path, const gmorph::json::Value& record, bool verify) : path_(path) {
-    int fd = open(path.c_str(), O_RDONLY);
+    // O_NOFOLLOW: a symlink (which could point anywhere) is refused, as is anything but a plain file.
+    int fd = open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0 && errno == ELOOP) Fail("is a symbolic link; the weights must be a plain file in the artifact's folder");
     if (fd < 0) throw std::runtime_error("weights file " + path + " not found (export writes it beside the library)");
     struct stat st;
-    fstat(fd, &st);
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+      close(fd);
+      Fail("is not a plain file");
+    }
     size_ = static_cast<size_t>(st.st_size);
     if (size_ < 8) {
       close(fd);
-      throw std::runtime_error("weights file " + path + " is truncated (" + std::to_string(size_) + " bytes)");
+      Fail("is truncated (" + std::to_string(size_) + " bytes)");
+    }
+    if (record.Has("size") && record["size"].Int() != static_cast<int64_t>(size_)) {
+      close(fd);
+      const int64_t want = record["size"].Int();
+      Fail(std::string(static_cast<int64_t>(size_) < want ? "is truncated" : "does not belong to this artifact:") + " (" +
+           std::to_string(size_) + " bytes, the manifest says " + std::to_string(want) + ")");
     }
     base_ = static_cast<char*>(mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0));
     close(fd);
-    if (base_ == MAP_FAILED) throw std::runtime_error("cannot map weights file " + path);
-    uint64_t header_len = 0;
-    for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | static_cast<unsigned char>(base_[i]);
-    if (header_len > size_ - 8) Fail("is truncated or not a safetensors file");
-    gmorph::json::Value header;
+    if (base_ == MAP_FAILED) {
+      base_ = nullptr;
+      Fail("cannot be mapped");
+    }
+    // The checksum first: a file that is the one the manifest describes has a header we wrote.
+    if (verify && record.Has("sha256")) {
+      gmorph::Sha256 digest;
+      digest.Update(reinterpret_cast<const unsigned char*>(base_), size_);
+      if (digest.HexDigest() != record["sha256"].String()) Fail("is corrupt: sha256 differs from the manifest's");
+    }
+    gmorph::safetensors::Header header;
     try {
-      header = gmorph::json::Parse(std::string(base_ + 8, header_len));
+      header = gmorph::safetensors::Parse(base_, size_);
     } catch (const std::exception& e) {
-      Fail(std::string("has a corrupt header: ") + e.what());
+      Fail(e.what());
     }
-    data_ = base_ + 8 + header_len;
+    data_ = base_ + header.data_start;
+    for (const auto& t : header.tensors) {
+      if (!t.pad) entries_[t.name] = t;
+    }
     const auto& expected = record["tensors"].Array();
-    uint64_t end_max = 0;
-    for (const auto& kv : header.object) {
-      const auto& info = kv.second;
-      if (kv.first == "__metadata__") continue;
-      uint64_t begin = info["data_offsets"].Array()[0].Int(), end = info["data_offsets"].Array()[1].Int();
-      end_max = std::max(end_max, end);
-      if (kv.first.rfind("__pad__.", 0) == 0) continue;
-      entries_[kv.first] = {begin, end, info};
-    }
-    if (8 + header_len + end_max != size_) {
-      Fail(std::string(8 + header_len + end_max > size_ ? "is truncated" : "is longer than its header says") + " (" +
-           std::to_string(size_) + " bytes, header describes " + std::to_string(8 + header_len + end_max) + ")");
-    }
     if (entries_.size() != expected.size()) Fail("does not match its manifest (other tensors)");
     for (const auto& t : expected) {
       auto it = entries_.find(t["name"].String());
       if (it == entries_.end()) Fail("does not match its manifest: no tensor '" + t["name"].String() + "'");
       Spec spec = SpecOf(t);
-      const auto& info = it->second.info;
-      std::vector<int64_t> shape;
-      for (const auto& d : info["shape"].Array()) shape.push_back(d.Int());
-      if (shape != spec.shape || StCode(spec.dtype) != info["dtype"].String()) {
-        Fail("does not match its manifest: tensor '" + spec.name + "' is " + info["dtype"].String() + ShapeText(shape) +
+      const std::vector<int64_t>& shape = it->second.shape;
+      if (shape != spec.shape || StCode(spec.dtype) != it->second.dtype) {
+        Fail("does not match its manifest: tensor '" + spec.name + "' is " + it->second.dtype + ShapeText(shape) +
              ", expected " + spec.dtype + ShapeText(spec.shape));
       }
       if (it->second.begin % 64 != 0) Fail("is not 64-byte aligned (tensor '" + spec.name + "')");
-      int64_t count = 1;
-      for (int64_t d : shape) count *= d;
-      if (it->second.end - it->second.begin != static_cast<uint64_t>(count * gmorph::npy::ItemSize(spec.dtype))) {
-        Fail("has a corrupt header (size of tensor '" + spec.name + "')");
-      }
       specs_[spec.name] = spec;
-    }
-    if (verify && record.Has("sha256")) {
-      gmorph::Sha256 digest;
-      digest.Update(reinterpret_cast<const unsigned char*>(base_), size_);
-      if (digest.HexDigest() != record["sha256"].String()) Fail("is corrupt: sha256 differs from the manifest's");
     }
   }
 
@@ -418,10 +457,6 @@ class WeightsFile {
   }
 
  private:
-  struct Entry {
-    uint64_t begin, end;
-    gmorph::json::Value info;
-  };
   [[noreturn]] void Fail(const std::string& what) { throw std::runtime_error("weights file " + path_ + " " + what); }
   static std::string StCode(const std::string& dtype) {
     static const std::map<std::string, std::string> codes = {
@@ -436,7 +471,7 @@ class WeightsFile {
   size_t size_ = 0;
   char* base_ = nullptr;
   char* data_ = nullptr;
-  std::map<std::string, Entry> entries_;
+  std::map<std::string, gmorph::safetensors::Tensor> entries_;
   std::map<std::string, Spec> specs_;
 };
 
@@ -483,18 +518,6 @@ bool Covers(const gmorph::json::Value& manifest, const gmorph::json::Value& embe
   return same;
 }
 
-std::string FileSha256(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error("cannot read " + path);
-  gmorph::Sha256 digest;
-  std::vector<char> chunk(1 << 20);
-  while (in) {
-    in.read(chunk.data(), static_cast<std::streamsize>(chunk.size()));
-    digest.Update(reinterpret_cast<const unsigned char*>(chunk.data()), static_cast<size_t>(in.gcount()));
-  }
-  return digest.HexDigest();
-}
-
 // Index inputs (Gather / embedding ids) outside the table they index: the message Python's
 // runner gives, or "" when every index is in range.
 std::string IndexOutOfRange(const std::string& name, const gmorph::npy::Array& arr, int64_t low, int64_t high) {
@@ -512,39 +535,187 @@ std::string IndexOutOfRange(const std::string& name, const gmorph::npy::Array& a
   return "";
 }
 
+struct EntryPoint {
+  std::string function;
+  std::vector<Spec> inputs;
+  std::vector<std::string> tasks;
+  std::vector<std::string> weights;
+  int64_t batch = 0;
+};
+
+// What Run needs from the manifest, read and checked in one place so that every problem in it is
+// one line naming the manifest.
+struct Manifest {
+  gmorph::json::Value doc;
+  std::string device, library_sha256;
+  std::vector<Spec> inputs;
+  std::map<std::string, std::vector<Spec>> task_outputs;
+  std::vector<EntryPoint> entries;
+  bool bucketed = false;
+  const gmorph::json::Value* weights = nullptr;  // the external weights record, or null
+  std::string cuda_min_driver;
+};
+
+Manifest ReadManifest(const std::string& path) {
+  Manifest m;
+  m.doc = gmorph::json::Parse(ReadSmallFile(path, gmorph::json::kMaxDocumentBytes));
+  const auto& doc = m.doc;
+  if (doc.kind != gmorph::json::Value::Kind::kObject) throw std::runtime_error("not a JSON object");
+  if (!doc.Has("format") || doc["format"].String() != "gmorph-tvm-artifact") throw std::runtime_error("not a gmorph-tvm manifest");
+  if (doc["format_version"].Int() != 2) throw std::runtime_error("unsupported format_version (this gmorph-run reads 2)");
+  m.device = doc["device"].String();
+  if (!doc.Has("library_sha256")) {
+    throw std::runtime_error("has no library_sha256, so the library cannot be checked; rebuild the artifact");
+  }
+  m.library_sha256 = doc["library_sha256"].String();
+  if (m.library_sha256.size() != 64 || m.library_sha256.find_first_not_of("0123456789abcdef") != std::string::npos) {
+    throw std::runtime_error("library_sha256 is not a sha256 hex digest");
+  }
+  for (const auto& v : doc["inputs"].Array()) m.inputs.push_back(SpecOf(v));
+  for (const auto& task : doc["tasks"].Array()) {
+    auto& outs = m.task_outputs[task["name"].String()];
+    for (const auto& o : task["outputs"].Array()) outs.push_back(SpecOf(o));
+  }
+  if (doc.Has("entries")) {
+    for (const auto& e : doc["entries"].Array()) {
+      EntryPoint entry;
+      entry.function = e["function"].String();
+      for (const auto& v : e["inputs"].Array()) entry.inputs.push_back(SpecOf(v));
+      for (const auto& t : e["tasks"].Array()) entry.tasks.push_back(t.String());
+      if (e.Has("weights")) for (const auto& w : e["weights"].Array()) entry.weights.push_back(w.String());
+      if (e.Has("batch")) entry.batch = e["batch"].Int();
+      m.entries.push_back(entry);
+    }
+  } else {
+    EntryPoint entry;
+    entry.function = "main";
+    entry.inputs = m.inputs;
+    for (const auto& task : doc["tasks"].Array()) entry.tasks.push_back(task["name"].String());
+    m.entries.push_back(entry);
+  }
+  m.bucketed = doc.Has("batch_buckets");
+  if (doc.Has("index_bounds")) {
+    for (const auto& kv : doc["index_bounds"].object) {
+      kv.second["low"].Int();
+      kv.second["high"].Int();
+    }
+  }
+  if (doc.Has("weights") && doc["weights"].Has("storage") && doc["weights"]["storage"].String() == "external") {
+    m.weights = &doc["weights"];
+    const std::string problem = WeightsFileProblem((*m.weights)["file"].String());
+    if (!problem.empty()) {
+      throw std::runtime_error("weights file name '" + P((*m.weights)["file"].String()) + "' " + problem);
+    }
+    for (const auto& t : (*m.weights)["tensors"].Array()) SpecOf(t);
+    if (m.weights->Has("size")) (*m.weights)["size"].Int();
+    if (m.weights->Has("sha256")) (*m.weights)["sha256"].String();
+  }
+  if (doc.Has("cuda") && doc["cuda"].Has("cuda_min_driver")) {
+    m.cuda_min_driver = doc["cuda"]["cuda_min_driver"].String();
+    if (m.cuda_min_driver.empty() || m.cuda_min_driver.find_first_not_of("0123456789.") != std::string::npos ||
+        m.cuda_min_driver[0] == '.' || m.cuda_min_driver.size() > 8) {
+      throw std::runtime_error("cuda.cuda_min_driver '" + P(m.cuda_min_driver) + "' is not a CUDA version");
+    }
+  }
+  return m;
+}
+
+// A private copy of the library, made while hashing it: what is loaded is exactly the bytes that
+// were checked (the file at the given path may be replaced meanwhile), from an absolute path (no
+// library search path). Removed when this goes out of scope (the loaded mapping stays valid).
+class PrivateLibrary {
+ public:
+  explicit PrivateLibrary(const std::string& library) {
+    int src = open(library.c_str(), O_RDONLY | O_CLOEXEC);
+    if (src < 0) throw std::runtime_error("library " + library + " not found");
+    struct stat st;
+    if (fstat(src, &st) != 0 || !S_ISREG(st.st_mode)) {
+      close(src);
+      throw std::runtime_error("library " + library + " is not a plain file");
+    }
+    const char* tmp = std::getenv("TMPDIR");
+    size_t dot = library.find_last_of('.');
+    size_t slash = library.find_last_of('/');
+    std::string suffix = (dot != std::string::npos && (slash == std::string::npos || dot > slash)) ? library.substr(dot) : ".so";
+    std::string name = std::string(tmp && *tmp ? tmp : "/tmp") + "/gmorph-run-XXXXXX" + suffix;
+    std::vector<char> buf(name.begin(), name.end());
+    buf.push_back('\0');
+    int dst = mkstemps(buf.data(), static_cast<int>(suffix.size()));
+    if (dst < 0) {
+      close(src);
+      throw std::runtime_error("cannot create a private copy of " + library + " in " + (tmp && *tmp ? tmp : "/tmp"));
+    }
+    path_ = buf.data();
+    gmorph::Sha256 digest;
+    std::vector<char> chunk(1 << 20);
+    while (true) {
+      ssize_t n = read(src, chunk.data(), chunk.size());
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) {
+        close(src);
+        close(dst);
+        throw std::runtime_error("cannot read library " + library);
+      }
+      if (n == 0) break;
+      digest.Update(reinterpret_cast<const unsigned char*>(chunk.data()), static_cast<size_t>(n));
+      for (ssize_t done = 0; done < n;) {
+        ssize_t w = write(dst, chunk.data() + done, static_cast<size_t>(n - done));
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+          close(src);
+          close(dst);
+          throw std::runtime_error("cannot write a private copy of " + library + " to " + path_);
+        }
+        done += w;
+      }
+    }
+    close(src);
+    close(dst);
+    sha256_ = digest.HexDigest();
+  }
+  ~PrivateLibrary() {
+    if (!path_.empty()) unlink(path_.c_str());
+  }
+  PrivateLibrary(const PrivateLibrary&) = delete;
+  PrivateLibrary& operator=(const PrivateLibrary&) = delete;
+  const std::string& path() const { return path_; }
+  const std::string& sha256() const { return sha256_; }
+
+ private:
+  std::string path_, sha256_;
+};
+
 int Run(const Options& opt) {
   const std::string manifest_path = ManifestPathFor(opt.library);
-  gmorph::json::Value manifest;
+  Manifest m;
   try {
-    manifest = gmorph::json::Parse(ReadFile(manifest_path));
-    if (manifest["format"].String() != "gmorph-tvm-artifact") throw std::runtime_error("not a gmorph-tvm manifest");
-    if (manifest["format_version"].Int() != 2) throw std::runtime_error("unsupported format_version (this gmorph-run reads 2)");
+    m = ReadManifest(manifest_path);
   } catch (const std::exception& e) {
     std::cerr << "gmorph-run: manifest " << manifest_path << ": " << e.what() << "\n";
     return 1;
   }
-  const std::string built_for = manifest["device"].String();
+  const gmorph::json::Value& manifest = m.doc;
+  const std::string& built_for = m.device;
   if (built_for != opt.device) {
-    std::cerr << "gmorph-run: " << opt.library << " was built for " << built_for << "; run it with --device "
-              << built_for << "\n";
+    std::cerr << "gmorph-run: " << opt.library << " was built for " << built_for << " (manifest " << manifest_path
+              << "); run it with --device " << built_for << "\n";
     return 1;
   }
 
-  // The library must be the one the manifest was written for (a rebuild replaces both).
-  if (manifest.Has("library_sha256")) {
-    const std::string digest = FileSha256(opt.library);
-    if (digest != manifest["library_sha256"].String()) {
-      std::cerr << "gmorph-run: library " << opt.library << " (sha256 " << digest.substr(0, 12)
-                << "...) is not the one manifest " << manifest_path << " describes (sha256 "
-                << manifest["library_sha256"].String().substr(0, 12) << "...); copy the artifact's files together\n";
-      return 1;
-    }
+  // The library must be the one the manifest was written for (a rebuild replaces both); the bytes
+  // hashed are the bytes loaded.
+  PrivateLibrary private_library(opt.library);
+  if (private_library.sha256() != m.library_sha256) {
+    std::cerr << "gmorph-run: library " << opt.library << " (sha256 " << private_library.sha256().substr(0, 12)
+              << "...) is not the one manifest " << manifest_path << " describes (sha256 "
+              << m.library_sha256.substr(0, 12) << "...); copy the artifact's files together\n";
+    return 1;
   }
 
   // The manifest names the oldest CUDA driver that loads the artifact's SASS; refuse an older one
   // here, in one line, rather than failing at the first kernel launch.
-  if (opt.device == "cuda" && manifest.Has("cuda") && manifest["cuda"].Has("cuda_min_driver")) {
-    const std::string needed = manifest["cuda"]["cuda_min_driver"].String();
+  if (opt.device == "cuda" && !m.cuda_min_driver.empty()) {
+    const std::string& needed = m.cuda_min_driver;
     const int driver = CudaDriverVersion();
     if (driver > 0 && driver < ParseCudaVersion(needed)) {
       std::cerr << "gmorph-run: " << opt.library << " needs a CUDA driver >= " << needed << ", but this driver is CUDA "
@@ -554,38 +725,10 @@ int Run(const Options& opt) {
     }
   }
 
-  std::vector<Spec> input_specs;
-  for (const auto& v : manifest["inputs"].Array()) input_specs.push_back(SpecOf(v));
-  std::map<std::string, std::vector<Spec>> task_outputs;
-  for (const auto& task : manifest["tasks"].Array()) {
-    for (const auto& o : task["outputs"].Array()) task_outputs[task["name"].String()].push_back(SpecOf(o));
-  }
-  struct EntryPoint {
-    std::string function;
-    std::vector<Spec> inputs;
-    std::vector<std::string> tasks;
-    std::vector<std::string> weights;
-    int64_t batch = 0;
-  };
-  std::vector<EntryPoint> entries;
-  if (manifest.Has("entries")) {
-    for (const auto& e : manifest["entries"].Array()) {
-      EntryPoint entry;
-      entry.function = e["function"].String();
-      for (const auto& v : e["inputs"].Array()) entry.inputs.push_back(SpecOf(v));
-      for (const auto& t : e["tasks"].Array()) entry.tasks.push_back(t.String());
-      if (e.Has("weights")) for (const auto& w : e["weights"].Array()) entry.weights.push_back(w.String());
-      if (e.Has("batch")) entry.batch = e["batch"].Int();
-      entries.push_back(entry);
-    }
-  } else {
-    EntryPoint entry;
-    entry.function = "main";
-    entry.inputs = input_specs;
-    for (const auto& task : manifest["tasks"].Array()) entry.tasks.push_back(task["name"].String());
-    entries.push_back(entry);
-  }
-  const bool bucketed = manifest.Has("batch_buckets");
+  const std::vector<Spec>& input_specs = m.inputs;
+  std::map<std::string, std::vector<Spec>>& task_outputs = m.task_outputs;
+  const std::vector<EntryPoint>& entries = m.entries;
+  const bool bucketed = m.bucketed;
 
   // Inputs: by name, or positional when given without NAME=.
   std::map<std::string, std::string> paths = opt.inputs;
@@ -662,21 +805,19 @@ int Run(const Options& opt) {
     }
   }
 
-  CheckHostArch(opt.library);
+  CheckHostArch(private_library.path(), opt.library);
   if (opt.device == "cuda") LoadCudaRuntime();
   DLDevice dev{opt.device == "cuda" ? kDLCUDA : kDLCPU, opt.device_id};
 
   std::unique_ptr<WeightsFile> weights;
-  static const gmorph::json::Value kNoRecord;
-  const auto& weight_record = manifest.Has("weights") ? manifest["weights"] : kNoRecord;
-  if (weight_record.Has("storage") && weight_record["storage"].String() == "external") {
-    weights = std::make_unique<WeightsFile>(DirOf(opt.library) + weight_record["file"].String(), weight_record,
+  if (m.weights != nullptr) {
+    weights = std::make_unique<WeightsFile>(DirOf(opt.library) + (*m.weights)["file"].String(), *m.weights,
                                             opt.verify_weights);
   }
 
   ffi::Module vm = [&]() {
     QuietScopeWarnings quiet;
-    ffi::Module lib = ffi::Module::LoadFromFile(opt.library);
+    ffi::Module lib = ffi::Module::LoadFromFile(private_library.path());
     auto load_exec = lib->GetFunction("vm_load_executable", true);
     if (!load_exec.has_value()) throw std::runtime_error(opt.library + " is not a Relax VM library");
     return (*load_exec)().cast<ffi::Module>();
@@ -863,7 +1004,12 @@ void ConfigureThreads() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  Options opt = ParseArgs(argc, argv);
+  Options opt;
+  try {
+    opt = ParseArgs(argc, argv);
+  } catch (const std::exception&) {  // std::stoi on a non-number
+    Usage("--device N, --repeat and --warmup take whole numbers");
+  }
   ConfigureThreads();  // before the runtime starts its thread pool
   try {
     return Run(opt);

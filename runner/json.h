@@ -1,10 +1,14 @@
 // Minimal JSON reader for gmorph-tvm manifests (objects, arrays, strings, numbers, literals).
 //
 // The manifest is small and written by us, so a ~150-line recursive-descent parser is enough;
-// it reports the byte offset of the first syntax error.
+// it reports the byte offset of the first syntax error. The files it reads may be hostile, so it
+// refuses a document nested deeper than kMaxDepth (no stack overflow on 200,000 '['), numbers
+// that are not finite, and Int() refuses a number that is not an integer in the exact range of a
+// double; callers cap the document's size before reading it (kMaxDocumentBytes).
 #ifndef GMORPH_RUNNER_JSON_H_
 #define GMORPH_RUNNER_JSON_H_
 
+#include <cmath>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -14,6 +18,25 @@
 
 namespace gmorph {
 namespace json {
+
+// Text from a file, fit for a one-line message: bytes outside printable ASCII as \xNN.
+inline std::string Printable(const std::string& text) {
+  static const char* const kHex = "0123456789abcdef";
+  std::string out;
+  for (unsigned char c : text) {
+    if (c >= 0x20 && c < 0x7f && c != '\\') {
+      out.push_back(static_cast<char>(c));
+    } else {
+      out += "\\x";
+      out.push_back(kHex[c >> 4]);
+      out.push_back(kHex[c & 15]);
+    }
+  }
+  return out;
+}
+
+constexpr int kMaxDepth = 64;                            // arrays/objects inside each other
+constexpr size_t kMaxDocumentBytes = 4u * 1024 * 1024;  // a manifest or a weights header
 
 struct Value {
   enum class Kind { kNull, kBool, kNumber, kString, kArray, kObject };
@@ -27,9 +50,9 @@ struct Value {
   bool Has(const std::string& key) const { return kind == Kind::kObject && object.count(key) > 0; }
 
   const Value& operator[](const std::string& key) const {
-    if (kind != Kind::kObject) throw std::runtime_error("JSON value is not an object (looking up '" + key + "')");
+    if (kind != Kind::kObject) throw std::runtime_error("JSON value is not an object (looking up '" + Printable(key) + "')");
     auto it = object.find(key);
-    if (it == object.end()) throw std::runtime_error("JSON object has no field '" + key + "'");
+    if (it == object.end()) throw std::runtime_error("JSON object has no field '" + Printable(key) + "'");
     return it->second;
   }
   const std::vector<Value>& Array() const {
@@ -40,8 +63,13 @@ struct Value {
     if (kind != Kind::kString) throw std::runtime_error("JSON value is not a string");
     return string;
   }
+  // The number as an integer; refuses fractions and magnitudes above 2^53 (where a double stops
+  // being exact), so no cast below is undefined.
   int64_t Int() const {
     if (kind != Kind::kNumber) throw std::runtime_error("JSON value is not a number");
+    if (!(std::fabs(number) <= 9007199254740992.0) || number != std::floor(number)) {
+      throw std::runtime_error("JSON number " + std::to_string(number) + " is not an integer in range");
+    }
     return static_cast<int64_t>(number);
   }
 };
@@ -85,10 +113,13 @@ class Parser {
   Value ParseValue() {
     Value v;
     char c = Peek();
+    if ((c == '{' || c == '[') && ++depth_ > kMaxDepth) {
+      Fail("nested deeper than " + std::to_string(kMaxDepth) + " levels");
+    }
     if (c == '{') {
       v.kind = Value::Kind::kObject;
       ++pos_;
-      if (Peek() == '}') { ++pos_; return v; }
+      if (Peek() == '}') { ++pos_; --depth_; return v; }
       while (true) {
         if (Peek() != '"') Fail("expected a string key");
         std::string key = ParseString();
@@ -96,17 +127,19 @@ class Parser {
         v.object[key] = ParseValue();
         if (Peek() == ',') { ++pos_; continue; }
         Expect('}');
+        --depth_;
         return v;
       }
     }
     if (c == '[') {
       v.kind = Value::Kind::kArray;
       ++pos_;
-      if (Peek() == ']') { ++pos_; return v; }
+      if (Peek() == ']') { ++pos_; --depth_; return v; }
       while (true) {
         v.array.push_back(ParseValue());
         if (Peek() == ',') { ++pos_; continue; }
         Expect(']');
+        --depth_;
         return v;
       }
     }
@@ -128,9 +161,13 @@ class Parser {
         pos_ = start;
         Fail("bad number");
       }
+      if (!std::isfinite(v.number)) {
+        pos_ = start;
+        Fail("number out of range");
+      }
       return v;
     }
-    Fail(std::string("unexpected character '") + c + "'");
+    Fail("unexpected character '" + Printable(std::string(1, c)) + "'");
   }
 
   std::string ParseString() {
@@ -154,7 +191,14 @@ class Parser {
         case 't': out.push_back('\t'); break;
         case 'u': {
           if (pos_ + 4 > text_.size()) Fail("short \\u escape");
-          unsigned code = std::stoul(text_.substr(pos_, 4), nullptr, 16);
+          unsigned code = 0;
+          for (int k = 0; k < 4; ++k) {
+            const char h = text_[pos_ + k];
+            const int digit = (h >= '0' && h <= '9') ? h - '0' : (h >= 'a' && h <= 'f') ? h - 'a' + 10
+                              : (h >= 'A' && h <= 'F') ? h - 'A' + 10 : -1;
+            if (digit < 0) Fail("bad \\u escape");
+            code = code * 16 + static_cast<unsigned>(digit);
+          }
           pos_ += 4;
           // Basic Multilingual Plane only (names in our manifests are ASCII anyway).
           if (code < 0x80) {
@@ -177,6 +221,7 @@ class Parser {
 
   const std::string& text_;
   size_t pos_ = 0;
+  int depth_ = 0;
 };
 
 inline Value Parse(const std::string& text) { return Parser(text).ParseDocument(); }

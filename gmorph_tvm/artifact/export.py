@@ -16,10 +16,24 @@ works for an aarch64 host from an x86 machine.
 External weights go to ``<stem>.weights.safetensors`` (:mod:`gmorph_tvm.core.weights_file`), staged
 and renamed with the rest; the manifest's ``weights`` record gets the file name, its sha256 and
 size, and the name, dtype and shape of every tensor in it.
+
+Across processes: the artifact's folder is the lock (``fcntl.flock`` on the directory itself, so
+no lock file is left beside the artifact; a commit takes milliseconds, so artifacts sharing a
+folder lose nothing by sharing it). The commit (renames into place) runs under the exclusive lock, the loader reads
+manifest, library and weights under the shared one, so two exporters to one path never leave the
+library of one build with the manifest of the other, and a load never sees half a commit. The
+commit is journalled: before the first rename the staging folder gets a ``COMMIT`` file listing
+the renames, and each staging folder holds an ``OWNER`` file its exporter keeps locked. A process
+killed (SIGKILL) mid-commit leaves a staging folder with ``COMMIT`` and no live owner;
+:func:`recover_exports` (run by the next export and by ``load``, under the exclusive lock) finishes
+its renames (the new artifact) and removes it; a dead exporter's folder without ``COMMIT`` is
+removed (the old artifact stays).
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
 import signal
@@ -58,9 +72,86 @@ def export_artifact(artifact: Artifact, path: Path, *, fcompile: Callable | None
         return _export_staged(artifact, path, directory, fcompile)
 
 
+@contextmanager
+def artifact_lock(library: Path, *, shared: bool) -> Iterator[bool]:
+    """Hold the lock of ``library``'s artifact: ``flock`` on its folder (shared: readers;
+    exclusive: a commit or a recovery). Yields whether it is held (False where the folder cannot
+    be opened or locked, e.g. a file system without flock)."""
+    try:
+        fd = os.open(library.parent if str(library.parent) else ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            held = True
+        except OSError:
+            held = False
+        yield held
+    finally:
+        os.close(fd)
+
+
+def _owner_alive(staging: Path) -> bool:
+    """Whether the exporter that made ``staging`` still runs (it holds OWNER locked)."""
+    try:
+        fd = os.open(staging / "OWNER", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _recover_locked(library: Path) -> None:
+    """Finish or remove the staging folders of dead exporters of ``library`` (exclusive lock held)."""
+    for staging in sorted(library.parent.glob(f".{library.stem}.export-*")):
+        if not staging.is_dir() or _owner_alive(staging):
+            continue
+        commit = staging / "COMMIT"
+        if commit.is_file():
+            try:
+                renames = json.loads(commit.read_text())
+                for staged, final in renames:
+                    if (staging / staged).is_file():
+                        os.replace(staging / staged, library.parent / final)
+            except (OSError, ValueError, TypeError):
+                continue  # leave it for a process that can finish it
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def recover_exports(library: str | os.PathLike) -> None:
+    """Complete what exporters of ``library`` killed mid-commit left (their new artifact), and
+    remove dead exporters' staging folders. Cheap when there is nothing to do (one glob)."""
+    library = Path(library)
+    if not any(library.parent.glob(f".{library.stem}.export-*")):
+        return
+    try:
+        with artifact_lock(library, shared=False) as held:
+            if held:
+                _recover_locked(library)
+    except OSError:
+        pass  # a read-only folder: nothing this process could repair
+
+
+def _make_staging(path: Path, directory: Path) -> tuple[Path, int]:
+    """A new staging folder with its OWNER file locked by this process (made under the artifact
+    lock, so a recovering process never sees it without its owner)."""
+    with artifact_lock(path, shared=False):
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.stem}.export-", dir=directory))
+        fd = os.open(staging / "OWNER", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return staging, fd
+
+
 def _export_staged(artifact: Artifact, path: Path, directory: Path, fcompile: Callable | None) -> Path:
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.stem}.export-", dir=directory))
+        staging, owner = _make_staging(path, directory)
     except OSError as err:
         raise BuildError(f"cannot export to {path}: directory {directory} is not writable ({err.strerror})") from err
     try:
@@ -102,19 +193,36 @@ def _export_staged(artifact: Artifact, path: Path, directory: Path, fcompile: Ca
             write_json_atomic(staged_manifest, manifest)
         except OSError as err:
             raise BuildError(f"cannot write manifest {manifest_path}: {err.strerror}") from err
-        _install(renames, staged_manifest, manifest_path, staging)
+        with artifact_lock(path, shared=False):
+            _recover_locked(path)  # an earlier exporter killed mid-commit: its build first, then ours
+            _install(renames, staged_manifest, manifest_path, staging)
         return path
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        os.close(owner)
 
 
 def _install(renames: list[tuple[Path, Path]], staged_manifest: Path, manifest_path: Path, staging: Path) -> None:
     """Rename the library (and the weights file) into place, then the manifest last: it is what
     says the artifact is there. When any rename fails, the files already replaced are put back
-    (or removed where there was none before), so the directory keeps a consistent old artifact."""
+    (or removed where there was none before), so the directory keeps a consistent old artifact.
+    Before the first rename, ``COMMIT`` in the staging folder lists them all, so that a process
+    killed in between is completed by :func:`recover_exports`; it is removed when they are done
+    or undone."""
     done: list[tuple[Path, Path | None]] = []  # (final, backup of what it replaced)
+    commit = staging / "COMMIT"
+    journal = [(staged.name, final.name) for staged, final in [*renames, (staged_manifest, manifest_path)]]
+    try:
+        with open(staging / "COMMIT.tmp", "w") as handle:
+            handle.write(json.dumps(journal))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging / "COMMIT.tmp", commit)
+    except OSError as err:
+        raise BuildError(f"cannot write {manifest_path}: {err.strerror} (nothing was replaced)") from err
 
     def undo() -> str:
+        commit.unlink(missing_ok=True)
         for final, backup in reversed(done):
             try:
                 if backup is not None:
@@ -147,6 +255,7 @@ def _install(renames: list[tuple[Path, Path]], staged_manifest: Path, manifest_p
     except OSError as err:
         state = undo()
         raise BuildError(f"cannot write manifest {manifest_path}: {err.strerror} ({state})") from err
+    commit.unlink()
 
 
 @contextmanager

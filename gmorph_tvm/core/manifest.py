@@ -31,16 +31,25 @@ Version 2 added ``library_sha256``; the library also embeds its own signature (i
 names, output specs) as the VM function ``gmorph_signature``, so a loader can tell a manifest
 that does not describe its library (another build, edited tasks or shapes) before running it.
 Version-1 manifests (no checksum) are refused with a message saying to rebuild.
+
+Every JSON a runner reads from an artifact (this manifest, the weights file's header) goes
+through :func:`loads_bounded`: at most :data:`JSON_MAX_BYTES` bytes (checked before reading),
+nested at most :data:`JSON_MAX_DEPTH` levels (checked before parsing, so 200,000 ``[`` is one
+line, not a RecursionError) and no ``NaN``/``Infinity``. ``gmorph-run`` (runner/json.h) has the
+same limits. The external weights ``file`` must be a bare file name: the file beside the manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..errors import ArtifactError
 from .specs import TaskInfo, TensorSpec
@@ -51,6 +60,47 @@ SIGNATURE_FUNCTION = "gmorph_signature"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 MANIFEST_SUFFIX = ".manifest.json"
 LIBRARY_SUFFIXES = (".so", ".tar", ".dylib", ".dll")
+JSON_MAX_BYTES = 4 * 1024 * 1024  # a manifest or a weights header (runner/json.h: kMaxDocumentBytes)
+JSON_MAX_DEPTH = 64  # arrays/objects inside each other (runner/json.h: kMaxDepth)
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def json_depth(data: bytes) -> int:
+    """How deep arrays and objects nest in the JSON text ``data`` (brackets in strings ignored);
+    linear time, no recursion."""
+    bare = np.frombuffer(_JSON_STRING.sub(b'""', data), dtype=np.uint8)
+    step = np.isin(bare, (ord("["), ord("{"))).astype(np.int32) - np.isin(bare, (ord("]"), ord("}"))).astype(np.int32)
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads_bounded(data: bytes, what: str) -> Any:
+    """``json.loads`` for a file of an artifact: ArtifactError ``"{what}: <why>"`` (one line) when it
+    is over :data:`JSON_MAX_BYTES`, nested deeper than :data:`JSON_MAX_DEPTH`, holds NaN/Infinity
+    or is not valid JSON. ``what`` says whose JSON it is, e.g. ``"manifest m.json is not valid JSON"``."""
+    if len(data) > JSON_MAX_BYTES:
+        raise ArtifactError(f"{what}: {len(data)} bytes, over the limit of {JSON_MAX_BYTES}")
+    if json_depth(data) > JSON_MAX_DEPTH:
+        raise ArtifactError(f"{what}: nested deeper than {JSON_MAX_DEPTH} levels")
+    try:
+        return json.loads(data, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        raise ArtifactError(f"{what}: {err}") from err
+
+
+def file_name_problem(name: Any) -> str | None:
+    """Why ``name`` (a file an artifact's manifest names) is not a bare file name in the artifact's
+    folder, or None: no folder part, no ``..``, not absolute."""
+    if not isinstance(name, str) or not name or name in (".", ".."):
+        return "is empty or a folder"
+    if "/" in name or "\\" in name or os.sep in name:
+        return "is a path, not a file name in the artifact's folder"
+    if "\0" in name:
+        return "holds a NUL byte"
+    return None
 
 
 def manifest_path_for(library: str | Path) -> Path:
@@ -77,9 +127,14 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError(f"manifest {path} not found (export writes it beside the library)")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ArtifactError(f"manifest {path} is not valid JSON: {err}") from err
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > JSON_MAX_BYTES:  # refused before anything is read
+                raise ArtifactError(f"manifest {path} is {size} bytes, over the limit of {JSON_MAX_BYTES}")
+            raw = handle.read(JSON_MAX_BYTES + 1)
+    except OSError as err:
+        raise ArtifactError(f"cannot read manifest {path}: {err.strerror}") from err
+    data = loads_bounded(raw, f"manifest {path} is not valid JSON")
     validate_manifest(data, path)
     return data
 
@@ -134,15 +189,23 @@ def validate_manifest(data: Any, path: str | Path = "<manifest>") -> None:
         for key, wanted in (("file", str), ("sha256", str), ("tensors", list)):
             if not isinstance(weights.get(key), wanted):
                 raise ArtifactError(f"manifest {path}: external weights field {key!r} is missing or not a {wanted.__name__}")
+        problem = file_name_problem(weights["file"])
+        if problem:
+            raise ArtifactError(f"manifest {path}: weights file name {weights['file']!r} {problem}")
     entries = data.get("entries")
     if entries is not None:
         if not isinstance(entries, list) or not entries or not all(
                 isinstance(e, dict) and isinstance(e.get("function"), str) and isinstance(e.get("inputs"), list)
                 and isinstance(e.get("tasks"), list) and isinstance(e.get("weights", []), list) for e in entries):
             raise ArtifactError(f"manifest {path}: malformed 'entries'")
-        if data.get("batch_buckets") is not None and sorted(int(e.get("batch", 0)) for e in entries) != sorted(
-                int(b) for b in data["batch_buckets"]):
-            raise ArtifactError(f"manifest {path}: 'batch_buckets' do not match the entries")
+        buckets = data.get("batch_buckets")
+        if buckets is not None:
+            batches = [e.get("batch", 0) for e in entries]
+            if not isinstance(buckets, list) or not all(
+                    isinstance(b, int) and not isinstance(b, bool) for b in [*buckets, *batches]):
+                raise ArtifactError(f"manifest {path}: 'batch_buckets' and the entries' 'batch' must be integers")
+            if sorted(batches) != sorted(buckets):
+                raise ArtifactError(f"manifest {path}: 'batch_buckets' do not match the entries")
 
 
 def is_external(manifest: Mapping[str, Any]) -> bool:

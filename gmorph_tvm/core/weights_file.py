@@ -15,18 +15,24 @@ starts at a multiple of :data:`ALIGNMENT`, and every weight starts at a multiple
 the gaps are filled by 1-d ``uint8`` tensors named ``__pad__.<n>`` that readers skip.
 ``__metadata__`` records the writer and the alignment.
 
-:func:`read_weights` checks everything before a kernel sees a byte: the file exists, its size is
-the header's, the header parses, the tensors are the ones the manifest expects (names, dtypes,
-shapes, in order), and (unless told not to) its sha256 is the manifest's. Any failure is one
-:class:`ArtifactError` line naming the file.
+:func:`read_weights` checks everything before a kernel sees a byte: the file is a plain file (a
+symlink is refused), its size is the manifest's and (unless told not to) its sha256 too, both
+before the header is parsed; the header is bounded JSON (:func:`gmorph_tvm.core.manifest.loads_bounded`:
+size, depth, no NaN/Infinity); every tensor's ``data_offsets`` are two integers inside the data,
+its byte count is its dtype and shape's, and in offset order the tensors (pads included) tile the
+data exactly, with no overlap and no gap; the tensors are the ones the manifest expects (names,
+dtypes, shapes, in order). Any failure is one :class:`ArtifactError` line naming the file and why.
+``gmorph-run`` (runner/gmorph_run.cc) makes the same checks with the same messages.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,12 +42,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArtifactError
+from .manifest import JSON_MAX_BYTES, loads_bounded
 
 FORMAT = "safetensors"
 ALIGNMENT = 64
 PAD_PREFIX = "__pad__."
 WEIGHTS_SUFFIX = ".weights.safetensors"
-_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 # numpy dtype name <-> safetensors dtype code
 _TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
@@ -159,73 +165,120 @@ def read_weights(path: str | Path, expected: Mapping[str, Any] | None = None, *,
     pages stay mapped, so this costs time, not memory beyond what the weights take anyway).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"weights file {path} not found (export writes it beside the library)")
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ArtifactError(f"weights file {path} is a symbolic link; the weights must be a plain file in the "
+                                "artifact's folder") from err
+        if err.errno == errno.ENOENT:
+            raise ArtifactError(f"weights file {path} not found (export writes it beside the library)") from err
+        raise ArtifactError(f"cannot read weights file {path}: {err.strerror}") from err
+    with open(fd, "rb") as fh:
+        try:
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ArtifactError(f"weights file {path} is not a plain file")
+            size = info.st_size
             if size < 8:
                 raise ArtifactError(f"weights file {path} is truncated ({size} bytes; not a safetensors file)")
-            (header_len,) = struct.unpack("<Q", fh.read(8))
-            if header_len > _HEADER_LIMIT or 8 + header_len > size:
-                raise ArtifactError(f"weights file {path} is truncated or not a safetensors file "
-                                    f"(header of {header_len} bytes in a file of {size})")
-            header_bytes = fh.read(header_len)
+            want = expected.get("size") if expected is not None else None
+            if isinstance(want, int) and want != size:
+                what = "is truncated" if size < want else "does not belong to this artifact:"
+                raise ArtifactError(f"weights file {path} {what} ({size} bytes, the manifest says {want})")
             mapping = mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    except OSError as err:
-        raise ArtifactError(f"cannot read weights file {path}: {err.strerror}") from err
+        except OSError as err:
+            raise ArtifactError(f"cannot read weights file {path}: {err.strerror}") from err
     try:
-        header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        mapping.close()
-        raise ArtifactError(f"weights file {path} has a corrupt header: {err}") from err
-    try:
-        entries = _entries(header, path)
-        data_start = 8 + header_len
-        declared = max((e.end for e in entries), default=0)
-        if data_start + declared != size:
-            what = "truncated" if data_start + declared > size else "longer than its header says"
-            raise ArtifactError(f"weights file {path} is {what} ({size} bytes, header describes "
-                                f"{data_start + declared})")
-        if expected is not None:
-            _check_expected(path, entries, expected, size)
+        # The checksum before the header: the file the manifest describes has a header we wrote.
         if verify and expected is not None and expected.get("sha256"):
             digest = hashlib.sha256(memoryview(mapping)).hexdigest()
             if digest != expected["sha256"]:
                 raise ArtifactError(f"weights file {path} is corrupt: sha256 {digest[:16]}... differs from the "
                                     f"manifest's {str(expected['sha256'])[:16]}...")
+        (header_len,) = struct.unpack_from("<Q", mapping, 0)
+        if header_len > JSON_MAX_BYTES:
+            raise ArtifactError(f"weights file {path} has a header of {header_len} bytes, over the limit of "
+                                f"{JSON_MAX_BYTES}")
+        if 8 + header_len > size:
+            raise ArtifactError(f"weights file {path} is truncated or not a safetensors file "
+                                f"(header of {header_len} bytes in a file of {size})")
+        header = loads_bounded(mapping[8:8 + header_len], f"weights file {path} has a corrupt header")
+        data_start = 8 + header_len
+        entries = _entries(header, path, data_start, size)
+        if expected is not None:
+            _check_expected(path, entries, expected, size)
     except ArtifactError:
         mapping.close()
         raise
     return WeightsFile(path, data_start, entries, mapping)
 
 
-def _entries(header: Any, path: Path) -> list[TensorEntry]:
+def _offsets(name: str, info: Any, data_size: int) -> tuple[str, tuple[int, ...], int, int]:
+    """dtype, shape, begin, end of one header entry; ValueError saying why it is not valid."""
+    if not isinstance(info, dict):
+        raise ValueError(f"tensor {name!r} is not a JSON object")
+    code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(code, str) or code not in _FROM_ST:
+        raise ValueError(f"tensor {name!r}: unknown dtype {code!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ValueError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in offsets)):
+        raise ValueError(f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end] in integers")
+    begin, end = offsets
+    if begin < 0 or end < begin:
+        raise ValueError(f"tensor {name!r}: data_offsets [{begin}, {end}] outside the data ({data_size} bytes)")
+    if end > data_size:
+        raise _Truncated(f"tensor {name!r}: data_offsets [{begin}, {end}] outside the data ({data_size} bytes)")
+    need = np.dtype(_FROM_ST[code]).itemsize
+    for d in shape:
+        need *= d
+    if end - begin != need:
+        raise ValueError(f"tensor {name!r}: data_offsets [{begin}, {end}] hold {end - begin} bytes, its dtype and "
+                         f"shape {need}")
+    return _FROM_ST[code], tuple(shape), begin, end
+
+
+class _Truncated(ValueError):
+    """A tensor that ends past the end of the file."""
+
+
+def _entries(header: Any, path: Path, data_start: int, size: int) -> list[TensorEntry]:
+    data_size = size - data_start
     if not isinstance(header, dict):
         raise ArtifactError(f"weights file {path} has a corrupt header (not a JSON object)")
-    entries = []
+    entries, spans = [], []
     try:
         for name, info in header.items():
-            if name == "__metadata__" or name.startswith(PAD_PREFIX):
+            if name == "__metadata__":
                 continue
-            dtype = _FROM_ST[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(v) for v in info["data_offsets"])
-            if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize or begin < 0:
-                raise ValueError(f"tensor {name!r}: {end - begin} bytes for {dtype}{list(shape)}")
+            dtype, shape, begin, end = _offsets(name, info, data_size)
+            spans.append((begin, end, name))
+            if name.startswith(PAD_PREFIX):
+                continue
             if begin % ALIGNMENT:
                 raise ValueError(f"tensor {name!r} is not {ALIGNMENT}-byte aligned (offset {begin})")
             entries.append(TensorEntry(name, dtype, shape, begin, end))
-    except (KeyError, TypeError, ValueError) as err:
+        # In offset order the tensors must tile the data exactly: no overlap, no gap, nothing after.
+        at, previous = 0, "the start of the data"
+        for begin, end, name in sorted(spans):
+            if begin != at:
+                where = "inside" if begin < at else "after a gap following"
+                raise ValueError(f"tensor {name!r} starts at byte {begin}, {where} {previous}")
+            at, previous = end, f"tensor {name!r}"
+    except _Truncated as err:
+        raise ArtifactError(f"weights file {path} is truncated: {err}") from err
+    except ValueError as err:
         raise ArtifactError(f"weights file {path} has a corrupt header: {err}") from err
+    if at != data_size:
+        raise ArtifactError(f"weights file {path} is longer than its header says ({size} bytes, header describes "
+                            f"{data_start + at})")
     return entries
 
 
 def _check_expected(path: Path, entries: list[TensorEntry], expected: Mapping[str, Any], size: int) -> None:
     want = expected.get("tensors") or []
-    if expected.get("size") is not None and int(expected["size"]) != size:
-        raise ArtifactError(f"weights file {path} does not belong to this artifact: {size} bytes, the manifest "
-                            f"says {expected['size']}")
     got = [(e.name, e.dtype, list(e.shape)) for e in entries]
     need = [(t["name"], t["dtype"], list(t["shape"])) for t in want]
     if got != need:

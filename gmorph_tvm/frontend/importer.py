@@ -463,35 +463,101 @@ def _tensor_of(exported, target: str):
     return None if value is None else value.detach().cpu().numpy()
 
 
+ONNX_LIMIT = 2**31 - 1  # protobuf's limit on one message: one .onnx file, or a model with its weights loaded
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB"
+
+
+def _external_files(task: str, path: Path, proto) -> dict[str, tuple[Path, int]]:
+    """Every external-data file of ``proto`` (by ``location``) as (resolved path, bytes used), each
+    checked before any byte of it is read: a relative location with no ``..``, resolving (symlinks
+    followed) to a plain file inside the model's folder, and every tensor's ``offset``/``length``
+    inside that file and equal to what its dtype and shape need. ModelImportError (one line) else."""
+    from onnx import external_data_helper, helper
+
+    folder = os.path.realpath(path.parent)
+    files: dict[str, tuple[Path, int]] = {}
+    for tensor in external_data_helper._get_all_tensors(proto):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        where = f"model {task!r}: {str(path)!r}: initializer {tensor.name!r}"
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        parts = location.replace("\\", "/").split("/")
+        if not location or os.path.isabs(location) or location.startswith(("/", "\\")) or ".." in parts or "\0" in location:
+            raise ModelImportError(f"{where} keeps its data in {location!r}, which is not a file name inside the "
+                                   "model's folder (absolute or '..' paths are refused)")
+        resolved = os.path.realpath(os.path.join(folder, location))
+        if os.path.commonpath([folder, resolved]) != folder:
+            raise ModelImportError(f"{where} keeps its data in {location!r}, which resolves outside the model's "
+                                   f"folder (to {resolved!r}, through a symbolic link)")
+        if not os.path.isfile(resolved):
+            raise ModelImportError(f"model {task!r}: {str(path)!r} keeps its weights in {location!r}, which is not "
+                                   "beside it")
+        size = os.stat(resolved).st_size
+        try:
+            offset = int(info.get("offset", "0"))
+            length = int(info["length"]) if "length" in info else None
+            itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (ValueError, TypeError, KeyError) as err:
+            raise ModelImportError(f"{where}: malformed external data entry ({_short(err)})") from err
+        need = itemsize
+        for dim in tensor.dims:
+            if dim < 0:
+                raise ModelImportError(f"{where} has a negative dimension {list(tensor.dims)}")
+            need *= dim
+        if length is None:
+            length = need
+        if offset < 0 or length < 0 or offset + length > size:
+            raise ModelImportError(f"{where} claims {length} bytes at offset {offset} of {location!r}, which holds "
+                                   f"{size} bytes")
+        if length != need:
+            raise ModelImportError(f"{where} claims {length} bytes in {location!r}; its dtype and shape "
+                                   f"{list(tensor.dims)} need {need}")
+        previous = files.get(location, (Path(resolved), 0))
+        files[location] = (previous[0], previous[1] + length)
+    return files
+
+
 def _read_onnx(task: str, path: Path):
-    """The ModelProto of ``path`` with external data loaded, and the sha256 of all its bytes."""
+    """The ModelProto of ``path`` with external data loaded, and the sha256 of all its bytes.
+
+    Refuses, in one line and before reading it, a file over protobuf's 2 GiB limit and a model
+    whose weights (external data included) would exceed it; external data is checked inside the
+    model's folder (:func:`_external_files`) before any of it is read, then hashed in chunks."""
     import onnx
     from onnx import external_data_helper
 
     if not path.is_file():
         raise ModelImportError(f"model {task!r}: ONNX file {str(path)!r} does not exist")
+    size = path.stat().st_size
+    if size > ONNX_LIMIT:
+        raise ModelImportError(
+            f"model {task!r}: {str(path)!r} is {_gib(size)}, over protobuf's 2 GiB limit on one ONNX file; "
+            "save it with its weights as external data (onnx.save(model, path, save_as_external_data=True))"
+        )
     raw = path.read_bytes()
     digest = hashlib.sha256(raw)
     try:
         proto = onnx.load_from_string(raw)
     except Exception as err:
         raise ModelImportError(f"model {task!r}: {str(path)!r} is not a valid ONNX file ({_short(err)})") from err
-    locations = sorted({
-        entry.value
-        for tensor in external_data_helper._get_all_tensors(proto)
-        if external_data_helper.uses_external_data(tensor)
-        for entry in tensor.external_data
-        if entry.key == "location"
-    })
-    if locations:
-        for location in locations:
-            data = path.parent / location
-            if not data.is_file():
-                raise ModelImportError(
-                    f"model {task!r}: {str(path)!r} keeps its weights in {location!r}, which is not beside it"
-                )
-            digest.update(data.read_bytes())
-        external_data_helper.load_external_data_for_model(proto, str(path.parent))
+    del raw
+    files = _external_files(task, path, proto)
+    total = size + sum(used for _, used in files.values())
+    if total > ONNX_LIMIT:
+        raise ModelImportError(
+            f"model {task!r}: {str(path)!r} holds {_gib(total)} with its external data, over the 2 GiB limit "
+            "of one protobuf message (the ONNX checker and TVM's ONNX importer need the whole model as one)"
+        )
+    if files:
+        for location in sorted(files):
+            with open(files[location][0], "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+        external_data_helper.load_external_data_for_model(proto, os.path.realpath(path.parent))
     return proto, digest.hexdigest()
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import fcntl
 import hashlib
 import os
 import platform
@@ -37,6 +38,7 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
+from ..artifact.export import artifact_lock, recover_exports
 from ..core import device_code
 from ..core.inputs import random_inputs  # noqa: F401 (re-exported: gmorph_tvm.runtime.random_inputs)
 from ..core.manifest import (
@@ -64,7 +66,7 @@ from ..core.vm import (  # noqa: F401 (re-exported)
     split_outputs,
 )
 from ..core.weights_file import ALIGNMENT, WeightsFile, read_weights
-from ..errors import ArtifactError, one_line
+from ..errors import ArtifactError, InputSpecError, one_line
 from .cuda_driver import check_cuda_driver, cuda_driver_version
 
 DEVICE_COPY_CHUNK = 64 << 20  # bytes per host -> device copy of external weights
@@ -122,6 +124,9 @@ class Runner:
 
         ``inputs``: a dict name -> array, a list in manifest order, or a single array.
         """
+        if inputs is None:
+            raise InputSpecError(f"{self.library}: no inputs given; pass a dict of {', '.join(self.input_names)} "
+                                 "(or a list in that order)")
         return run_entries(self._pool.get(), self._manifest, inputs, self._weight_args, what=str(self.library),
                            device=self.device)
 
@@ -164,32 +169,51 @@ def load(path: str | Path, device: str = "cpu", *, verify_weights: bool = True) 
     path = Path(path)
     library = library_path_for(path)
     manifest_file = manifest_path_for(library)
-    manifest = read_manifest(manifest_file)
-    if manifest["library"] != library.name:
-        raise ArtifactError(f"manifest {manifest_file} describes {manifest['library']!r}, not {library.name!r}")
-    if not library.is_file():
-        raise ArtifactError(f"library {library} not found (its manifest is {manifest_file})")
-    if manifest["device"] == "cuda" and str(device).startswith(("cuda", "gpu")):
-        check_cuda_driver(manifest, cuda_driver_version(), str(library))  # before the GPU check
-    dev = device_for(manifest, device, str(library))
-    _check_host_arch(library, manifest)
-    private, digest = _private_copy(library)
-    if digest != manifest["library_sha256"]:
-        raise ArtifactError(
-            f"library {library} (sha256 {digest[:12]}...) is not the one manifest {manifest_file} describes "
-            f"(sha256 {manifest['library_sha256'][:12]}...); rebuild, or keep each library with its own manifest"
-        )
-    weights = None
-    if is_external(manifest):
-        weights = load_weights(library, manifest, dev, verify=verify_weights)
-    try:
-        with quiet_tvm_warnings():
-            module = tvm.runtime.load_module(str(private))
-    except Exception as err:  # noqa: BLE001 - TVM raises its own error types
-        raise ArtifactError(f"cannot load {library}: {one_line(err)}") from err
+    recover_exports(library)  # an exporter killed mid-commit: its renames finished, its debris removed
+    # Under the artifact's shared lock an export's commit (exclusive) is either all done or not begun.
+    with artifact_lock(library, shared=True):
+        manifest = read_manifest(manifest_file)
+        if manifest["library"] != library.name:
+            raise ArtifactError(f"manifest {manifest_file} describes {manifest['library']!r}, not {library.name!r}")
+        if not library.is_file():
+            raise ArtifactError(f"library {library} not found (its manifest is {manifest_file})")
+        if manifest["device"] == "cuda" and str(device).startswith(("cuda", "gpu")):
+            check_cuda_driver(manifest, cuda_driver_version(), str(library))  # before the GPU check
+        dev = device_for(manifest, device, str(library))
+        _check_host_arch(library, manifest)
+        private, digest = _private_copy(library)
+        if digest != manifest["library_sha256"]:
+            raise ArtifactError(
+                f"library {library} (sha256 {digest[:12]}...) is not the one manifest {manifest_file} describes "
+                f"(sha256 {manifest['library_sha256'][:12]}...); rebuild, or keep each library with its own manifest"
+            )
+        weights = None
+        if is_external(manifest):
+            weights = load_weights(library, manifest, dev, verify=verify_weights)
+    module = _load_module(private, digest, library)
     pool = VMPool(module, dev, str(library))
     _check_embedded_signature(pool, manifest, library, manifest_file)
     return Runner(library, manifest, pool, weights)
+
+
+_MODULES: dict[str, tvm.runtime.Module] = {}  # library sha256 -> the module loaded from it
+
+
+def _load_module(private: Path, digest: str, library: Path) -> tvm.runtime.Module:
+    """The module of the private copy ``private`` (content ``digest``), loaded once per process:
+    TVM never unloads a library, and each ``load_module`` of one kept ~6 KiB that no drop gave
+    back (2,000 load/drop cycles: +18.5 MiB). Modules are immutable code; every Runner makes its
+    own VMs over it."""
+    with _COPY_LOCK:
+        module = _MODULES.get(digest)
+        if module is None:
+            try:
+                with quiet_tvm_warnings():
+                    module = tvm.runtime.load_module(str(private))
+            except Exception as err:  # noqa: BLE001 - TVM raises its own error types
+                raise ArtifactError(f"cannot load {library}: {one_line(err)}") from err
+            _MODULES[digest] = module
+    return module
 
 
 def _check_embedded_signature(pool: VMPool, manifest: Mapping[str, Any], library: Path, manifest_file: Path) -> None:
@@ -214,6 +238,42 @@ _COPY_LOCK = threading.Lock()
 _COPY_DIR: list[Path] = []
 
 
+_COPY_PREFIX = "gmorph-tvm-libs-"
+_OWNER = ".owner"  # locked (flock) by the process whose copies the folder holds, for its life
+_OWNER_FD: list[int] = []
+
+
+def _owned_temp_dir() -> Path:
+    """A new private-copy folder whose OWNER file this process keeps locked until it exits (even
+    by SIGKILL: the kernel drops the lock), so the next load anywhere can tell it is stale. The
+    file is locked before it gets its name, so no cleaner ever sees it unlocked."""
+    directory = Path(tempfile.mkdtemp(prefix=_COPY_PREFIX))
+    fd = os.open(directory / f"{_OWNER}.tmp", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.replace(directory / f"{_OWNER}.tmp", directory / _OWNER)
+    _OWNER_FD.append(fd)
+    return directory
+
+
+def _remove_stale_copies() -> None:
+    """Remove this user's private-copy folders whose owner process is gone (a load killed by
+    SIGKILL never runs its atexit clean-up)."""
+    for directory in Path(tempfile.gettempdir()).glob(f"{_COPY_PREFIX}*"):
+        try:
+            if directory.lstat().st_uid != os.getuid() or not directory.is_dir():
+                continue
+            fd = os.open(directory / _OWNER, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # no owner file: another version's folder, or one being made
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its owner runs
+        finally:
+            os.close(fd)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def _private_copy(library: Path) -> tuple[Path, str]:
     """A copy of ``library`` named by its sha256 in this process's temp dir, and that sha256.
 
@@ -223,7 +283,8 @@ def _private_copy(library: Path) -> tuple[Path, str]:
     digest = hashlib.sha256()
     with _COPY_LOCK:
         if not _COPY_DIR:
-            _COPY_DIR.append(Path(tempfile.mkdtemp(prefix="gmorph-tvm-libs-")))
+            _remove_stale_copies()
+            _COPY_DIR.append(_owned_temp_dir())
             atexit.register(shutil.rmtree, str(_COPY_DIR[0]), True)
         directory = _COPY_DIR[0]
         fd, tmp_name = tempfile.mkstemp(dir=directory, suffix=library.suffix)

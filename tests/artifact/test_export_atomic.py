@@ -10,6 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from torch import nn
 import gmorph_tvm
 from gmorph_tvm.artifact import build, manifest_path_for
 from gmorph_tvm.errors import BuildError
+from gmorph_tvm.runtime import load
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -93,3 +95,148 @@ def test_ctrl_c_early_prints_one_line(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["gmorph-tvm: interrupted"] or err.strip() == "gmorph-tvm build: interrupted", err
+
+
+# ---- across processes: racing exporters, SIGKILL mid-commit, stale private copies (issue 28) ----
+
+# A child that builds the Linear model of seed argv[2] and exports it to argv[1]. Every rename
+# into the output folder is reported ("renamed NAME") and, from the PAUSE-th on, followed by a
+# sleep, so the parent can kill it right there (monkeypatched os.replace: no hook in the code).
+_CHILD = textwrap.dedent("""
+    import os, sys, time
+    out = os.path.dirname(os.path.abspath(sys.argv[1]))
+    pause, nap, rounds = int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+    real_replace, count = os.replace, [0]
+    def replace(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        if os.path.dirname(os.path.abspath(dst)) == out and not os.path.basename(dst).startswith("."):
+            count[0] += 1
+            print("renamed", os.path.basename(dst), flush=True)
+            if count[0] == pause:
+                time.sleep(3600)
+            time.sleep(nap)
+    os.replace = replace
+    import numpy as np, torch
+    from torch import nn
+    import gmorph_tvm
+    from gmorph_tvm.artifact import build
+    from gmorph_tvm.runtime import load
+    torch.manual_seed(int(sys.argv[2]))
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    art = build(gmorph_tvm.import_models({"t": model}, example_inputs=torch.zeros(1, 8)), "llvm")
+    x = np.ones((1, 8), np.float32)
+    for _ in range(rounds):
+        art.export(sys.argv[1])
+        try:
+            got = load(sys.argv[1])(x)["t"]
+            print("loaded", float(got.sum()), flush=True)
+        except Exception as err:
+            print("FAILED", type(err).__name__, str(err).splitlines()[0], flush=True)
+""")
+
+
+def _expected_sum(seed: int) -> float:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        return float(model(torch.ones(1, 8)).sum())
+
+
+def _child(script: Path, path: Path, seed: int, pause: int = 0, nap: float = 0.0, rounds: int = 1) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(script), str(path), str(seed), str(pause), str(nap), str(rounds)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def test_two_exporters_racing_to_one_path_never_mix_builds(tmp_path):
+    """Two processes export different builds to one path, every rename slowed down: after each
+    export the artifact loads, and it is one of the two builds (before the per-folder lock: the
+    library of one and the manifest of the other, 'is not the one manifest ... describes')."""
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    out = tmp_path / "out"
+    out.mkdir()
+    procs = [_child(script, out / "m.so", seed, nap=0.3, rounds=3) for seed in (1, 2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    sums = {_expected_sum(1), _expected_sum(2)}
+    for proc, (stdout, stderr) in zip(procs, results):
+        assert proc.returncode == 0, stderr[-3000:]
+        loaded = [line for line in stdout.splitlines() if line.startswith(("loaded", "FAILED"))]
+        assert len(loaded) == 3 and all(line.startswith("loaded") for line in loaded), stdout
+        assert all(any(abs(float(line.split()[1]) - s) < 1e-4 for s in sums) for line in loaded), stdout
+    final = float(load(out / "m.so")(np.ones((1, 8), np.float32))["t"].sum())
+    assert any(abs(final - s) < 1e-4 for s in sums)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".m.export-")]
+
+
+@pytest.mark.parametrize("killed_after", [1, 2, 3])
+def test_sigkill_mid_commit_leaves_the_old_or_the_new_artifact(tmp_path, killed_after):
+    """SIGKILL after the library's (1), the weights' (2) or the manifest's (3) rename into place:
+    the next load gets the new build (the commit is journalled and finished by load), and no
+    staging folder is left (before: the new library with the old manifest, refused by load)."""
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    out = tmp_path / "out"
+    out.mkdir()
+    first = _child(script, out / "m.so", 1)
+    assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
+    proc = _child(script, out / "m.so", 2, pause=killed_after)
+    for _ in range(killed_after):
+        line = proc.stdout.readline()
+        assert line.startswith("renamed"), line + proc.stderr.read()[-3000:]
+    proc.kill()
+    proc.wait(timeout=60)
+    got = float(load(out / "m.so")(np.ones((1, 8), np.float32))["t"].sum())
+    assert got == pytest.approx(_expected_sum(2), abs=1e-4)
+    assert sorted(p.name for p in out.iterdir()) == ["m.manifest.json", "m.so", "m.weights.safetensors"]
+
+
+def test_sigkill_before_the_commit_keeps_the_old_artifact_and_no_debris(tmp_path):
+    script = tmp_path / "slow.py"
+    script.write_text(_SLOW_EXPORT)
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "child.py").write_text(_CHILD)
+    child = _child(tmp_path / "child.py", out / "m.so", 1)
+    assert child.wait(timeout=600) == 0, child.stderr.read()[-3000:]
+    proc = subprocess.Popen([sys.executable, str(script), str(out / "m.so")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout.readline().strip() == "linking"
+    proc.kill()
+    proc.wait(timeout=60)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".m.export-")]  # the dead exporter's folder
+    got = float(load(out / "m.so")(np.ones((1, 8), np.float32))["t"].sum())
+    assert got == pytest.approx(_expected_sum(1), abs=1e-4)
+    assert sorted(p.name for p in out.iterdir()) == ["m.manifest.json", "m.so", "m.weights.safetensors"]
+
+
+_LOAD_AND_WAIT = textwrap.dedent("""
+    import sys, time
+    from gmorph_tvm.runtime import load, loader
+    load(sys.argv[1])
+    print(loader._COPY_DIR[0], flush=True)
+    time.sleep(3600)
+""")
+
+
+def test_private_copies_of_a_killed_process_are_removed_at_the_next_load(tmp_path, artifact):
+    """load() copies the library into a per-process temp folder removed at exit; a process killed
+    by SIGKILL left it behind for good. The next load (in any process) removes folders whose
+    owner is gone, and keeps those of live processes."""
+    library = artifact.export(tmp_path / "m.so")
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    alive = subprocess.Popen([sys.executable, "-c", _LOAD_AND_WAIT, str(library)], stdout=subprocess.PIPE, text=True, env=env)
+    killed = subprocess.Popen([sys.executable, "-c", _LOAD_AND_WAIT, str(library)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        alive_dir, killed_dir = Path(alive.stdout.readline().strip()), Path(killed.stdout.readline().strip())
+        assert alive_dir.is_dir() and killed_dir.is_dir()
+        killed.kill()
+        killed.wait(timeout=60)
+        assert killed_dir.is_dir()  # no atexit after SIGKILL
+        subprocess.run([sys.executable, "-c", f"from gmorph_tvm.runtime import load; load({str(library)!r})"],
+                       check=True, env=env, timeout=300)
+        assert not killed_dir.exists()
+        assert alive_dir.is_dir()
+    finally:
+        alive.kill()
+        killed.kill()
