@@ -194,13 +194,20 @@ def distill(
     max_accuracy_drop: float,
     config: DistillConfig | None = None,
     seed: int = 0,
+    device: str | torch.device | None = None,
 ) -> DistillResult:
     """Fine-tune ``fused`` in place until every task's validation drop is <= ``max_accuracy_drop``.
 
     ``fused(x)`` must return one output per task in ``teacher.tasks`` order. On return the model
-    holds the best state seen (lowest worst-task drop).
+    holds the best state seen (lowest worst-task drop), on the CPU. ``device`` (e.g. ``"cuda"``):
+    train and evaluate there (the batch order and the result do not depend on it beyond float
+    rounding).
     """
     config = config or DistillConfig()
+    if device is not None:
+        fused.to(device)
+        val_x = val_x.to(device)
+        val_y = {t: y.to(device) for t, y in val_y.items()}
     tasks = teacher.tasks
     base = teacher.accuracy_val
     started = time.perf_counter()
@@ -239,8 +246,8 @@ def distill(
                     position += config.batch_size
                     fused.train()
                     _freeze_batch_norm(fused)
-                    outputs = fused(teacher.x[batch])
-                    loss = _loss(outputs, [teacher.logits[t][batch] for t in tasks], config)
+                    outputs = fused(teacher.x[batch].to(val_x.device))
+                    loss = _loss(outputs, [teacher.logits[t][batch].to(val_x.device) for t in tasks], config)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -264,6 +271,7 @@ def distill(
             for p in frozen:
                 p.requires_grad_(True)
     fused.load_state_dict(best[3])
+    fused.to("cpu")
     fused.eval()
     worst, acc, d, _ = best
     return DistillResult(

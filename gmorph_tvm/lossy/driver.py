@@ -161,7 +161,9 @@ class _Checkpoint:
         else:
             if lines.exists():
                 lines.unlink()
-        meta_file.write_text(json.dumps(meta, indent=1, sort_keys=True))
+        tmp = meta_file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+        os.replace(tmp, meta_file)
 
     def get(self, key: str) -> Candidate | None:
         return self.records.get(key)
@@ -177,11 +179,17 @@ class _Checkpoint:
 
     def keep(self, plan: FusionPlan, fused: FusedModel) -> str:
         """Save a passing candidate's fine-tuned weights (in memory without a work dir)."""
+        return self.keep_state(plan, fused.state_dict())
+
+    def keep_state(self, plan: FusionPlan, state: Mapping[str, torch.Tensor]) -> str:
         name = f"{plan.digest()}.pt"
         if self.dir is None:
-            self.memory[name] = {k: v.clone() for k, v in fused.state_dict().items()}
+            self.memory[name] = {k: v.detach().cpu().clone() for k, v in state.items()}
         else:
-            torch.save(fused.state_dict(), self.dir / "weights" / name)
+            path = self.dir / "weights" / name
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(dict(state), tmp)
+            os.replace(tmp, path)  # a kill mid-write never leaves a truncated file under the final name
         return name
 
     def weights(self, name: str) -> dict | None:
@@ -255,6 +263,15 @@ class SearchConfig:
     progress: bool = True
     #: Where progress messages go (``None``: nowhere).
     log: Callable[[str], None] | None = print
+    #: Candidates evaluated at once. Above 1 (or with ``ray_address``) each candidate's compile,
+    #: timing and fine-tune is a Ray task (:mod:`~gmorph_tvm.lossy.parallel`, needs ``ray``); 1 runs
+    #: the search in this process, without Ray.
+    workers: int = 1
+    #: Ray cluster address (``ray.init(address=...)``); ``None`` starts a local Ray with ``workers`` CPUs.
+    ray_address: str | None = None
+    #: Ray resource of the nodes holding the target device: compile + timing run there (one per unit),
+    #: fine-tunes anywhere. ``None``: each candidate is timed where it is fine-tuned.
+    ray_timing_resource: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.predictor, str) and self.predictor.lower() in ("none", "off", ""):
@@ -279,6 +296,8 @@ class SearchConfig:
             raise SearchError(f"distill_config must be a DistillConfig, not {type(self.distill_config).__name__}")
         if not isinstance(self.timing, TimingConfig):
             raise SearchError(f"timing must be a TimingConfig, not {type(self.timing).__name__}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise SearchError(f"workers must be a positive number of parallel candidates, got {self.workers!r}")
         if not all(isinstance(p, FusionPlan) for p in self.plans):
             raise SearchError("plans must be FusionPlan objects")
         self.plans = tuple(self.plans)
@@ -366,6 +385,7 @@ class Searcher:
         self.best_latency = float("inf")
         self.seen: set[str] = set()
         self.queue: list[FusionPlan] = list(config.plans)
+        self.parallel_stats: dict[str, Any] | None = None  # set by the Ray loop (lossy.parallel)
 
     # ---- latency: compiling and timing are separate so the baseline is compiled once, timed thrice ----
 
@@ -386,6 +406,18 @@ class Searcher:
         """Baseline, then up to ``budget`` candidates, then the test-checked final pick and the report."""
         config = self.config
         baseline = self.measure_baseline()
+        if config.workers > 1 or config.ray_address is not None:
+            from .parallel import run_parallel
+
+            run_parallel(self)
+        else:
+            self.run_serial()
+        search_seconds = time.perf_counter() - self.started
+        return self.conclude(baseline, search_seconds)
+
+    def run_serial(self) -> None:
+        """Propose, evaluate and observe one candidate at a time, up to ``budget`` (or the time budget)."""
+        config = self.config
         bar = _progress(config.budget, config.progress)
         try:
             for index in range(1, config.budget + 1):
@@ -409,8 +441,9 @@ class Searcher:
                 )
         finally:
             bar.close()
-        search_seconds = time.perf_counter() - self.started
 
+    def conclude(self, baseline: Candidate, search_seconds: float) -> SearchResult:
+        """The test-checked final pick, the report, ``report.json`` and ``pareto.png``."""
         result = self.finish()
         result.report.update(self.report(baseline, search_seconds, time.perf_counter() - self.started, result))
         result.candidates = self.candidates
@@ -478,9 +511,21 @@ class Searcher:
 
     def evaluate(self, index: int, plan: FusionPlan) -> Candidate:
         """Filter, build, time and fine-tune one plan (steps 1-4 of the module docstring)."""
+        t0 = time.perf_counter()
+        cand, fused = self.screen(index, plan)
+        if fused is not None:
+            self.measure_and_fine_tune(cand, fused, self.best_latency)
+            if cand.status == "passed":
+                cand.weights = self.store.keep(plan, fused)
+        cand.seconds = time.perf_counter() - t0
+        return cand
+
+    def screen(self, index: int, plan: FusionPlan) -> tuple[Candidate, FusedModel | None]:
+        """Steps 1-2: the rule filter, the plan applied (features), the predictive filter. Returns the
+        candidate and its fused model, or ``None`` for the model when the candidate is already decided
+        (skipped, or an error)."""
         assert self.baseline is not None and self.baseline.latency_ms is not None
         config, filt = self.config, self.filter
-        t0 = time.perf_counter()
         cand = Candidate(index, plan, "error")
         try:
             if filt is not None:
@@ -490,7 +535,7 @@ class Searcher:
                     cand.status = "skipped_rule"
                     cand.prediction = {"skip": True, "reason": "rule", "failed_plan": worse_than.key,
                                        "failing_tasks": _failing_tasks(worse_than, self.pass_line)}
-                    return cand
+                    return cand, None
             fused = build_fused(self.graphs, plan, self.calibration)
             cand.features = self.features(plan, fused)
             if filt is not None:
@@ -499,25 +544,38 @@ class Searcher:
                 cand.prediction = decision.to_json()
                 if decision.skip:
                     cand.status = f"skipped_{decision.reason}"
-                    return cand
-            cand.latency_ms = float(self.measure(to_multimodel(fused, self.example)))
-            if filt is not None and cand.latency_ms >= self.best_latency:
+                    return cand, None
+            return cand, fused
+        except GmorphError as err:
+            cand.error = f"{type(err).__name__}: {err}"
+            return cand, None
+
+    def measure_and_fine_tune(self, cand: Candidate, fused: FusedModel, best_latency: float,
+                              measure: Callable[[FusionPlan, Any], float] | None = None,
+                              device: str | None = None) -> Candidate:
+        """Steps 3-4 on a screened candidate: time the compiled plan (``measure(plan, multi_model)``
+        instead when given), then -- unless the filter is on and it is not faster than
+        ``best_latency`` -- fine-tune it (on ``device``). Sets the candidate's status; saving passing
+        weights is the caller's."""
+        config = self.config
+        try:
+            multi = to_multimodel(fused, self.example)
+            cand.latency_ms = float(measure(cand.plan, multi) if measure is not None else self.measure(multi))
+            if config.predictor is not None and cand.latency_ms >= best_latency:
                 cand.status = "skipped_measured_latency"  # cannot beat the best, whatever its accuracy
                 return cand
+            on_device = {"device": device} if device is not None else {}
             outcome = distill(fused, self.teacher, self.data.val_x, self.data.val_y, config.max_accuracy_drop,
-                              config.distill_config, seed=config.seed + index)
+                              config.distill_config, seed=config.seed + cand.index, **on_device)
             cand.distill = outcome.to_json()
             if outcome.passed:
                 cand.status = "passed"
-                cand.weights = self.store.keep(plan, fused)
             else:
                 cand.status = "aborted" if outcome.stop_reason == "learning_curve" else "failed"
-            return cand
         except GmorphError as err:
             cand.error = f"{type(err).__name__}: {err}"
-            return cand
-        finally:
-            cand.seconds = time.perf_counter() - t0
+            cand.status = "error"
+        return cand
 
     # ---- final pick -------------------------------------------------------------------------------------
 
@@ -624,6 +682,7 @@ class Searcher:
             "message": result.message,
             "search_seconds": search_seconds,
             "total_seconds": total_seconds,
+            "parallel": self.parallel_stats,
             "candidates": [c.to_json() for c in candidates],
         }
 

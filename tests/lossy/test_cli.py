@@ -11,9 +11,11 @@ from gmorph_tvm.cli import main
 
 def _save_inputs(tmp_path, tiny_models, tiny_data):
     specs = []
-    for task, model in tiny_models.items():
-        path = tmp_path / f"{task}.pt"
-        torch.save(model, path)
+    for task, model in tiny_models.items():  # torch.export programs (.pt2): checked, never unpickled
+        path = tmp_path / f"{task}.pt2"
+        ep = torch.export.export(model.eval(), (tiny_data.val_x[:2],),
+                                 dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+        torch.export.save(ep, str(path))
         specs += ["--model", f"{task}={path}"]
     data = tmp_path / "data.pt"
     torch.save({"train_x": tiny_data.train_x, "val_x": tiny_data.val_x, "test_x": tiny_data.test_x,
@@ -42,4 +44,6 @@ def test_search_command_errors_are_one_line(tmp_path, capsys):
     assert "--model needs --data" in capsys.readouterr().err
     (tmp_path / "notmodel.pt").write_bytes(b"junk")
     assert main(["search", "--model", f"a={tmp_path / 'notmodel.pt'}", "--data", str(tmp_path / "notmodel.pt")]) == 1
-    assert "not a torch.save'd module" in capsys.readouterr().err
+    assert "is not a state dict or tensors" in capsys.readouterr().err
+    assert main(["search", "--model", f"a={tmp_path / 'notmodel.pt'}", "--data", "x.pt", "--model", "a=y.pt"]) == 1
+    assert "--model names task 'a' twice" in capsys.readouterr().err
