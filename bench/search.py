@@ -8,6 +8,15 @@ Prints markdown tables:
 3. the search with and without the XGBoost predictive filter (same seed and budget): fine-tunes
    done, fine-tunes saved, best latency found, wall time.
 
+With ``--workers 1,2`` it prints instead the scaling of the search with the number of candidates
+evaluated at once (1: in this process, no Ray; K > 1: K Ray tasks, torch and TVM pinned to one thread
+each): wall time, candidates evaluated, fine-tunes, the chosen plan, and how many tasks were in flight
+on average. ``--simulate-workers 8`` adds a run on a local Ray given 8 logical CPUs whatever the
+machine has (fake resources): the tasks share the real cores, so wall time says little, but the mean
+number in flight shows whether the scheduler keeps every worker busy.
+
+    python bench/search.py --workers 1,2 --simulate-workers 6 --budget 6 --epochs 0.5 --train-samples 1000
+
 Single-threaded runtimes (TVM_NUM_THREADS=1, torch.set_num_threads(1)). ``--clock cpu`` (default)
 times with process CPU time, which on a shared machine measures the compute of one inference
 instead of how long other jobs held the cores; ``--clock wall`` uses elapsed time.
@@ -44,6 +53,10 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default="out/bench_search")
     p.add_argument("--skip-no-filter", action="store_true", help="only run the search with the filter")
     p.add_argument("--fresh", action="store_true", help="do not resume searches in --work-dir")
+    p.add_argument("--workers", default=None, metavar="K1,K2,...",
+                   help="scaling table only: the search with each number of parallel candidates (1 = no Ray)")
+    p.add_argument("--simulate-workers", type=int, default=0, metavar="K",
+                   help="with --workers: also a local Ray with K logical CPUs (fake resources on this machine)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -65,6 +78,8 @@ def main(argv=None) -> int:
 
     base = SearchConfig(max_accuracy_drop=args.max_drop, budget=args.budget, sampler=args.sampler, seed=args.seed,
                         resume=not args.fresh, distill_config=config, timing=timing, log=log)
+    if args.workers:
+        return scaling(args, argv, models, data, base, work, log)
     runs = {}
     for name, predictor in (("with filter", "xgboost"), ("without filter", None)):
         if predictor is None and args.skip_no_filter:
@@ -151,6 +166,57 @@ def main(argv=None) -> int:
     print(text)
     (work / "results.md").write_text(text + "\n")
     (work / "results.json").write_text(json.dumps({"latency_ms": lat, "tuned_ms": tuned, "training": summary}, indent=1))
+    return 0
+
+
+def scaling(args, argv, models, data, base, work, log) -> int:
+    """The ``--workers`` table: one fresh search per worker count, same seed, budget and settings."""
+    from dataclasses import replace
+
+    from gmorph_tvm.lossy import search
+
+    counts = [int(k) for k in args.workers.split(",")]
+    runs = [(f"{k}", k, False) for k in counts]
+    if args.simulate_workers:
+        runs.append((f"{args.simulate_workers} (simulated)", args.simulate_workers, True))
+    rows = []
+    for label, k, simulated in runs:
+        log(f"search with {label} worker(s): budget {args.budget}, seed {args.seed}")
+        config = replace(base, workers=k, resume=False, progress=False)
+        started_ray = False
+        if simulated:
+            import ray
+
+            # More logical CPUs than the machine has: Ray schedules k tasks at once on the real cores.
+            ray.init(num_cpus=k, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"TVM_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}})
+            started_ray = True
+        try:
+            t0 = time.perf_counter()
+            result = search(models, data, config, work_dir=work / f"workers_{k}{'_sim' if simulated else ''}")
+            wall = time.perf_counter() - t0
+        finally:
+            if started_ray:
+                ray.shutdown()
+        r, c = result.report, result.report["counts"]
+        par = r.get("parallel") or {}
+        rows.append((label, wall, r["search_seconds"], c["proposed"], c["fine_tuned"], c["passed"],
+                     par.get("mean_in_flight"), r["baseline_latency_ms"] / result.latency_ms, result.plan.key(),
+                     max(result.test_drops.values())))
+    cmd = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    out = [f"Command: `{cmd}`", "",
+           f"Search scaling (budget {args.budget} plans, seed {args.seed}, {args.sampler}, max drop {args.max_drop} pt, "
+           f"{args.epochs} epochs on {args.train_samples} images, torch/TVM 1 thread per worker, {os.cpu_count()} CPUs):",
+           "", "| workers | wall (min) | search loop (min) | candidates evaluated | fine-tunes | passed val | "
+           "mean tasks in flight | speedup of chosen vs unfused | chosen plan | worst test drop (pt) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, wall, loop, proposed, tuned, passed, in_flight, speedup, plan, drop in rows:
+        flight = "-" if in_flight is None else f"{in_flight:.2f}"
+        out.append(f"| {label} | {wall / 60:.1f} | {loop / 60:.1f} | {proposed} | {tuned} | {passed} | {flight} | "
+                   f"{speedup:.2f}x | `{plan}` | {drop:.2f} |")
+    text = "\n".join(out)
+    print(text)
+    (work / "scaling.md").write_text(text + "\n")
     return 0
 
 

@@ -165,8 +165,16 @@ def _loop(ray, searcher: Searcher) -> None:
     bar = _progress(config.budget, config.progress)
     bar.update(done)
     pending: dict[Any, Candidate] = {}
-    busy = 0.0
+    busy, submitted = 0.0, 0
     loop_started = time.perf_counter()
+    in_flight_area, last_change = 0.0, loop_started  # integral of (tasks in flight) dt
+
+    def mark() -> None:
+        nonlocal in_flight_area, last_change
+        now = time.perf_counter()
+        in_flight_area += len(pending) * (now - last_change)
+        last_change = now
+
     exhausted = False
     try:
         while True:
@@ -193,10 +201,13 @@ def _loop(ray, searcher: Searcher) -> None:
                     continue
                 ref = task.remote(box, cand.index, plan.to_json(), searcher.best_latency, config.ray_timing_resource)
                 cand.seconds = time.perf_counter() - t0
+                mark()
                 pending[ref] = cand
+                submitted += 1
             if not pending:
                 break
             ready, _ = ray.wait(list(pending), num_returns=1)
+            mark()
             for ref in ready:
                 cand = pending.pop(ref)
                 try:
@@ -219,8 +230,11 @@ def _loop(ray, searcher: Searcher) -> None:
         bar.close()
         for ref in pending:
             ray.cancel(ref, force=True)
+    mark()
     loop_seconds = time.perf_counter() - loop_started
     searcher.parallel_stats = {
+        "mean_in_flight": in_flight_area / loop_seconds if loop_seconds > 0 else None,
+        "tasks": submitted,
         "workers": config.workers, "ray_address": config.ray_address, "gpus_per_fine_tune": gpus,
         "timing_resource": config.ray_timing_resource, "loop_seconds": loop_seconds, "task_seconds": busy,
         "utilization": busy / (config.workers * loop_seconds) if loop_seconds > 0 else None,
