@@ -203,3 +203,38 @@ def test_real_zoo_kernels():
     target = _host_target()
     chosen = _check_kernels(prepare(mm.bound_module(), target), target)
     assert sum(1 for r in chosen.values() if r == "Conv2D") >= 10, chosen
+
+
+def test_elementwise_schedule_structure():
+    """Before / expected: relu(x + x) on 64x64, AVX-512: 32-lane vectors, the 128 rows x tiles in
+    parallel; the caller's module is left as it was (the pass works on a copy)."""
+    from tvm.script import tirx as T
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((64, 64), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.nn.relu(relax.op.add(x, x))))
+        bb.emit_func_output(out)
+    with AVX512:
+        before = relax.get_pipeline("zero")(bb.get())
+
+    @T.prim_func(private=True, s_tir=True)
+    def expected(x: T.Buffer((T.int64(64), T.int64(64)), "float32"),
+                 compute_intermediate: T.Buffer((T.int64(64), T.int64(64)), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        for i0_i1_0_fused in T.parallel(T.int64(128)):
+            for i1_1 in T.vectorized(T.int64(32)):
+                with T.sblock("compute"):
+                    v_i0 = T.axis.spatial(T.int64(64), i0_i1_0_fused // T.int64(2))
+                    v_i1 = T.axis.spatial(T.int64(64), i0_i1_0_fused % T.int64(2) * T.int64(32) + i1_1)
+                    T.reads(x[v_i0, v_i1])
+                    T.writes(compute_intermediate[v_i0, v_i1])
+                    compute_intermediate[v_i0, v_i1] = T.max(x[v_i0, v_i1] + x[v_i0, v_i1], T.float32(0.0))
+
+    unscheduled = before["fused_add_relu"]
+    after = DefaultCPUSchedules(AVX512)(before)
+    tvm.ir.assert_structural_equal(after["fused_add_relu"], expected)
+    tvm.ir.assert_structural_equal(before["fused_add_relu"], unscheduled)
+    assert before["fused_add_relu"].attrs.get("tirx.is_scheduled") is None
+    assert default_cpu_rules(before, AVX512) == {"fused_add_relu": "Elementwise"}

@@ -21,7 +21,6 @@ Conv2D / Matmul store constant weights in a blocked layout through
 from __future__ import annotations
 
 import tvm
-from tvm.s_tir.dlight import ApplyDefaultSchedule
 
 from gmorph_tvm.tuning.default_schedules._rule import CPURule
 from gmorph_tvm.tuning.default_schedules.conv2d import Conv2D
@@ -49,37 +48,46 @@ def _is_scheduled(func) -> bool:
 @tvm.transform.module_pass(opt_level=0, name="DefaultCPUSchedules")
 class DefaultCPUSchedules:
     """Schedule every not-yet-scheduled PrimFunc of a module for the llvm ``target`` with the
-    first of :func:`default_rules` that takes it (a module pass; other targets: unchanged).
+    first of :func:`default_rules` that takes it (dlight's ``ApplyDefaultSchedule`` semantics;
+    other targets: unchanged). After a run, :attr:`chosen` says which rule took each kernel.
 
-    Rewrites: the loop nests (and weight layouts) of kernels without ``tirx.is_scheduled``,
-    marking them scheduled. Preserves: what every kernel computes, kernels already scheduled
-    (tuned records), Relax functions and kernel signatures.
+    Rewrites: the loop nests (and constant weight layouts) of kernels without
+    ``tirx.is_scheduled``, marking them scheduled. Preserves: what every kernel computes, kernels
+    already scheduled (tuned records), Relax functions and kernel signatures.
     """
 
     def __init__(self, target: tvm.target.Target):
         self.target = target
+        self.chosen: dict[str, str] = {}
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        self.chosen = {}
         if self.target.kind.name != "llvm":
             return mod
+        rules = default_rules()
+        updated = {}
         with self.target:
-            return ApplyDefaultSchedule(*default_rules())(mod)
+            for gvar, func in mod.functions_items():
+                if not isinstance(func, tvm.tirx.PrimFunc) or _is_scheduled(func):
+                    continue
+                for rule in rules:
+                    sch = rule.apply(func, self.target, False)
+                    if sch is not None:
+                        updated[gvar] = sch.mod["main"].with_attr(SCHEDULED, True)
+                        self.chosen[gvar.name_hint] = rule.name
+                        break
+        if not updated:
+            return mod
+        mod = mod.clone()  # IRModule item assignment writes through to the caller's module
+        for gvar, func in updated.items():
+            mod[gvar] = func
+        return mod
 
 
 def default_cpu_rules(mod: tvm.IRModule, target: tvm.target.Target) -> dict[str, str]:
     """Which rule :class:`DefaultCPUSchedules` gives each kernel of ``mod`` that is not yet
-    scheduled: ``{kernel name: "Conv2D" | "Matmul" | ... | "Fallback"}`` (kernels no rule takes
-    are left out)."""
-    chosen: dict[str, str] = {}
-    if target.kind.name != "llvm":
-        return chosen
-    rules = default_rules()
-    with target:
-        for gvar, func in mod.functions_items():
-            if not isinstance(func, tvm.tirx.PrimFunc) or _is_scheduled(func):
-                continue
-            for rule in rules:
-                if rule.apply(func, target, False) is not None:
-                    chosen[gvar.name_hint] = rule.name
-                    break
-    return chosen
+    scheduled: ``{kernel name: "Conv2D" | "Matmul" | ... | "Fallback"}`` (empty for non-llvm
+    targets)."""
+    schedules = DefaultCPUSchedules(target)
+    schedules(mod)
+    return schedules.chosen
