@@ -4,12 +4,17 @@ TVM's PyTorch and ONNX frontends import the same network with different spelling
 structural comparison (``EliminateCommonSubexpr``, :class:`StitchSharedWeights`). This pass
 rewrites each Relax function of the module to one canonical form:
 
+* exporters' decompositions (``x * sigmoid(x)``, GELU, hardswish, layer norm, softmax, ...
+  written as chains of elementwise ops) become the op PyTorch's importer emits
+  (:class:`~gmorph_tvm.passes.recompose_ops.RecomposeOps`, run first);
 * ``out_dtype`` left unset (ONNX) is filled in with the call's result dtype (PyTorch's spelling);
 * negative axes become positive, and axis lists whose order does not matter are sorted
   (reductions, ``squeeze``, ``expand_dims``, ``strided_slice`` with its begin/end/strides);
   ``None`` reduction axes become the explicit list of all axes;
 * ``add`` / ``multiply`` put the weight-like operand (a constant, a weight parameter, or a value
   computed from those only) second: PyTorch's ``add(bias, x)`` becomes ONNX's ``add(x, bias)``;
+* ``clip`` bounds become float64 immediates of their value in the data dtype (the kernel casts
+  them to it: torch's ``relu6`` writes integers, ``clamp`` doubles, ONNX float32 values);
 * ``epsilon`` attrs are rounded to the data dtype, the precision kernels add them in; the
   ``momentum`` of an inference ``batch_norm`` (unused) is set to 0.1;
 * layout-only ops on constants (``reshape``, ``permute_dims``, ``expand_dims``, ``squeeze``) are
@@ -22,8 +27,9 @@ rewrites each Relax function of the module to one canonical form:
   where it would break sharing: when convs using the same weight content are followed by different
   batch-norm statistics (frozen backbone, fine-tuned BN), or one of them is not followed by BN.
 
-What is preserved: every rewrite except the BN fold is exact (the same arithmetic in the same
+What is preserved: every rewrite except the recomposition and the BN fold is exact (the same arithmetic in the same
 order: operand swaps only for ``add``/``multiply``, which are commutative in IEEE arithmetic). The
+recomposed ops compute the chains' function in their own order (float rounding; see RecomposeOps). The
 BN fold changes rounding only: ``conv(x, W*s) + B'`` differs from ``(conv(x, W) + b - mean) * s +
 beta`` by float32 rounding (about 1e-7 relative). Weight parameters are kept as parameters (folded
 weights become new parameters named ``<conv weight>.bnfold`` / ``<bias>.bnfold``, with provenance
@@ -50,6 +56,7 @@ from gmorph_tvm.passes._util import (
     rebuild_function,
     weight_params,
 )
+from gmorph_tvm.passes.recompose_ops import RecomposeOps
 
 _CONV_OPS = ("relax.nn.conv1d", "relax.nn.conv2d", "relax.nn.conv3d")
 _COMMUTATIVE_OPS = ("relax.add", "relax.multiply")
@@ -104,6 +111,7 @@ class CanonicalizeOps:
         self.fold_batch_norm = fold_batch_norm
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        mod = RecomposeOps()(mod)  # exporters' decompositions -> PyTorch's ops, before spelling them
         out = mod.clone()
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
@@ -458,6 +466,8 @@ class _Canonicalizer(relax.PyExprMutator):
             return folded
         if name == "relax.strided_slice":
             return self._canonical_strided_slice(call)
+        if name == "relax.clip":
+            call = self._canonical_clip(call)
         if name in _COMMUTATIVE_OPS and len(call.args) == 2:
             lhs, rhs = call.args
             if self._weight_like(lhs) and not self._weight_like(rhs):
@@ -467,6 +477,24 @@ class _Canonicalizer(relax.PyExprMutator):
             if new_attrs is not None:
                 call = relax.Call(call.op, call.args, new_attrs, call.ty_args)
         return call
+
+    def _canonical_clip(self, call: relax.Call) -> relax.Call:
+        """Float bounds as float64 immediates of their value in the data dtype: the kernel casts them
+        to it (torch's ``relu6`` writes ``clip(x, 0, 6)`` with integers, ``hardtanh`` 0.0 / 6.0;
+        torch's ``clamp(min=1e-9)`` a double, ONNX a float32)."""
+        dtype = dtype_str(call.args[0].ty)
+        if dtype not in ("float16", "float32", "float64"):
+            return call
+        bounds = []
+        for bound in call.args[1:3]:
+            number = getattr(bound, "value", None)
+            if not isinstance(number, (int, float)):
+                return call
+            bounds.append(tvm.tirx.FloatImm("float64", float(np.array(number, dtype=dtype))))
+        if all(isinstance(b, tvm.tirx.FloatImm) and str(b.dtype) == "float64" and float(b.value) == float(n.value)
+               for b, n in zip(call.args[1:3], bounds)):
+            return call
+        return relax.Call(call.op, [call.args[0], *bounds], call.attrs, call.ty_args)
 
     def _canonical_attrs(self, call: relax.Call) -> tvm.ir.Attrs | None:
         attrs = call.attrs

@@ -34,10 +34,5 @@ def scalar_of(value: np.ndarray | None) -> float | int | None:
     return value.reshape(()).item()
 
 
-def dtype_of(expr: relax.Expr) -> str:
-    dtype = expr.ty.dtype
-    return str(getattr(dtype, "dtype", dtype))
-
-
 def is_float(dtype: str) -> bool:
     return dtype.startswith(("float", "bfloat"))

@@ -18,7 +18,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-from ._values import dtype_of
+from ...core.ir import dtype_str
 
 # |alpha - 1/6| / (1/6) below this: the exporter meant 1/6 (float32 rounding of 1/6 written with 7
 # significant digits, e.g. PaddlePaddle's 0.1666667, is 2e-7 away).
@@ -31,7 +31,7 @@ class HardSigmoid(OnnxOpConverter):
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
         x = inputs[0]
-        dtype = dtype_of(x)
+        dtype = dtype_str(x.ty)
         alpha, beta = float(attr.get("alpha", 0.2)), float(attr.get("beta", 0.5))
         if beta == 0.5 and math.isclose(alpha, 1.0 / 6.0, rel_tol=_ONE_SIXTH_RTOL):
             shifted = relax.op.add(x, relax.const(3.0, dtype))

@@ -4,7 +4,8 @@ TVM's own converter writes every Clip as two TIR functions (``emit_te(topi.maxim
 neither the fusion nor the channels-last layout conversion can look through. Here:
 
 * bounds known at import (attributes before opset 11; constants or initialisers after) give one
-  ``R.clip(x, lo, hi)``; a missing bound is +-inf (integers: the dtype's limits);
+  ``R.clip(x, lo, hi)``; a missing bound is the dtype's limit (the specification's
+  ``numeric_limits::lowest()`` / ``max()``: -inf becomes -3.4e38 in float32, as in onnxruntime);
 * a bound computed by the graph gives ``R.maximum(x, lo)`` / ``R.minimum(., hi)``, the bound
   broadcast by the op itself.
 
@@ -22,7 +23,8 @@ import numpy as np
 from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-from ._values import dtype_of, is_float, known_value, scalar_of
+from ...core.ir import dtype_str
+from ._values import is_float, known_value, scalar_of
 
 
 class Clip(OnnxOpConverter):
@@ -46,9 +48,9 @@ class Clip(OnnxOpConverter):
             if bound is None or (scalar is not None and _is_nan(scalar)):
                 continue
             if scalar is not None:
-                bound = relax.const(scalar, dtype_of(x))
-            elif is_float(dtype_of(bound)):
-                unbounded = relax.const(-np.inf if lower else np.inf, dtype_of(bound))
+                bound = relax.const(scalar, dtype_str(x.ty))
+            elif is_float(dtype_str(bound.ty)):
+                unbounded = relax.const(-np.inf if lower else np.inf, dtype_str(bound.ty))
                 bound = relax.op.where(relax.op.isnan(bound), unbounded, bound)
             out = relax.op.maximum(out, bound) if lower else relax.op.minimum(out, bound)
         return out
@@ -62,15 +64,16 @@ def _is_nan(value) -> bool:
 
 
 def _clip_known(x: relax.Expr, lo, hi) -> relax.Expr:
-    """``clip(x, lo, hi)`` for bounds known now (None or NaN: no bound)."""
-    dtype = dtype_of(x)
-    lo = None if lo is None or _is_nan(lo) else lo
-    hi = None if hi is None or _is_nan(hi) else hi
+    """``clip(x, lo, hi)`` for bounds known now (None: the dtype's limit; NaN: no bound)."""
+    dtype = dtype_str(x.ty)
     if lo is None and hi is None:
         return x
     if is_float(dtype):
-        low = -math.inf if lo is None else float(lo)
-        high = math.inf if hi is None else float(hi)
+        limit = float(np.finfo(dtype).max) if dtype in ("float16", "float32", "float64") else math.inf
+        low = -limit if lo is None else -math.inf if _is_nan(lo) else float(lo)
+        high = limit if hi is None else math.inf if _is_nan(hi) else float(hi)
+        if math.isinf(low) and math.isinf(high):
+            return x
     else:
         info = np.iinfo(dtype)
         low = int(info.min) if lo is None else int(lo)

@@ -20,7 +20,7 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-from ._values import dtype_of
+from ...core.ir import dtype_str
 
 
 class _Variadic(OnnxOpConverter):
@@ -41,7 +41,7 @@ class _Variadic(OnnxOpConverter):
         for other in inputs[1:]:
             out = cls.binary(out, other)
         if cls.mean and len(inputs) > 1:
-            out = relax.op.multiply(out, relax.const(1.0 / len(inputs), dtype_of(inputs[0])))
+            out = relax.op.multiply(out, relax.const(1.0 / len(inputs), dtype_str(inputs[0].ty)))
         return out
 
 
