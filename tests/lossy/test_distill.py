@@ -64,3 +64,19 @@ def test_bad_config_is_rejected():
         DistillConfig(loss="mse")
     with pytest.raises(SearchError, match="train"):
         DistillConfig(train="some")
+
+
+def test_device_argument_trains_there_and_returns_on_the_cpu(tiny_graphs, tiny_data, teacher):
+    """The path a Ray worker with a GPU takes (device="cuda"), here with device="cpu" (a GPU where there
+    is one): the same seed gives the same result as the default, and the model comes back on the CPU."""
+    config = DistillConfig(max_epochs=0.25, train_samples=800, batch_size=32, evals_per_epoch=2, curve_margin=1e9)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    runs = []
+    for device in [None, *devices]:
+        fused = _deep_share(tiny_graphs, teacher)
+        result = distill(fused, teacher, tiny_data.val_x, tiny_data.val_y, 0.0, config, seed=0, device=device)
+        assert all(p.device.type == "cpu" for p in fused.parameters())
+        runs.append((result.steps, result.val_drops))
+    assert runs[1] == runs[0]
+    for steps, val_drops in runs[2:]:  # GPU: float rounding may move an accuracy by a sample or two
+        assert steps == runs[0][0] and all(abs(val_drops[t] - runs[0][1][t]) <= 1.0 for t in val_drops)
