@@ -223,14 +223,13 @@ def tune(
     ``channels_last``: the convolution layout, as :func:`gmorph_tvm.build` takes it (default: NHWC
     on CPUs); tune and build with the same value, or the records do not match the kernels.
     """
-    started = time.monotonic()
+    started, clock_zero = time.monotonic(), time.time()  # the minutes budget runs from the call
     cfg = TuneConfig.with_overrides(config, overrides)
     mod = _module_to_tune(mod)
     target = _resolve(target)
     if cfg.trials is None and cfg.trials_per_task is None and cfg.minutes is None:
         raise TuningError("give tune() either trials (a total) or trials_per_task (or a budget in minutes)")
     trials, trials_per_task = cfg.trials, cfg.trials_per_task
-    clock_zero = time.time()
     deadline = clock_zero + 60.0 * cfg.minutes if cfg.minutes is not None else None
     only_minutes = trials is None and trials_per_task is None  # the clock alone decides
     if only_minutes:
