@@ -240,8 +240,13 @@ def test_build_dumps_the_ir_after_every_phase(tmp_path):
     from gmorph_tvm.tuning.pipeline import PHASES
 
     _, mm = _two_model_module()
-    gmorph_tvm.build(gmorph_tvm.fuse(mm), "llvm", dump_ir=tmp_path, shipped_records=False)
+    artifact = gmorph_tvm.build(gmorph_tvm.fuse(mm), "llvm", dump_ir=tmp_path, shipped_records=False)
     dumped = sorted(p.name for p in tmp_path.iterdir())
+    # Untuned: every kernel got a default CPU schedule, and the manifest says which rule took how many.
+    schedules = artifact.manifest["tuning"]["schedules"]
+    kernels = (tmp_path / "03-apply_tuning.py").read_text().count("@T.prim_func")
+    assert schedules["tuned"] == 0 and schedules["default"] == kernels > 0
+    assert schedules["default_rules"]["Conv2D"] == 2 and sum(schedules["default_rules"].values()) == kernels
     # every phase, lossless_fusion included (empty in build: it builds what fuse() returned)
     expected = [f"{PHASES.index(p):02d}-{p}.py" for p in PHASES]
     assert dumped == expected, dumped

@@ -17,9 +17,12 @@ target_lowering          FoldPadIntoConv; CPU: ChannelsLast (NHWC activations, O
                          LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR;
                          CPU: weights layout-free (tuned schedules may re-lay them out)
 apply_tuning             records (the user's database, then the shipped ones for the target's
-                         class), each verified against the default schedule first; GPU:
-                         dlight default schedules; CPU: the weight re-layouts of tuned kernels
-                         evaluated at build time (SplitLayoutRewritePreproc + FoldConstant)
+                         class), each verified against the unscheduled kernel first; GPU:
+                         dlight default schedules; CPU: DefaultCPUSchedules (conv2d, matmul,
+                         pooling, reductions, elementwise: parallel, vectorised, tiled) for
+                         every kernel without a record, then the weight re-layouts of tuned and
+                         default schedules evaluated at build time (SplitLayoutRewritePreproc +
+                         FoldConstant)
 weights_and_signature    external weights: LiftWeights per entry point, equal tensors stored
                          once; entry points combined into one module; AttachSignature
 finalize                 TVM's ``default_build`` (VM lowering), when anything is left to lower
@@ -65,6 +68,7 @@ from gmorph_tvm.passes import (
     StitchSharedWeights,
 )
 from gmorph_tvm.passes.horizontal_merge.transform import MergeMode
+from gmorph_tvm.tuning.default_schedules import DefaultCPUSchedules
 from gmorph_tvm.tuning.ffi_guard import ensure_ir_json_works
 from gmorph_tvm.tuning.shipped import lookup as lookup_shipped
 from gmorph_tvm.tuning.shipped import target_class
@@ -115,6 +119,15 @@ class PipelineResult:
     file_weights: list[tuple[str, tvm.runtime.Tensor]] = field(default_factory=list)  # external weights, once each
     entry_weights: list[list[str]] = field(default_factory=list)  # per entry point: its weights' names, in order
     lifted: list[list[tuple[str, tvm.runtime.Tensor]]] = field(default_factory=list)  # per entry point
+    default_rules: dict[str, str] = field(default_factory=dict)  # kernel -> the default CPU rule that scheduled it
+
+    def schedules(self) -> dict[str, Any]:
+        """How the kernels were scheduled: tuned records applied, default CPU rules (per rule)."""
+        rules: dict[str, int] = {}
+        for rule in self.default_rules.values():
+            rules[rule] = rules.get(rule, 0) + 1
+        applied = len(self.tuning.applied) if self.tuning is not None else 0
+        return {"tuned": applied, "default": sum(rules.values()), "default_rules": dict(sorted(rules.items()))}
 
 
 class Pipeline:
@@ -160,6 +173,7 @@ class Pipeline:
         self.result = PipelineResult()
         self._last_tuning: VerifiedTuning | None = None  # of the last apply_tuning run
         self._last_lifted: list[tuple[str, tvm.runtime.Tensor]] = []  # of the last weights run
+        self._last_default_rules: dict[str, str] = {}  # kernel -> default CPU rule, of the last apply_tuning run
         self._raised: GmorphError | None = None  # raised by one of our passes inside TVM's pass machinery
 
     # ---- the phases --------------------------------------------------------------------------
@@ -199,7 +213,8 @@ class Pipeline:
             ]
         if phase == "apply_tuning":
             after = ([_DLightDefault()] if not cpu else
-                     [relax.transform.SplitLayoutRewritePreproc(),
+                     [_DefaultCPU(self, target),  # every kernel without a record: parallel, vectorised, tiled
+                      relax.transform.SplitLayoutRewritePreproc(),
                       relax.transform.FoldConstant(),  # the weight re-layout kernels, run once at build time
                       relax.transform.DeadCodeElimination()])
             return [_ApplyVerifiedRecords(self), *after]
@@ -248,6 +263,8 @@ class Pipeline:
             label = function if len(entries) > 1 else ""
             parts[function] = self.run(mod, phases=PHASES[:4], label=label)
             tunings.append(self._last_tuning)
+            self.result.default_rules.update(
+                {(f"{k}@{function}" if len(entries) > 1 else k): v for k, v in self._last_default_rules.items()})
             if self.weights == "external":
                 parts[function] = self.run(parts[function], phases=("weights_and_signature",), label=label)
                 self.result.lifted.append(self._last_lifted)
@@ -313,7 +330,7 @@ class _ApplyVerifiedRecords:
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         pipe = self.pipeline
         target = pipe._target()
-        pipe._last_tuning = None
+        pipe._last_tuning, pipe._last_default_rules = None, {}
         try:
             database = record_databases(target, pipe.tuning_db, pipe.shipped_records)
             if database is None:
@@ -324,6 +341,21 @@ class _ApplyVerifiedRecords:
             raise
         with checked:
             return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+
+
+@tvm.transform.module_pass(opt_level=0, name="DefaultCPUScheduleRules")
+class _DefaultCPU:
+    """:class:`DefaultCPUSchedules` for the kernels the database left unscheduled; keeps which rule
+    took each kernel for the build's report."""
+
+    def __init__(self, pipeline: Pipeline, target: tvm.target.Target) -> None:
+        self.pipeline, self.target = pipeline, target
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        schedules = DefaultCPUSchedules(self.target)
+        out = schedules(mod)  # type: ignore[operator]  # a module pass instance
+        self.pipeline._last_default_rules = dict(schedules.chosen)
+        return out
 
 
 @tvm.transform.module_pass(opt_level=0, name="DLightDefaultSchedules")

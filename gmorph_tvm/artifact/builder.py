@@ -269,6 +269,7 @@ def build(
             "database": str(tuning_db) if tuning_db is not None else None,
             "shipped": lookup_shipped(tgt).key if shipped_records else None,
             "conv_layout": "NHWC" if conv_channels_last(tgt, channels_last) else "NCHW",
+            "schedules": result.schedules(),
             **(tuning_check.to_json() if tuning_check is not None else {}),
         },
     )
