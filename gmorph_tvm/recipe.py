@@ -99,7 +99,7 @@ class BenchSet:
                 path = Path(directory) / f"{task}{'.dynamo' if dynamo else ''}.onnx"
                 if dynamo:
                     torch.onnx.export(model, self.args, str(path), dynamo=True, input_names=self.names,
-                                      external_data=False)
+                                      external_data=False, verbose=False)
                 else:
                     torch.onnx.export(model, self.args, str(path), dynamo=False, opset_version=17,
                                       input_names=self.names)
