@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import copy_artifact, fake_libcuda
 from torch import nn
 
 import gmorph_tvm
@@ -21,7 +22,6 @@ from gmorph_tvm.core.manifest import sha256_of_file
 from gmorph_tvm.core.threads import THREAD_ENV, physical_cores
 from gmorph_tvm.core.weights_file import weights_path_for
 from gmorph_tvm.runtime import load
-from helpers import copy_artifact, fake_libcuda
 
 REPO = Path(__file__).resolve().parents[2]
 CXX = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
@@ -287,3 +287,25 @@ def test_native_runner_picks_and_pads_batch_buckets(gmorph_run, tmp_path):
     np.save(tmp_path / "x5.npy", np.zeros((5, 3, 12, 12), "float32"))
     proc = _run(gmorph_run, str(library), "--input", f"x={tmp_path / 'x5.npy'}")
     assert proc.returncode == 2 and "batch 5 is not accepted (batch buckets: 1 4" in proc.stderr
+
+
+def test_native_runner_loads_the_file_it_hashed_not_one_on_the_library_path(gmorph_run, artifact, tmp_path):
+    """`gmorph-run nets.so` (the README's form, run in the artifact's folder) hashed ./nets.so but
+    dlopen'ed "nets.so" through the library search path: with LD_LIBRARY_PATH holding another
+    nets.so, that library's constructor ran. Now the hashed bytes are what is loaded."""
+    library, x_file = artifact
+    folder = tmp_path / "art"
+    folder.mkdir()
+    copy = copy_artifact(library, folder)
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    marker = tmp_path / "constructor-ran"
+    (evil / "evil.cc").write_text(
+        '#include <cstdio>\n__attribute__((constructor)) static void ran() { '
+        f'std::FILE* f = std::fopen("{marker}", "w"); if (f) std::fclose(f); }}\n')
+    subprocess.run([CXX, "-shared", "-fPIC", "-o", str(evil / copy.name), str(evil / "evil.cc")], check=True)
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{evil}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+    proc = subprocess.run([str(gmorph_run), copy.name, "--input", f"x={x_file}", "--repeat", "1"], cwd=folder,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert not marker.exists()
