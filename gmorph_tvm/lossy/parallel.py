@@ -149,7 +149,12 @@ def _loop(ray, searcher: Searcher) -> None:
     worker_config = replace(config, work_dir=None, resume=False, log=None, progress=False, workers=1,
                             ray_address=None, plans=())
     box = [ray.put(_Context(dict(searcher.models), searcher.data, worker_config))]
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    resources = ray.cluster_resources()
+    gpus = 1 if resources.get("GPU", 0) >= 1 else 0
+    if config.ray_timing_resource is not None and resources.get(config.ray_timing_resource, 0) <= 0:
+        raise SearchError(f"no Ray node advertises the timing resource {config.ray_timing_resource!r} (have: "
+                          f"{', '.join(sorted(resources))}); start the target's node with ray start --resources "
+                          f"'{{\"{config.ray_timing_resource}\": 1}}'")
     task = ray.remote(_evaluate_task).options(num_cpus=1, num_gpus=gpus, max_retries=0)
     searcher.say(f"parallel search: {config.workers} worker(s) on Ray ({'1 GPU' if gpus else 'CPU'} per fine-tune)")
 

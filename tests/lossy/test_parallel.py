@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gmorph_tvm.errors import SearchError
-from gmorph_tvm.lossy import FusionPlan, search
+from gmorph_tvm.lossy import DistillConfig, FusionPlan, search
 from gmorph_tvm.lossy.graph import LayerGraph
 
 BUDGET, MAX_DROP = 5, 5.0
@@ -101,3 +101,32 @@ def test_parallel_without_ray_is_one_clear_error(tiny_models, tiny_data, monkeyp
         search(tiny_models, tiny_data, budget=1, workers=2, latency_fn=lambda m: 1.0, progress=False, log=None)
     with pytest.raises(SearchError, match="workers must be a positive number"):
         search(tiny_models, tiny_data, budget=1, workers=0, progress=False, log=None)
+
+
+def _latency_if_timed_on_the_device(multi) -> float:
+    """Weight kB when run holding the ``device`` resource (where the timing task must run), else 1e9."""
+    import ray
+
+    try:
+        held = ray.get_runtime_context().get_assigned_resources()
+    except AssertionError:  # the driver (the baseline and the final pick are timed there)
+        held = {}
+    return multi.weight_bytes / 1e3 if held.get("device", 0) > 0 else 1e9
+
+
+def test_timing_runs_where_the_timing_resource_is(tiny_models, tiny_data):
+    ray = pytest.importorskip("ray")
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the latency function travels by value
+    ray.init(num_cpus=2, resources={"device": 1}, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.raises(SearchError, match="no Ray node advertises the timing resource 'jetson'"):
+            search(tiny_models, tiny_data, budget=1, workers=2, ray_timing_resource="jetson",
+                   latency_fn=_latency_if_timed_on_the_device, progress=False, log=None)
+        result = search(tiny_models, tiny_data, budget=2, workers=2, seed=1, max_accuracy_drop=5.0,
+                        ray_timing_resource="device", latency_fn=_latency_if_timed_on_the_device, predictor=None,
+                        distill_config=DistillConfig(max_epochs=0.25, train_samples=150), progress=False, log=None)
+    finally:
+        ray.shutdown()
+    measured = [c for c in result.candidates[1:] if c.latency_ms is not None]
+    assert measured and all(c.latency_ms < 1e9 for c in measured), [c.to_json() for c in result.candidates]
+    assert result.report["parallel"]["timing_resource"] == "device"
