@@ -175,6 +175,8 @@ def scaling(args, argv, models, data, base, work, log) -> int:
 
     from gmorph_tvm.lossy import search
 
+    # Distillation reads train_samples images: the first ones, and only those are shipped to the workers.
+    data = data.limited(train=args.train_samples)
     counts = [int(k) for k in args.workers.split(",")]
     runs = [(f"{k}", k, False) for k in counts]
     if args.simulate_workers:
@@ -203,6 +205,7 @@ def scaling(args, argv, models, data, base, work, log) -> int:
         rows.append((label, wall, r["search_seconds"], c["proposed"], c["fine_tuned"], c["passed"],
                      par.get("mean_in_flight"), r["baseline_latency_ms"] / result.latency_ms, result.plan.key(),
                      max(result.test_drops.values())))
+        log(f"{label} worker(s): {rows[-1]}")
     cmd = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     out = [f"Command: `{cmd}`", "",
            f"Search scaling (budget {args.budget} plans, seed {args.seed}, {args.sampler}, max drop {args.max_drop} pt, "
