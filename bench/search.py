@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", default=None, metavar="K1,K2,...",
                    help="scaling table only: the search with each number of parallel candidates (1 = no Ray)")
     p.add_argument("--simulate-workers", type=int, default=0, metavar="K",
-                   help="with --workers: also a local Ray with K logical CPUs (fake resources on this machine)")
+                   help="scaling table: also a local Ray with K logical CPUs (fake resources on this machine), "
+                        "budget at least 2K")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
 
     base = SearchConfig(max_accuracy_drop=args.max_drop, budget=args.budget, sampler=args.sampler, seed=args.seed,
                         resume=not args.fresh, distill_config=config, timing=timing, log=log)
-    if args.workers:
+    if args.workers or args.simulate_workers:
         return scaling(args, argv, models, data, base, work, log)
     runs = {}
     for name, predictor in (("with filter", "xgboost"), ("without filter", None)):
@@ -177,14 +178,15 @@ def scaling(args, argv, models, data, base, work, log) -> int:
 
     # Distillation reads train_samples images: the first ones, and only those are shipped to the workers.
     data = data.limited(train=args.train_samples)
-    counts = [int(k) for k in args.workers.split(",")]
-    runs = [(f"{k}", k, False) for k in counts]
-    if args.simulate_workers:
-        runs.append((f"{args.simulate_workers} (simulated)", args.simulate_workers, True))
+    counts = [int(k) for k in args.workers.split(",")] if args.workers else []
+    runs = [(f"{k}", k, False, args.budget) for k in counts]
+    if args.simulate_workers:  # at least two rounds of proposals, or the workers cannot all be kept busy
+        k = args.simulate_workers
+        runs.append((f"{k} (simulated)", k, True, max(args.budget, 2 * k)))
     rows = []
-    for label, k, simulated in runs:
-        log(f"search with {label} worker(s): budget {args.budget}, seed {args.seed}")
-        config = replace(base, workers=k, resume=False, progress=False)
+    for label, k, simulated, budget in runs:
+        log(f"search with {label} worker(s): budget {budget}, seed {args.seed}")
+        config = replace(base, workers=k, resume=False, progress=False, budget=budget)
         started_ray = False
         if simulated:
             import ray
@@ -202,20 +204,20 @@ def scaling(args, argv, models, data, base, work, log) -> int:
                 ray.shutdown()
         r, c = result.report, result.report["counts"]
         par = r.get("parallel") or {}
-        rows.append((label, wall, r["search_seconds"], c["proposed"], c["fine_tuned"], c["passed"],
+        rows.append((label, budget, wall, r["search_seconds"], c["proposed"], c["fine_tuned"], c["passed"],
                      par.get("mean_in_flight"), r["baseline_latency_ms"] / result.latency_ms, result.plan.key(),
                      max(result.test_drops.values())))
         log(f"{label} worker(s): {rows[-1]}")
     cmd = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     out = [f"Command: `{cmd}`", "",
-           f"Search scaling (budget {args.budget} plans, seed {args.seed}, {args.sampler}, max drop {args.max_drop} pt, "
+           f"Search scaling (seed {args.seed}, {args.sampler}, max drop {args.max_drop} pt, "
            f"{args.epochs} epochs on {args.train_samples} images, torch/TVM 1 thread per worker, {os.cpu_count()} CPUs):",
-           "", "| workers | wall (min) | search loop (min) | candidates evaluated | fine-tunes | passed val | "
+           "", "| workers | budget | wall (min) | search loop (min) | candidates evaluated | fine-tunes | passed val | "
            "mean tasks in flight | speedup of chosen vs unfused | chosen plan | worst test drop (pt) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    for label, wall, loop, proposed, tuned, passed, in_flight, speedup, plan, drop in rows:
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, budget, wall, loop, proposed, tuned, passed, in_flight, speedup, plan, drop in rows:
         flight = "-" if in_flight is None else f"{in_flight:.2f}"
-        out.append(f"| {label} | {wall / 60:.1f} | {loop / 60:.1f} | {proposed} | {tuned} | {passed} | {flight} | "
+        out.append(f"| {label} | {budget} | {wall / 60:.1f} | {loop / 60:.1f} | {proposed} | {tuned} | {passed} | {flight} | "
                    f"{speedup:.2f}x | `{plan}` | {drop:.2f} |")
     text = "\n".join(out)
     print(text)
