@@ -280,7 +280,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .runtime.rpc import format_table, local_benchmark, remote_benchmark
+    from .runtime.rpc import artifact_table, local_benchmark, remote_benchmark
 
     if args.tracker and not args.key:
         raise InputSpecError("--tracker needs --key (the device key the boards registered with)")
@@ -291,7 +291,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                 number=args.number, repeat=args.repeat, compare=args.compare or [])
     else:
         rows = local_benchmark(args.artifact, number=args.number, repeat=args.repeat, compare=args.compare or [])
-    print(format_table(rows))
+    print(artifact_table(rows))
     return 0
 
 

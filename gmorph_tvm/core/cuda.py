@@ -292,11 +292,6 @@ def _ptxas_for_board(arch: str, board_cuda: str, nvcc: str, release: str, suppor
     )
 
 
-def device_code_format(arch: str, board_cuda: str | None = None) -> str:
-    """What a build for ``arch`` embeds here: ``"fatbin"`` (nvcc) or ``"cubin"`` (PTX + another ptxas)."""
-    return "cubin" if _device_toolchain(arch, board_cuda)[1] else "fatbin"
-
-
 def device_code_info(arch: str, board_cuda: str | None = None) -> dict[str, str]:
     """Manifest fields of the device code a build makes here: its format, the CUDA release that
     made its SASS, and the oldest CUDA driver that loads it (:func:`min_driver_for`)."""
@@ -409,7 +404,7 @@ def check_library_blob_format(tvm_version: str | None = None, ffi_version: str |
     raise BuildError(
         f"embedding compiled CUDA code rewrites TVM's private library-blob layout, verified only for {known}; "
         f"this is apache-tvm {tvm_version} with apache-tvm-ffi {ffi_version}: install apache-tvm==0.27.0.post1 "
-        "(or verify gmorph_tvm/artifact/cuda.py against this release and add it to BLOB_FORMAT_VERIFIED)"
+        "(or verify gmorph_tvm/core/cuda.py against this release and add it to BLOB_FORMAT_VERIFIED)"
     )
 
 

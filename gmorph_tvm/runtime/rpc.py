@@ -211,11 +211,6 @@ def artifact_table(rows: Sequence[dict[str, Any]]) -> str:
     return markdown_table(header, cells, numeric=[False] * 3 + [True] * 6)
 
 
-# The name cli.py and tests/runtime/test_rpc.py import today; gmorph_tvm.benchmark.format_table is the
-# comparison table. Drop this line once they import artifact_table.
-format_table = artifact_table
-
-
 # ---- helpers -------------------------------------------------------------------------------
 
 

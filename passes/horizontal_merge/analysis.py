@@ -21,10 +21,7 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-# nbytes, op_name and normalize_axis (as norm_axis) are the rules' and planner's names for the
-# helpers of gmorph_tvm.core.ir, their one home.
-from gmorph_tvm.core.ir import dtype_str, nbytes, op_name, static_shape  # noqa: F401  (nbytes re-exported)
-from gmorph_tvm.core.ir import normalize_axis as norm_axis  # noqa: F401  (re-exported)
+from gmorph_tvm.core.ir import dtype_str, op_name, static_shape
 from gmorph_tvm.errors import FusionError
 from gmorph_tvm.passes._util import weight_params
 

@@ -23,13 +23,12 @@ from typing import Any, Protocol
 import numpy as np
 from tvm import relax
 
+from gmorph_tvm.core.ir import nbytes, op_name
 from gmorph_tvm.passes.horizontal_merge.analysis import (
     Operand,
     WeightValues,
     known_dtype,
     known_shape,
-    nbytes,
-    op_name,
     vars_of_all,
 )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from tvm import relax
 
+from gmorph_tvm.core.ir import op_name
 from gmorph_tvm.passes.horizontal_merge import rules as _rules  # noqa: F401  (registers the op rules)
 from gmorph_tvm.passes.horizontal_merge.analysis import (
     BlockGraph,
@@ -21,7 +22,6 @@ from gmorph_tvm.passes.horizontal_merge.analysis import (
     args_of,
     categorize,
     dtype_of,
-    op_name,
     same_kind,
     shape_of,
     vars_in,

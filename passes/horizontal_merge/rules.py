@@ -12,13 +12,13 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax
 
+from gmorph_tvm.core.ir import normalize_axis
 from gmorph_tvm.passes.horizontal_merge.analysis import (
     WeightValues,
     attrs_key,
     dtype_of,
     is_tensor,
     known_shape,
-    norm_axis,
     shape_of,
     vars_of_all,
 )
@@ -327,7 +327,7 @@ class BatchNormRule(MergeRule):
         g = plan.group(cand.operands[0].group)
         call0 = cand.call
         rank = len(cand.operands[0].shapes()[0])
-        if norm_axis(int(call0.attrs.axis), rank) != g.axis:
+        if normalize_axis(int(call0.attrs.axis), rank) != g.axis:
             return None
         for var in cand.vars:
             for use in plan.users_of(var):
@@ -372,7 +372,7 @@ class LayerNormRule(MergeRule):
         call0, attrs = cand.call, cand.call.attrs
         in_shape = known_shape(data.args[0])
         rank, n = len(in_shape), len(cand.calls)
-        axes = sorted(norm_axis(int(a), rank) for a in attrs.axes)
+        axes = sorted(normalize_axis(int(a), rank) for a in attrs.axes)
         if gamma.values is None or beta.values is None or any(s != in_shape for s in data.shapes()):
             return None
         norm_shape = [in_shape[d] for d in axes]
@@ -428,7 +428,7 @@ class SoftmaxRule(MergeRule):
     def match(self, cand, plan):
         g = plan.group(cand.operands[0].group)
         rank = len(known_shape(cand.operands[0].args[0]))
-        if norm_axis(int(cand.call.attrs.axis), rank) == g.axis:
+        if normalize_axis(int(cand.call.attrs.axis), rank) == g.axis:
             return None
         return self.same_op(cand, plan, g.axis)
 
@@ -468,7 +468,7 @@ class ReduceRule(MergeRule):
         rank = len(known_shape(cand.operands[0].args[0]))
         if attrs.axis is None:
             return None
-        axes = {norm_axis(int(a), rank) for a in attrs.axis}
+        axes = {normalize_axis(int(a), rank) for a in attrs.axis}
         if g.axis in axes:
             return None
         axis = g.axis
@@ -520,5 +520,5 @@ class PermuteDimsRule(MergeRule):
         g = plan.group(cand.operands[0].group)
         rank = len(cand.out_shapes[0])
         axes = cand.call.attrs.axes
-        axes = list(range(rank))[::-1] if axes is None else [norm_axis(int(a), rank) for a in axes]
+        axes = list(range(rank))[::-1] if axes is None else [normalize_axis(int(a), rank) for a in axes]
         return self.same_op(cand, plan, axes.index(g.axis))

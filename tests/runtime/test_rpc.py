@@ -14,7 +14,7 @@ import gmorph_tvm
 from gmorph_tvm.artifact import build
 from gmorph_tvm.errors import GmorphError
 from gmorph_tvm.runtime import load
-from gmorph_tvm.runtime.rpc import format_table, parse_address, remote_benchmark, remote_run
+from gmorph_tvm.runtime.rpc import artifact_table, parse_address, remote_benchmark, remote_run
 
 pytest.importorskip("tornado")  # the tracker needs it
 
@@ -107,7 +107,7 @@ def test_tracker_benchmark_with_comparison(servers, artifacts):
     assert rows[1]["max_abs_diff"] is None  # different tasks: not comparable
     assert rows[2]["max_abs_diff"] == 0.0  # the same program gives the same outputs remotely
     assert all(r["remote"].endswith(f"/{KEY}") for r in rows)
-    table = format_table(rows)
+    table = artifact_table(rows)
     lines = table.splitlines()
     assert lines[0].startswith("| artifact |") and len(lines) == 2 + len(rows)
     assert "single.so" in table and "cpu@127.0.0.1" in table
@@ -136,4 +136,4 @@ def test_local_benchmark_rows(artifacts):
     rows = local_benchmark(both, number=2, repeat=2, compare=[single])
     assert [(r["artifact"], r["remote"]) for r in rows] == [("both.so", "local"), ("single.so", "local")]
     assert rows[0]["max_abs_diff"] == 0.0 and rows[1]["max_abs_diff"] is None
-    assert "cpu@local" in format_table(rows)
+    assert "cpu@local" in artifact_table(rows)
