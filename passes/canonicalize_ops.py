@@ -40,10 +40,11 @@ constants. Weight parameters no longer used are removed from the signature and a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax
 
 from gmorph_tvm.core.ir import dtype_str, normalize_axis, op_name, static_shape
@@ -111,7 +112,7 @@ class CanonicalizeOps:
         self.fold_batch_norm = fold_batch_norm
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        mod = RecomposeOps()(mod)  # exporters' decompositions -> PyTorch's ops, before spelling them
+        mod = cast(tvm.transform.Pass, RecomposeOps())(mod)  # exporters' decompositions -> torch's ops first
         out = mod.clone()
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
@@ -491,8 +492,7 @@ class _Canonicalizer(relax.PyExprMutator):
             if not isinstance(number, (int, float)):
                 return call
             bounds.append(tvm.tirx.FloatImm("float64", float(np.array(number, dtype=dtype))))
-        if all(isinstance(b, tvm.tirx.FloatImm) and str(b.dtype) == "float64" and float(b.value) == float(n.value)
-               for b, n in zip(call.args[1:3], bounds)):
+        if all(tvm_ffi.structural_equal(b, n) for b, n in zip(call.args[1:3], bounds)):
             return call
         return relax.Call(call.op, [call.args[0], *bounds], call.attrs, call.ty_args)
 

@@ -21,9 +21,10 @@ Where it runs: on CPU targets, in :func:`gmorph_tvm.tuning.prepare` (tuning and 
 the same NHWC kernels); never on GPUs (their convs become GEMMs).
 
 A module without a ``conv2d`` is returned unchanged. Where ``ConvertLayout`` itself fails (TVM
-0.27's layout rule for ``stack`` cannot handle the 5-D result, e.g. ONNX ``Max``/``Clip`` with
-tensor bounds as the frontend writes them) the module keeps NCHW with a
-:class:`ChannelsLastWarning` saying why: slower, never wrong.
+0.27's layout rule for ``stack`` cannot handle a 5-D result: TVM's own ONNX converter writes
+variadic ``Max``/``Min``/``Sum``/``Mean`` so; gmorph-tvm's importer and :class:`RecomposeOps`
+write binary ops instead) the module keeps NCHW with a :class:`ChannelsLastWarning` saying why:
+slower, never wrong.
 
 What is preserved: ``main``'s signature (inputs and outputs stay NCHW) and its results up to the
 floating-point summation order of the convolutions (tests: 1e-5 relative). Not preserved: the

@@ -43,9 +43,9 @@ def _clip(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     def te_clip(x: te.Tensor, low, high) -> te.Tensor:
         low, high = tvm.tirx.Cast(x.dtype, low), tvm.tirx.Cast(x.dtype, high)
 
-        def value(*i):
-            v = x(*i)
-            return tvm.tirx.Select(v < low, low, tvm.tirx.Select(v > high, high, v))
+        def value(*i):  # min(max(v, low), high): low > high gives high, as torch.clamp and onnxruntime
+            raised = tvm.tirx.Select(x(*i) < low, low, x(*i))
+            return tvm.tirx.Select(raised > high, high, raised)
 
         return te.compute(x.shape, value, name="clip")
 

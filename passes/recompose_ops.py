@@ -16,6 +16,7 @@ chain (any operand order; ``/ c`` or ``* (1/c)``)       becomes
 ``clip(x / 6 + 0.5, 0, 1)``, ``clip(x + 3, 0, 6) / 6``  ``clip(x + 3, 0, 6) / 6`` (hardsigmoid)
 ``x * <hardsigmoid(x)>`` in any of those spellings      ``x * (clip(x + 3, 0, 6) / 6)`` (hardswish)
 ``minimum(maximum(x, lo), hi)`` (scalars, lo <= hi)     ``R.clip(x, lo, hi)``
+``clip(clip(x, a, b), c, d)`` (overlapping bounds)       ``R.clip(x, max(a, c), min(b, d))``
 ``(x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps)``   ``R.nn.layer_norm(x, gamma, beta, axes,
 ``* gamma + beta`` (gamma/beta optional; ``*rsqrt``)      eps)`` (absent: ones / zeros)
 ``x * rsqrt(mean(x^2) + eps) * gamma`` (or ``/ sqrt``)  ``R.nn.rms_norm(x, gamma, axes, eps)``
@@ -38,6 +39,7 @@ held, e.g. an ``eps`` initialiser). A function with nothing to rewrite is return
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -222,7 +224,8 @@ class _Graph:
 
     def polynomial(self, expr: relax.Expr) -> tuple[relax.Expr, dict[int, float]] | None:
         """``expr == sum_k coef_k * x**k`` for one ``x``: (x, {k: coef_k}); None otherwise."""
-        base, coefs = None, {}
+        base: relax.Expr | None = None
+        coefs: dict[int, float] = {}
         for term in self.terms(expr):
             degree = 0
             for factor in term.factors:
@@ -260,7 +263,7 @@ class _Graph:
         for x, other in (factors, factors[::-1]):
             sig = self.call(other, "relax.sigmoid")
             if sig is not None and sig.args[0].same_as(x) and _same_type(call, x):
-                return lambda remap, x=x: relax.op.nn.silu(remap(x))
+                return functools.partial(_unary, relax.op.nn.silu, x)
         return None
 
     def _gelu(self, call: relax.Call) -> Build | None:
@@ -285,18 +288,29 @@ class _Graph:
                 continue
             coefs = {k: v for k, v in poly[1].items() if v != 0.0}
             if op_name(inner) == "relax.erf" and set(coefs) == {1} and _close(coefs[1], _SQRT1_2):
-                return lambda remap, x=x: relax.op.nn.gelu(remap(x))
+                return functools.partial(_unary, relax.op.nn.gelu, x)
             if (op_name(inner) == "relax.tanh" and set(coefs) == {1, 3} and _close(coefs[1], _SQRT_2_PI)
                     and _close(coefs[3], _SQRT_2_PI * _GELU_CUBIC, 1e-4)):
-                return lambda remap, x=x: relax.op.nn.gelu_tanh(remap(x))
+                return functools.partial(_unary, relax.op.nn.gelu_tanh, x)
         return None
 
     def _clip_parts(self, expr: relax.Expr) -> tuple[relax.Expr, float, float] | None:
-        """``expr`` as ``clip(u, lo, hi)`` (``R.clip`` or a minimum/maximum pair of scalars)."""
+        """``expr`` as ``clip(u, lo, hi)``: an ``R.clip``, a minimum/maximum pair of scalars, or a chain
+        of them (``clip(clip(u, 0, inf), -inf, 6)``, how torch.export decomposes hardswish)."""
+        parts = self._one_clip(expr)
+        if parts is None:
+            return None
+        u, lo, hi = parts
+        inner = self._clip_parts(u)
+        if inner is not None and max(lo, inner[1]) <= min(hi, inner[2]):
+            return inner[0], max(lo, inner[1]), min(hi, inner[2])
+        return parts
+
+    def _one_clip(self, expr: relax.Expr) -> tuple[relax.Expr, float, float] | None:
         clip = self.call(expr, "relax.clip")
         if clip is not None:
             lo, hi = (_prim_float(b) for b in clip.args[1:3])
-            return None if lo is None or hi is None else (clip.args[0], lo, hi)
+            return None if lo is None or hi is None or lo > hi else (clip.args[0], lo, hi)
         outer = self.call(expr, "relax.minimum", "relax.maximum")
         if outer is None:
             return None
@@ -338,7 +352,7 @@ class _Graph:
         x = self._hardsigmoid_of(call, 1.0)
         if x is None or not _same_type(call, x):
             return None
-        return lambda remap: _torch_hardsigmoid(remap(x))
+        return functools.partial(_unary, _torch_hardsigmoid, x)
 
     def _hardswish(self, call: relax.Call) -> Build | None:
         if op_name(call) not in ("relax.multiply", "relax.divide"):
@@ -349,17 +363,17 @@ class _Graph:
         for x, other in (factors, factors[::-1]):
             base = self._hardsigmoid_of(other, c)
             if base is not None and base.same_as(x) and _same_type(call, x):
-                return lambda remap, x=x: _torch_hardswish(remap(x))
+                return functools.partial(_unary, _torch_hardswish, x)
         return None
 
     def _clip(self, call: relax.Call) -> Build | None:
-        if op_name(call) not in ("relax.minimum", "relax.maximum"):
+        if op_name(call) not in ("relax.minimum", "relax.maximum", "relax.clip"):
             return None
         parts = self._clip_parts(call)
-        if parts is None:
-            return None
+        if parts is None or (op_name(call) == "relax.clip" and parts[0].same_as(call.args[0])):
+            return None  # a single clip already
         u, lo, hi = parts
-        return lambda remap: relax.op.clip(remap(u), lo, hi)
+        return functools.partial(_unary, lambda v: relax.op.clip(v, lo, hi), u)
 
     def _softmax(self, call: relax.Call) -> Build | None:
         if op_name(call) != "relax.divide":
@@ -384,7 +398,7 @@ class _Graph:
         if not _same_type(call, x):
             return None
         axis = axes[0]
-        return lambda remap: relax.op.nn.softmax(remap(x), axis)
+        return functools.partial(_unary, lambda v: relax.op.nn.softmax(v, axis), x)
 
     def _same_value(self, a: relax.Expr, b: relax.Expr) -> bool:
         """The same var, or the same op on the same arguments (an exporter may compute it twice)."""
@@ -474,25 +488,26 @@ class _Graph:
             if found is None:
                 continue
             num, axes, eps = found
+            x, kind = num, "rms"
             centered = self.call(num, "relax.subtract")
-            mean = self.call(centered.args[1], "relax.mean") if centered is not None else None
-            if (mean is not None and mean.args[0].same_as(centered.args[0]) and bool(mean.attrs.keepdims)
-                    and mean.attrs.axis is not None
-                    and sorted(normalize_axis(int(a), _ndim(num)) for a in mean.attrs.axis) == axes):
-                x, kind = centered.args[0], "layer"
-            else:
-                x, kind = num, "rms"
+            if centered is not None:
+                mean = self.call(centered.args[1], "relax.mean")
+                if (mean is not None and mean.args[0].same_as(centered.args[0]) and bool(mean.attrs.keepdims)
+                        and mean.attrs.axis is not None
+                        and sorted(normalize_axis(int(a), _ndim(num)) for a in mean.attrs.axis) == axes):
+                    x, kind = centered.args[0], "layer"
+            if kind == "rms":
                 if beta is not None:
                     continue
             if not _same_type(call, x):
                 continue
-            norm_shape = static_shape(x.ty)[axes[0]:] if static_shape(x.ty) else None
-            if norm_shape is None:
+            shape, dtype = static_shape(x.ty), dtype_str(x.ty)
+            if shape is None or dtype is None:
                 continue
+            norm_shape = shape[axes[0]:]
             g, b = self._norm_weight(gamma, norm_shape), self._norm_weight(beta, norm_shape)
             if (gamma is not None and g is None) or (beta is not None and b is None):
                 continue
-            dtype = dtype_str(x.ty)
             return _norm_builder(kind, x, g, b, axes, eps, norm_shape, dtype)
         return None
 
@@ -546,9 +561,14 @@ class _Graph:
 # ---- builders and small helpers ---------------------------------------------------------------
 
 
+def _unary(op: Callable[[relax.Expr], relax.Expr], x: relax.Expr, remap: Remap) -> relax.Expr:
+    """``op`` applied to ``x`` as the rewritten function has it (the builder of a one-input rewrite)."""
+    return op(remap(x))
+
+
 def _torch_hardsigmoid(x: relax.Expr) -> relax.Expr:
     """PyTorch's importer: ``divide(clip(add(x, 3), 0, 6), 6)``."""
-    dtype = dtype_str(x.ty)
+    dtype = dtype_str(x.ty) or "float32"
     return relax.op.divide(relax.op.clip(relax.op.add(x, relax.const(3.0, dtype)), 0.0, 6.0), relax.const(6.0, dtype))
 
 

@@ -309,7 +309,7 @@ def test_stack_glue_from_tvms_own_converter_is_recomposed():
     assert _ops(mod)["stack"] == 1
     found = _ops(CanonicalizeOps()(mod))
     assert found["stack"] == 0 and found["max"] == 0 and found["maximum"] == 2, dict(found)
-    feeds = [_input(S, seed=1), _input([1, 3, 1, 5], seed=2), _input([5], seed=3)]
+    feeds = [_input(S, special=False, seed=1), _input([1, 3, 1, 5], special=False, seed=2), _input([5], seed=3)]
     ex = tvm.compile(CanonicalizeOps()(mod), "llvm")
     got = relax.VirtualMachine(ex, tvm.cpu())["main"](*[tvm.runtime.tensor(a) for a in feeds]).numpy()
     np.testing.assert_array_equal(got, np.maximum(np.maximum(feeds[0], feeds[1]), feeds[2]))

@@ -158,35 +158,39 @@ def test_layout_ops_on_constants_are_folded_and_epsilon_rounded():
 
 def test_clip_bounds_become_float64_values_of_the_data_dtype():
     """torch's relu6 (integer bounds), hardtanh (doubles) and an ONNX clamp (float32 1e-9) spell one clip."""
+    from tvm.script import ir as I  # noqa: N812
     from tvm.script import relax as R  # noqa: N812
     from tvm.script import tirx as T  # noqa: N812
 
-    @R.function
-    def before(x: R.Tensor((2, 3), "float32")):
-        with R.dataflow():
-            a = R.clip(x, 0, 6)
-            b = R.clip(x, T.float64(1e-9), T.float64("inf"))
-            c = R.clip(x, T.float64(0.0), T.float64(6.0))
-            out = (a, b, c)
-            R.output(out)
-        return out
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((2, 3), "float32")):
+            with R.dataflow():
+                a = R.clip(x, 0, 6)
+                b = R.clip(x, T.float64(1e-9), T.float64("inf"))
+                c = R.clip(x, T.float64(0.0), T.float64(6.0))
+                out = (a, b, c)
+                R.output(out)
+            return out
 
-    @R.function
-    def expected(x: R.Tensor((2, 3), "float32")):
-        with R.dataflow():
-            a = R.clip(x, T.float64(0.0), T.float64(6.0))
-            b = R.clip(x, T.float64(float(np.float32(1e-9))), T.float64("inf"))
-            c = R.clip(x, T.float64(0.0), T.float64(6.0))
-            out = (a, b, c)
-            R.output(out)
-        return out
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((2, 3), "float32")):
+            with R.dataflow():
+                a = R.clip(x, T.float64(0.0), T.float64(6.0))
+                b = R.clip(x, T.float64(float(np.float32(1e-9))), T.float64("inf"))
+                c = R.clip(x, T.float64(0.0), T.float64(6.0))
+                out = (a, b, c)
+                R.output(out)
+            return out
 
-    canon = CanonicalizeOps()(tvm.IRModule({"main": before}))
-    tvm.ir.assert_structural_equal(canon["main"], expected)
+    canon = CanonicalizeOps()(Before)
+    tvm.ir.assert_structural_equal(canon, Expected)
     inp = [np.array([[-1, 1e-10, 2], [5, 7, np.nan]], F32)]
-    got, want = _run_exact(canon, inp), _run_exact(tvm.IRModule({"main": before}), inp)
-    for g, w in zip(got, want):
-        np.testing.assert_array_equal(g, w)
+    for got, want in zip(_run_exact(canon, inp), _run_exact(Before, inp)):
+        np.testing.assert_array_equal(got, want)
 
 
 # ---- batch-norm folding -------------------------------------------------------------------------------

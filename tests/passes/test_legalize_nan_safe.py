@@ -97,3 +97,23 @@ def test_integer_max_still_lowers():
     art = gmorph_tvm.build(gmorph_tvm.import_models({"t": IntMax()}, example_inputs=x))
     relu, amax = art.run(x.numpy())["t"]
     assert relu.tolist() == [[0, 5, 2], [7, 0, 0]] and amax.tolist() == [7]
+
+
+def test_clip_with_low_above_high_gives_high():
+    """clamp(x, 2, 1) is 1 everywhere (torch.clamp, onnxruntime's Clip); NaN stays NaN."""
+    from tvm import relax
+
+    from gmorph_tvm.passes import LegalizeNaNSafe
+
+    x = relax.Var("x", relax.TensorType((5,), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        out = bb.emit(relax.op.clip(x, 2.0, 1.0))
+        bb.emit_func_output(out)
+    import tvm
+
+    ex = tvm.compile(LegalizeNaNSafe()(bb.get()), "llvm")
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(
+        np.array([np.nan, -5, 1.5, 5, np.inf], np.float32))).numpy()
+    want = torch.clamp(torch.tensor([np.nan, -5, 1.5, 5, np.inf]), 2.0, 1.0).numpy()
+    np.testing.assert_array_equal(got, want)

@@ -371,3 +371,35 @@ def test_recomposed_clip_keeps_nan_and_inf(value):
     got = [_run(m, [x]) for m in lowered]
     np.testing.assert_array_equal(got[0], got[1])
     assert np.isnan(got[1][0]) == np.isnan(value)
+
+
+def test_torch_export_hardswish_decomposition_becomes_torchs_hardswish():
+    """torch.export writes hardswish as x * clip(clip(x + 3, 0, inf), -inf, 6) / 6: one clip, the
+    importer's own hardswish form."""
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor(S, "float32")) -> R.Tensor(S, "float32"):
+            with R.dataflow():
+                s = R.add(x, R.const(3.0, "float32"))
+                lo = R.clip(s, T.float64(0.0), T.float64("inf"))
+                c = R.clip(lo, T.float64("-inf"), T.float64(6.0))
+                m = R.multiply(x, c)
+                y = R.divide(m, R.const(6.0, "float32"))
+                R.output(y)
+            return y
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor(S, "float32")) -> R.Tensor(S, "float32"):
+            with R.dataflow():
+                lv = R.add(x, R.const(3.0, "float32"))
+                lv1 = R.clip(lv, T.float64(0.0), T.float64(6.0))
+                lv2 = R.divide(lv1, R.const(6.0, "float32"))
+                y = R.multiply(x, lv2)
+                R.output(y)
+            return y
+
+    _check(Before, Expected)

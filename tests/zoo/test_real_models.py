@@ -3,16 +3,21 @@
 Each model is imported alone (as the CLI would, static shapes only), then each group of models that
 read the same input is imported together (``input_map`` joins torch's default input names to the
 shared one), fused losslessly, built for llvm (untuned) and compared with onnxruntime / PyTorch
-within 1e-4 relative (max |err| / max |ref|).
+within 1e-4 relative (max |err| / max |ref|). The CPU lowering of every model has no ``stack`` glue
+and channels-last convolutions, and the ONNX exports of EfficientNet-Lite0 lower to the kernels of its
+torch route.
 """
 
 from __future__ import annotations
 
+import collections
+import re
 import warnings
 
 import pytest
 import torch
 import tvm
+import tvm_ffi
 
 from gmorph_tvm import build, import_models
 from gmorph_tvm.frontend.importer import SimilarInputsWarning
@@ -67,3 +72,89 @@ def test_real_model_group_fused_builds_and_matches(zoo, group):
         for g, want in zip(got, m.reference()):
             assert g.shape == want.shape
             assert real.max_rel_err(g, want) <= 1e-4, (m.name, real.max_rel_err(g, want))
+
+
+# ---- the CPU lowering of every zoo model: no glue, channels-last convs, one kernel list per model ----
+
+TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+
+
+@pytest.fixture(scope="module")
+def lowered(zoo):
+    """name -> (fused Relax module, its CPU lowering), made once per model when first asked."""
+    from gmorph_tvm.passes.channels_last import ChannelsLastWarning
+    from gmorph_tvm.tuning.pipeline import prepare
+
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            m = zoo[name]
+            examples = [torch.from_numpy(a) for a in m.inputs] if m.source == "torch" else None
+            fused = fuse_lossless(import_models({name: m.model}, examples, input_shapes=_shapes(m)))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", ChannelsLastWarning)  # ConvertLayout must not give up
+                cache[name] = (fused.mod, prepare(fused.bound_module(), TARGET))
+        return cache[name]
+
+    return get
+
+
+def _calls(mod: tvm.IRModule):
+    found = []
+    relax_ = tvm.relax
+    for _, func in mod.functions_items():
+        if isinstance(func, relax_.Function):
+            relax_.analysis.post_order_visit(func, lambda e: found.append(e) if isinstance(e, relax_.Call) else None)
+    return found
+
+
+def _kernels(low: tvm.IRModule) -> collections.Counter:
+    """Multiset of the structural hashes of the kernels ``main`` calls (names aside), by name too."""
+    names = collections.Counter(c.args[0].name_hint for c in _calls(low)
+                                if isinstance(c.op, tvm.ir.Op) and c.op.name == "relax.call_tir")
+    out: collections.Counter = collections.Counter()
+    for gv, func in low.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc) and names[gv.name_hint]:
+            key = (tvm_ffi.structural_hash(func.without_attr("global_symbol"), map_free_vars=True),
+                   re.sub(r"\d+", "", gv.name_hint))
+            out[key] += names[gv.name_hint]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_cpu_lowering_has_no_stack_glue_and_channels_last_convs(lowered, name):
+    fused, low = lowered(name)
+    for call in _calls(fused):
+        op = getattr(call.op, "name", "")
+        assert op != "relax.stack", f"{name}: stack glue {call}"
+        ty = call.ty
+        if isinstance(ty, tvm.relax.TensorType) and ty.ndim >= 5:  # the models' own 5-D reshapes/gathers only
+            assert op in ("relax.reshape", "relax.take", "relax.permute_dims"), f"{name}: 5-D {op}"
+    layouts = collections.Counter()
+    for gv, func in low.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc) and "conv2d" in gv.name_hint and "transpose" not in gv.name_hint:
+            layouts.update(b for b in re.findall(r'T\.sblock\("([^"]*conv2d[^"]*)"', func.script()))
+    assert all("nhwc" in block for block in layouts), (name, dict(layouts))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route", ["effnet_onnx_legacy", "effnet_onnx_dynamo"])
+def test_efficientnet_onnx_routes_give_the_torch_routes_kernels(lowered, route):
+    assert _kernels(lowered(route)[1]) == _kernels(lowered("effnet_torch")[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route", ["minilm_onnx_legacy", "minilm_onnx_dynamo"])
+def test_minilm_onnx_routes_give_the_torch_routes_layer_norm_and_gelu_kernels(lowered, route):
+    """The encoder's layer norms and GELUs (exported as LayerNormalization, an erf chain or Gelu) are the
+    torch route's kernels. Not yet the whole list: torch.export writes attention's 4-D matmuls as
+    broadcast_to + reshape + 3-D matmul and HF's mask / embedding index preparation with other ops than
+    the ONNX exporters (arange/index_tensor vs Gather with negative-index handling)."""
+    def chosen(kernels):
+        return collections.Counter({k: v for k, v in kernels.items() if "layer_norm" in k[1] or "gelu" in k[1]})
+
+    onnx_kernels, torch_kernels = (chosen(_kernels(lowered(n)[1])) for n in (route, "minilm_torch"))
+    assert sum(torch_kernels.values()) >= 13 + 6
+    assert onnx_kernels == torch_kernels
