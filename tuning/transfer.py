@@ -224,11 +224,34 @@ class TransferReport:
                 f"{c[DEFAULT]} default schedules")
 
 
+def source_databases(target: tvm.target.Target, tuning_db: Any = None, shipped_records: bool = True) -> list[Any]:
+    """The databases whose records may lend schedules: the user's ``tuning_db`` folder (when it
+    holds one) and the records shipped for ``target``'s class. (A union database cannot list its
+    records, so :func:`transferred_database` takes these as ``sources``.)"""
+    from pathlib import Path
+
+    from tvm.s_tir import meta_schedule as ms
+
+    from gmorph_tvm.tuning.shipped import lookup
+
+    folders = [Path(tuning_db)] if tuning_db is not None else []
+    if shipped_records and lookup(target).directory is not None:
+        folders.append(lookup(target).directory)
+    out = []
+    for folder in folders:
+        workload, records = folder / "database_workload.json", folder / "database_tuning_record.json"
+        if workload.is_file() and records.is_file():
+            out.append(ms.database.JSONDatabase(path_workload=str(workload), path_tuning_record=str(records),
+                                                module_equality="structural", allow_missing=False))
+    return out
+
+
 def transferred_database(
     prepared: tvm.IRModule,
     target: tvm.target.Target,
     databases: Sequence[Any],
     *,
+    sources: Sequence[Any] | None = None,
     estimate_seconds: bool = True,
 ) -> tuple[Any, TransferReport]:
     """An in-memory MetaSchedule database with a transferred, verified record for every kernel
@@ -236,7 +259,8 @@ def transferred_database(
     ``databases``, and the exact / transferred / default report per kernel.
 
     Apply it after the exact databases (``OrderedUnionDatabase(*databases, transferred)``): a
-    kernel with a record of its own keeps it. Its records' ``run_secs`` are the source's scaled
+    kernel with a record of its own keeps it. ``sources``: the databases to borrow from
+    (default ``databases``; see :func:`source_databases` when ``databases`` is a union). Its records' ``run_secs`` are the source's scaled
     by the kernels' FLOP ratio (an estimate; never measured here).
     """
     from tvm.s_tir import meta_schedule as ms
@@ -246,7 +270,7 @@ def transferred_database(
 
     out = ms.database.MemoryDatabase(module_equality="structural")
     report = TransferReport()
-    sources: dict[str, list[Source]] | None = None
+    found_sources: dict[str, list[Source]] | None = None
     runner_target = check_target(target)
     defaults = _DefaultRuns(runner_target, 0) if runner_target is not None else None
     for gv, func in prepared.functions_items():
@@ -257,9 +281,9 @@ def transferred_database(
         if any(db.query_tuning_record(workload, target, name) is not None for db in databases):
             report.kinds[name] = EXACT
             continue
-        if sources is None:
-            sources = collect_sources(databases)
-        found = transfer_record(name, workload, target, sources, defaults=defaults)
+        if found_sources is None:
+            found_sources = collect_sources(databases if sources is None else sources)
+        found = transfer_record(name, workload, target, found_sources, defaults=defaults)
         if found is None:
             report.kinds[name] = DEFAULT
             continue
