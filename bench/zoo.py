@@ -17,9 +17,10 @@ build against onnxruntime (ONNX) or PyTorch (torch) and whether it is <= 1e-4, t
 * ``ORT``: ONNX Runtime, default session (spinning pool threads) and ``ORT nospin``
   (``session.intra_op.allow_spinning=0``); ``OpenVINO``: the file compiled for CPU, latency hint
   (ONNX rows; ``-`` when openvino is not installed); ``PyTorch``: eager, for torch rows.
-* ``--before-after``: two more columns for the same lowering: ``plain loops`` (every kernel as
-  legalization wrote it, the untuned CPU build before default schedules) and ``default sched``
-  (:class:`gmorph_tvm.tuning.default_schedules.DefaultCPUSchedules` applied to it).
+* ``--before-after``: two more columns for the same lowering (``gmorph_tvm.tuning.prepare``):
+  ``plain loops`` (every kernel as legalization wrote it: untuned CPU builds before default
+  schedules) and ``default sched``
+  (:class:`gmorph_tvm.tuning.default_schedules.DefaultCPUSchedules`, as the build applies it).
 
 TVM, ONNX Runtime, OpenVINO and PyTorch run on ``--threads`` threads (default: every physical core
 the process may use, as ``import gmorph_tvm`` sets TVM_NUM_THREADS). ``--fused`` adds one row per
@@ -35,7 +36,6 @@ import result (one line).
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 import tempfile
@@ -78,7 +78,7 @@ from gmorph_tvm.core.timing import calls_to_last, time_main  # noqa: E402
 from gmorph_tvm.errors import GmorphError  # noqa: E402
 from gmorph_tvm.frontend.onnx_convert import unsupported_ops  # noqa: E402
 from gmorph_tvm.pipeline import fuse_lossless  # noqa: E402
-from gmorph_tvm.tuning import lower_tuned  # noqa: E402
+from gmorph_tvm.tuning import prepare  # noqa: E402
 from gmorph_tvm.tuning.default_schedules import DefaultCPUSchedules  # noqa: E402
 from gmorph_tvm.zoo import real  # noqa: E402
 
@@ -99,11 +99,11 @@ def _artifact_sampler(artifact, arrays):
 
 
 def _before_after_samplers(mod: tvm.IRModule, arrays) -> dict:
-    """The untuned CPU lowering compiled with plain loops and with the default CPU schedules."""
+    """The untuned CPU lowering (``prepare``: kernels as legalization wrote them) compiled with
+    plain loops and with the default CPU schedules (what the pipeline's apply_tuning phase does
+    when no record applies)."""
     target = resolve_target("llvm")
-    # Once the pipeline applies the default schedules itself, it takes default_schedules=False.
-    plain_kw = {"default_schedules": False} if "default_schedules" in inspect.signature(lower_tuned).parameters else {}
-    plain = lower_tuned(mod, target, shipped_records=False, **plain_kw)[0]
+    plain = prepare(mod, target)
     with target:
         scheduled = tvm.transform.Sequential([
             DefaultCPUSchedules(target),
