@@ -189,6 +189,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     _progress(f"building for target {args.target} ({args.weights} weights)")
     artifact = build(models if args.batch_buckets else models[None], target, tuning_db=tuning_db,
                      weights=args.weights, dump_ir=args.dump_ir)
+    schedules = artifact.manifest["tuning"].get("schedules", {})
+    if schedules:
+        _progress(f"kernels: {schedules['exact']} with exact tuning records, {schedules['transferred']} with records "
+                  f"transferred from other shapes, {schedules['default']} with default schedules")
     path = artifact.export(args.output)
     _progress(f"wrote {path} and its manifest")
     print(path)

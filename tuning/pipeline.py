@@ -73,6 +73,7 @@ from gmorph_tvm.tuning.ffi_guard import ensure_ir_json_works
 from gmorph_tvm.tuning.shipped import lookup as lookup_shipped
 from gmorph_tvm.tuning.shipped import target_class
 from gmorph_tvm.tuning.target_key import STAMP_FILE
+from gmorph_tvm.tuning.transfer import TRANSFERRED, TransferReport, source_databases, transferred_database
 from gmorph_tvm.tuning.verify import VerifiedTuning, verified_database
 
 DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
@@ -120,14 +121,19 @@ class PipelineResult:
     entry_weights: list[list[str]] = field(default_factory=list)  # per entry point: its weights' names, in order
     lifted: list[list[tuple[str, tvm.runtime.Tensor]]] = field(default_factory=list)  # per entry point
     default_rules: dict[str, str] = field(default_factory=dict)  # kernel -> the default CPU rule that scheduled it
+    transferred: dict[str, str] = field(default_factory=dict)  # kernel -> the workload whose record it borrowed
 
     def schedules(self) -> dict[str, Any]:
-        """How the kernels were scheduled: tuned records applied, default CPU rules (per rule)."""
+        """How the kernels were scheduled: exact tuned records, records transferred from another
+        shape, default CPU rules (per rule)."""
         rules: dict[str, int] = {}
         for rule in self.default_rules.values():
             rules[rule] = rules.get(rule, 0) + 1
-        applied = len(self.tuning.applied) if self.tuning is not None else 0
-        return {"tuned": applied, "default": sum(rules.values()), "default_rules": dict(sorted(rules.items()))}
+        applied = set(self.tuning.applied) if self.tuning is not None else set()
+        moved = len(applied & set(self.transferred))
+        return {"exact": len(applied) - moved, "transferred": moved, "default": sum(rules.values()),
+                "default_rules": dict(sorted(rules.items()))}
+
 
 
 class Pipeline:
@@ -159,8 +165,10 @@ class Pipeline:
         weight_names: Mapping[bytes, str] | None = None,
         signature: Callable[[list[list[str]]], Mapping[str, Any]] | None = None,
         dump_ir: str | os.PathLike | None = None,
+        transfer: bool = True,
     ) -> None:
         self.target = target
+        self.transfer = transfer
         self.fuse, self.stitch, self.merge = fuse, stitch, merge
         self.channels_last = channels_last
         self.tuning_db = tuning_db
@@ -173,6 +181,7 @@ class Pipeline:
         self.result = PipelineResult()
         self._last_tuning: VerifiedTuning | None = None  # of the last apply_tuning run
         self._last_lifted: list[tuple[str, tvm.runtime.Tensor]] = []  # of the last weights run
+        self._last_transfer: TransferReport | None = None  # exact / transferred / default, of the last apply_tuning
         self._last_default_rules: dict[str, str] = {}  # kernel -> default CPU rule, of the last apply_tuning run
         self._raised: GmorphError | None = None  # raised by one of our passes inside TVM's pass machinery
 
@@ -265,6 +274,8 @@ class Pipeline:
             tunings.append(self._last_tuning)
             self.result.default_rules.update(
                 {(f"{k}@{function}" if len(entries) > 1 else k): v for k, v in self._last_default_rules.items()})
+            if self._last_transfer is not None:
+                self.result.transferred.update(self._last_transfer.sources)
             if self.weights == "external":
                 parts[function] = self.run(parts[function], phases=("weights_and_signature",), label=label)
                 self.result.lifted.append(self._last_lifted)
@@ -328,19 +339,46 @@ class _ApplyVerifiedRecords:
         self.pipeline = pipeline
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+
         pipe = self.pipeline
         target = pipe._target()
-        pipe._last_tuning, pipe._last_default_rules = None, {}
+        pipe._last_tuning, pipe._last_default_rules, pipe._last_transfer = None, {}, None
         try:
             database = record_databases(target, pipe.tuning_db, pipe.shipped_records)
-            if database is None:
-                return mod
-            checked, pipe._last_tuning = verified_database(database, mod, target, exclude=pipe.exclude)
+            checked = None
+            if database is not None:
+                checked, pipe._last_tuning = verified_database(database, mod, target, exclude=pipe.exclude)
+            if pipe.transfer and not is_gpu_target(target):
+                checked = self._with_transfers(mod, target, checked)
         except GmorphError as err:
             pipe._raised = err
             raise
+        if checked is None:
+            return mod
         with checked:
             return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+
+    def _with_transfers(self, mod: tvm.IRModule, target: tvm.target.Target, checked: Any) -> Any:
+        """``checked`` plus a verified record transferred from the nearest structurally equal kernel
+        (other extents) for every kernel without one of its own (:mod:`gmorph_tvm.tuning.transfer`)."""
+        from tvm.s_tir import meta_schedule as ms
+
+        pipe = self.pipeline
+        sources = source_databases(target, pipe.tuning_db if pipe.tuning_db is not None and has_database(pipe.tuning_db)
+                                   else None, pipe.shipped_records)
+        if not sources:
+            return checked
+        skip = set(pipe.exclude) | set(pipe._last_tuning.dropped if pipe._last_tuning is not None else ())
+        extra, report = transferred_database(mod, target, [checked] if checked is not None else [], sources=sources,
+                                             exclude=skip)
+        pipe._last_transfer = report
+        moved = sorted(k for k, kind in report.kinds.items() if kind == TRANSFERRED)
+        if not moved:
+            return checked
+        tuning = pipe._last_tuning or VerifiedTuning()
+        tuning.applied = sorted({*tuning.applied, *moved})  # the whole-module check may blame them too
+        pipe._last_tuning = tuning
+        return extra if checked is None else ms.database.OrderedUnionDatabase(checked, extra)
 
 
 @tvm.transform.module_pass(opt_level=0, name="DefaultCPUScheduleRules")

@@ -253,6 +253,7 @@ def transferred_database(
     *,
     sources: Sequence[Any] | None = None,
     estimate_seconds: bool = True,
+    exclude: Iterable[str] = (),
 ) -> tuple[Any, TransferReport]:
     """An in-memory MetaSchedule database with a transferred, verified record for every kernel
     of ``prepared`` (the output of :func:`gmorph_tvm.tuning.prepare`) that has no record in
@@ -268,6 +269,7 @@ def transferred_database(
     from gmorph_tvm.tuning.tasks import kernel_flops
     from gmorph_tvm.tuning.verify import _DefaultRuns, check_target, normalize_workload
 
+    exclude = set(exclude)
     out = ms.database.MemoryDatabase(module_equality="structural")
     report = TransferReport()
     found_sources: dict[str, list[Source]] | None = None
@@ -277,6 +279,9 @@ def transferred_database(
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
         name = gv.name_hint
+        if name in exclude:  # its record was dropped (or blamed by the whole-module check): default schedule
+            report.kinds[name] = DEFAULT
+            continue
         workload = normalize_workload(func)
         if any(db.query_tuning_record(workload, target, name) is not None for db in databases):
             report.kinds[name] = EXACT

@@ -384,3 +384,20 @@ def test_cuda_tuning_end_to_end(tmp_path):
     vm = relax.VirtualMachine(tvm.compile(lowered, target=target), tvm.cuda(0))
     out = vm["main"](tvm.runtime.tensor(_input(), tvm.cuda(0))).numpy()
     np.testing.assert_allclose(out, _run(lower(mod, TARGET)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # shares the tuning session
+def test_build_runs_transferred_records_before_any_tuning_and_reports_them(session):
+    """The first build at a new shape (20x20, no record of its own) runs the schedules transferred
+    from the 12x12 records, verified, and the manifest counts exact / transferred / default."""
+    import gmorph_tvm
+
+    *_, work_dir = session
+    artifact = gmorph_tvm.build(_two_conv_module(20), TARGET, tuning_db=work_dir, shipped_records=False)
+    schedules = artifact.manifest["tuning"]["schedules"]
+    assert schedules["exact"] == 0 and schedules["transferred"] == 2, schedules
+    assert schedules["default"] >= 1  # the layout transposes: no record to borrow
+    assert not artifact.manifest["tuning"]["fell_back_to_untuned"]
+    x = np.random.default_rng(1).standard_normal((1, 4, 20, 20)).astype("float32")
+    untuned = gmorph_tvm.build(_two_conv_module(20), TARGET, shipped_records=False)
+    np.testing.assert_allclose(artifact.run([x])["out0"], untuned.run([x])["out0"], rtol=1e-4, atol=1e-4)
