@@ -188,7 +188,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
                   "(give --tune-trials N to tune into it)")
     _progress(f"building for target {args.target} ({args.weights} weights)")
     artifact = build(models if args.batch_buckets else models[None], target, tuning_db=tuning_db,
-                     weights=args.weights, dump_ir=args.dump_ir)
+                     weights=args.weights, dump_ir=args.dump_ir, transfer_records=args.transfer_records)
     schedules = artifact.manifest["tuning"].get("schedules", {})
     if schedules:
         _progress(f"kernels: {schedules['exact']} with exact tuning records, {schedules['transferred']} with records "
@@ -381,6 +381,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-buckets", metavar="B1,B2,...",
                    help="one entry point per batch size (e.g. 1,8,32) sharing one copy of the weights; needs "
                         "--input-shape (the first dimension is the batch)")
+    p.add_argument("--transfer-records", action="store_true",
+                   help="kernels without a tuning record run the verified record of the nearest kernel of the same "
+                        "structure at other extents (default: their default schedule)")
     p.add_argument("--dump-ir", metavar="DIR",
                    help="write the module after every phase of the compiler pipeline to DIR (TVMScript)")
     p.add_argument("-o", "--output", required=True, help="output library (.so, or .tar to link on the device)")

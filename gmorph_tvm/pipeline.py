@@ -112,13 +112,14 @@ def gmorph_relax_pipeline(
     tuning_db: str | os.PathLike | None = None,
     shipped_records: bool = True,
     dump_ir: str | os.PathLike | None = None,
+    transfer_records: bool = False,
 ) -> tvm.transform.Pass:
     """The :class:`Pipeline` as one pass, registered with TVM as ``relax_pipeline="gmorph"``
     (``relax.get_pipeline("gmorph", ...)`` takes the same keywords). ``tvm.compile`` runs it inside
     ``with target:``: fusion, then the lowering, tuning records and finalisation ``gmorph_tvm.build``
     runs, so both compile paths give the same kernels and the same outputs (NaN included)."""
     return Pipeline(None, fuse=fuse, stitch=stitch, merge=merge, channels_last=channels_last, tuning_db=tuning_db,
-                    shipped_records=shipped_records, dump_ir=dump_ir).as_pass()
+                    shipped_records=shipped_records, dump_ir=dump_ir, transfer=transfer_records).as_pass()
 
 
 if TVM_PIPELINE not in relax.pipeline.PIPELINE_MAP:  # once per process (re-imports keep the first)

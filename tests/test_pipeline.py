@@ -205,7 +205,9 @@ def _compile_both(target):
     with tvm.transform.PassContext(instruments=[seen]):
         executable = tvm.compile(mm.bound_module(), target=target, relax_pipeline=TVM_PIPELINE)
         artifact = gmorph_tvm.build(gmorph_tvm.fuse(mm), target, weights="embedded")
-    assert len(seen.kernels) == 2, "each path runs the pipeline's apply_tuning phase once"
+    # each path runs the pipeline's apply_tuning phase once (build a second time for its untuned
+    # reference when a shipped record applied to a kernel)
+    assert len(seen.kernels) in (2, 3), len(seen.kernels)
     return x, seen.kernels, executable, artifact
 
 

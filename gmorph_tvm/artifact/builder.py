@@ -156,6 +156,7 @@ def build(
     weights: WeightsMode = "external",
     channels_last: bool | None = None,
     dump_ir: str | Path | None = None,
+    transfer_records: bool = False,
 ) -> Artifact:
     """Compile ``model`` for ``target`` (a preset such as ``"llvm"``, ``"cuda"``, ``"jetson-orin"``,
     a TVM target dict, or a ``tvm.target.Target``): normalise its entry points, run the compiler
@@ -183,7 +184,9 @@ def build(
     (:class:`gmorph_tvm.passes.ChannelsLast`; inputs and outputs keep their layout); ``False``
     keeps the imported NCHW kernels. Tuning records apply to the layout they were tuned in: give
     :func:`gmorph_tvm.tune` the same value. ``dump_ir``: a folder that receives the module after
-    every phase of the pipeline (TVMScript).
+    every phase of the pipeline (TVMScript). ``transfer_records``: kernels without a record of
+    their own borrow the verified record of the nearest kernel of the same structure at other
+    extents (see :class:`~gmorph_tvm.tuning.pipeline.Pipeline`; off by default, as measured there).
     """
     if weights not in WEIGHTS_MODES:
         raise BuildError(f"weights must be one of {', '.join(WEIGHTS_MODES)}, not {weights!r}")
@@ -212,7 +215,7 @@ def build(
                      dump: str | Path | None = None) -> _Compiled:
         pipe = Pipeline(tgt, fuse=False, channels_last=channels_last, tuning_db=database,
                         shipped_records=shipped_records and shipped, exclude=exclude, weights=weights,
-                        weight_names=names, dump_ir=dump,
+                        weight_names=names, dump_ir=dump, transfer=transfer_records,
                         signature=lambda entry_weights: signature(entries, inputs, tasks, bounds, entry_weights))
         where = entries[0].mod if len(entries) == 1 else None
         with _stage("lowering", where, tasks, tgt):

@@ -393,7 +393,8 @@ def test_build_runs_transferred_records_before_any_tuning_and_reports_them(sessi
     import gmorph_tvm
 
     *_, work_dir = session
-    artifact = gmorph_tvm.build(_two_conv_module(20), TARGET, tuning_db=work_dir, shipped_records=False)
+    artifact = gmorph_tvm.build(_two_conv_module(20), TARGET, tuning_db=work_dir, shipped_records=False,
+                                transfer_records=True)
     schedules = artifact.manifest["tuning"]["schedules"]
     assert schedules["exact"] == 0 and schedules["transferred"] == 2, schedules
     assert schedules["default"] >= 1  # the layout transposes: no record to borrow
