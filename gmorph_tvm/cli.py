@@ -321,26 +321,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _add_search_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", action="append", default=[], metavar="NAME=FILE",
-                   help="a task model saved with torch.save(model, FILE) (repeat per task); default: Fashion-MNIST 3 tasks")
-    p.add_argument("--data", default=None, metavar="FILE", help="torch.save'd dict of splits and labels (with --model)")
-    p.add_argument("--max-drop", type=float, default=1.0, help="max accuracy drop per task, in points (default 1.0)")
-    p.add_argument("--budget", type=int, default=16, help="candidate plans to propose (default 16)")
-    p.add_argument("--predictor", default="xgboost", choices=["xgboost", "linear", "none"],
-                   help="predictive filter (default xgboost; none = fine-tune every candidate)")
-    p.add_argument("--sampler", default="annealing", choices=["annealing", "random"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--target", default="llvm", help="target preset or JSON dict (default llvm)")
-    p.add_argument("--work-dir", default="out/search", help="checkpoint / report directory (default out/search)")
-    p.add_argument("--fresh", action="store_true", help="ignore a previous search in --work-dir instead of resuming")
-    p.add_argument("--epochs", type=float, default=3.0, help="max distillation epochs per candidate")
-    p.add_argument("--train-samples", type=int, default=8000, help="training images used for distillation")
-    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                   help="latency clock: wall (default) or cpu (process CPU time; single-threaded runtime)")
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="stop proposing after this long")
-    p.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials for the final pick (default 0)")
-    p.add_argument("-o", "--output", default=None, help="export the chosen fused artifact here (.so or .tar)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    # Declared beside the search (gmorph_tvm.lossy.cli imports no torch at module level).
+    from .lossy.cli import add_search_arguments
+
+    add_search_arguments(p)
 
 
 
@@ -423,7 +407,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("search", help="accuracy-aware fusion search (GMorph) on the Fashion-MNIST tasks")
+    p = sub.add_parser("search", help="accuracy-aware fusion search (GMorph): .pt2 or state dict + --arch models, "
+                       "or the Fashion-MNIST tasks")
     _add_search_arguments(p)
     p.set_defaults(func=_cmd_search)
     return parser

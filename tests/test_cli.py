@@ -130,3 +130,11 @@ def test_build_with_a_new_tuning_db_and_no_trials_builds_untuned_and_dumps_the_i
     phases = sorted(p.name.split("-", 1)[1] for p in dump.iterdir())
     assert phases == sorted(["import_cleanup.py", "lossless_fusion.py", "target_lowering.py", "apply_tuning.py",
                              "weights_and_signature.py", "finalize.py"])
+
+
+def test_search_help_names_the_safe_model_files_and_the_trust_flag():
+    """``gmorph-tvm search`` declared its own --model help ("torch.save(model, FILE)"): a pickle."""
+    proc = _cli("search", "--help")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "--trust-pickle" in text and "--arch" in text and "--workers" in text and ".pt2" in text

@@ -39,6 +39,7 @@ from ..core.tvm_log import quiet_tvm_warnings
 from ..errors import InputSpecError, ModelImportError, one_line
 from . import onnx_convert, onnx_fold
 from .multimodel import MultiModel, TaskInfo, TensorSpec, with_weight_params
+from .pt2_file import read_checked_pt2
 
 ModelLike = Union["torch.nn.Module", str, os.PathLike, "onnx.ModelProto"]  # noqa: F821
 ExampleInputs = Any | Sequence[Any] | Mapping[str, Any]
@@ -311,10 +312,11 @@ def _load_exported_program(task: str, path: Path):
 
     if not path.is_file():
         raise ModelImportError(f"model {task!r}: file {str(path)!r} does not exist")
+    data = read_checked_pt2(task, path, ModelImportError)  # torch.export.load alone runs code a file carries
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.export.load(str(path))
+            return torch.export.load(io.BytesIO(data))
     except Exception as err:
         raise ModelImportError(
             f"model {task!r}: {str(path)!r} is not a valid torch.export (.pt2) file ({one_line(err, 200, first=True)})"
@@ -587,14 +589,20 @@ def _import_onnx(
     for pos, inp in enumerate(graph_inputs):
         tensor_type = inp.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor_type.shape.dim]
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
         if inp.name in task_shapes:
             used.update((f"{task}/{inp.name}", inp.name))
             dims = _override_shape(task, inp.name, dims, task_shapes[inp.name], tensor_type.HasField("shape"))
         elif examples is not None and pos < len(examples) and None in dims:
             dims = list(np.shape(examples[pos]))
-        if None in dims or any(d <= 0 for d in dims):
-            shown = ",".join("?" if d is None else str(d) for d in dims)
+        shown = ",".join("?" if d is None else str(d) for d in dims)
+        if None not in dims and any(d <= 0 for d in dims):
+            raise InputSpecError(
+                f"model {task!r}: ONNX input {inp.name!r} has an empty dimension in its shape [{shown}]; gmorph-tvm "
+                f"compiles non-empty inputs: give the shape with input_shapes={{'{inp.name}': [...]}} "
+                f"(CLI: --input-shape {inp.name}=D1,D2,...)"
+            )
+        if None in dims:
             raise InputSpecError(
                 f"model {task!r}: ONNX input {inp.name!r} has a symbolic shape [{shown}]; "
                 f"give it with input_shapes={{'{inp.name}': [...]}} (CLI: --input-shape {inp.name}=D1,D2,...)"

@@ -143,3 +143,14 @@ def test_invalid_onnx_model_error_names_the_problem_and_the_node():
     message = str(info.value)
     assert "\n" not in message
     assert "Unrecognized attribute: bogus" in message and "relu_7" in message, message
+
+
+def test_an_empty_input_dimension_is_named_as_such_not_symbolic():
+    """An ONNX input of shape [0, 3, 16, 16] was reported as "symbolic [?,3,16,16]"."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [0, 3, 16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [0, 3, 16, 16])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "empty", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(InputSpecError, match=r"ONNX input 'x' has an empty dimension in its shape \[0,3,16,16\]") as info:
+        gmorph_tvm.import_models({"m": model})
+    assert "symbolic" not in str(info.value)

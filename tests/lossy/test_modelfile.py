@@ -256,3 +256,22 @@ def test_search_runs_on_state_dicts_with_arch(tmp_path, tiny_models, tiny_data, 
     report = json.loads((tmp_path / "wd" / "report.json").read_text())
     assert report["counts"]["proposed"] == 1 and max(report["chosen"]["test_drops"].values()) <= 5
     assert "plan:" in capsys.readouterr().out
+
+
+def test_build_route_refuses_crafted_pt2_before_any_code_runs(tmp_path, tiny_models):
+    """``gmorph-tvm build x.pt2`` / ``import_models({"m": "x.pt2"})`` used ``torch.export.load``
+    directly: the pickled weight's payload ran. It now goes through the same checked read."""
+    from gmorph_tvm import import_models
+    from gmorph_tvm.errors import ModelImportError
+
+    marker = tmp_path / "ran"
+    good = export_pt2(tiny_models["coarse4"], X, tmp_path / "good.pt2")
+    mm = import_models({"coarse4": str(good)}, input_shapes={"x": [2, 1, 28, 28]})  # a plain program imports
+    assert mm.task_names == ["coarse4"]
+    for case, edit in _crafted_pt2_cases(tmp_path, marker):
+        crafted = rewrite_pt2(good, tmp_path / f"{case}.pt2", edit)
+        with pytest.raises(ModelImportError) as info:
+            import_models({"coarse4": str(crafted)}, input_shapes={"x": [2, 1, 28, 28]})
+        message = str(info.value)
+        assert "\n" not in message and "model 'coarse4'" in message and "refused" in message, (case, message)
+        assert not marker.exists(), f"{case}: the payload ran"
