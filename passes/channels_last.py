@@ -41,7 +41,9 @@ from tvm import relax
 
 from gmorph_tvm.errors import one_line
 
-LAYOUTS = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
+# conv2d_transpose stays NCHW/IOHW (TOPI legalises only that): without the pin, ConvertLayout's
+# layout inference would carry the NHWC input into it and leave it unlegalisable (PaddleOCR det).
+LAYOUTS = {"relax.nn.conv2d": ["NHWC", "OHWI"], "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
 
 
 @relax.expr_functor.mutator

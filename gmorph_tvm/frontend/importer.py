@@ -943,8 +943,3 @@ def _with_own_functions(bb: relax.BlockBuilder, task: _ImportedTask) -> relax.Fu
             return mapping.get(op, op)
 
     return _Rename().visit_expr(task.func)
-
-
-def _dtype_str(ty: relax.TensorType) -> str:
-    dtype = ty.dtype
-    return str(getattr(dtype, "dtype", dtype))

@@ -137,3 +137,29 @@ def test_a_module_without_convolutions_is_returned_unchanged():
         bb.emit_func_output(out)
     mod = bb.get()
     tvm.ir.assert_structural_equal(ChannelsLast()(mod), mod)
+
+
+def test_a_transposed_conv_after_a_conv_stays_nchw_and_builds():
+    """PaddleOCR det's upsampling: ConvertLayout carried the NHWC input into conv2d_transpose, which
+    LegalizeOps cannot lower in NHWC, so the CPU build failed ("conv2d_transpose ... NHWC")."""
+    import torch
+
+    import gmorph_tvm
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.ConvTranspose2d(8, 4, 2, stride=2)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    mm = import_models({"up": net}, x)
+    converted = ChannelsLast()(mm.bound_module())
+    layouts = {}
+
+    def visit(e):
+        if isinstance(e, relax.Call) and getattr(e.op, "name", "").startswith("relax.nn.conv2d"):
+            layouts[e.op.name] = str(e.attrs.data_layout)
+
+    relax.analysis.post_order_visit(converted["main"].body, visit)
+    assert layouts == {"relax.nn.conv2d": "NHWC", "relax.nn.conv2d_transpose": "NCHW"}
+    artifact = gmorph_tvm.build(mm, "llvm", shipped_records=False)
+    with torch.no_grad():
+        np.testing.assert_allclose(artifact.run([x.numpy()])["up"], net(x).numpy(), rtol=1e-5, atol=1e-5)
