@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tvm
+
+from gmorph_tvm.core.targets import cpu_arch, machine_arch
 
 RECORDS_ROOT = Path(__file__).resolve().parent / "records"
 INDEX_FILE = "index.json"
@@ -47,10 +48,10 @@ def _cpu_features(target: tvm.target.Target) -> set[str]:
         return set()
 
 
-def _arch(target: tvm.target.Target) -> str:
+def target_arch(target: tvm.target.Target) -> str:
+    """The CPU architecture of an llvm target: its ``mtriple``'s first part, or this machine's."""
     triple = str(target.attrs["mtriple"]) if "mtriple" in target.attrs else ""
-    arch = triple.split("-")[0] if triple else platform.machine()
-    return {"AMD64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
+    return cpu_arch(triple.split("-")[0]) if triple else machine_arch()
 
 
 def target_class(target: tvm.target.Target) -> str | None:
@@ -60,7 +61,7 @@ def target_class(target: tvm.target.Target) -> str | None:
         return f"cuda-{target.attrs['arch']}" if "arch" in target.attrs else None
     if target.kind.name != "llvm":
         return None
-    arch = _arch(target)
+    arch = target_arch(target)
     if arch not in ("x86_64", "aarch64"):
         return arch or None  # LLVM is only asked about CPUs it knows (a bad triple crashes it)
     features = _cpu_features(target)

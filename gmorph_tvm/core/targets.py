@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import platform
+import re
 from collections.abc import Mapping
 from typing import Any, Union
 
@@ -118,12 +119,36 @@ def _to_plain(obj: Any) -> Any:
 def resolve_target(target: TargetLike) -> tvm.target.Target:
     """A ``tvm.target.Target`` for a preset name, dict or Target, with a clear error if invalid."""
     if isinstance(target, tvm.target.Target):
+        check_triple(target)
         return target
     spec = target_dict(target)
     try:
-        return tvm.target.Target(spec)
+        resolved = tvm.target.Target(spec)
     except Exception as err:  # TVM raises its own error types with long C++ traces
         raise TargetError(f"invalid target {spec}: {one_line(err)}") from err
+    check_triple(resolved)
+    return resolved
+
+
+# Architectures LLVM spells with a version or variant suffix (armv7a, thumbv7, i686, mips64el, ...).
+_ARCH_FAMILIES = ("arm", "thumb", "aarch64", "mips", "powerpc", "riscv", "sparc", "wasm", "loongarch")
+
+
+def check_triple(target: tvm.target.Target) -> None:
+    """TargetError unless the ``mtriple`` of ``target`` (or of its host) names an architecture this
+    LLVM has a backend for. An unknown one (``nonsense-foo-bar``) is not refused by TVM: LLVM warns,
+    and code generation later crashes the process."""
+    for part in (target, target.host):
+        if part is None or part.kind.name != "llvm" or "mtriple" not in part.attrs:
+            continue
+        triple = str(part.attrs["mtriple"])
+        arch = cpu_arch(triple.split("-")[0])
+        arch = "i386" if re.fullmatch(r"i[3-6]86", arch) else arch
+        get = tvm.get_global_func("target.llvm_get_targets", allow_missing=True)
+        known = [str(k) for k in get()] if get is not None else []
+        if known and arch not in known and not arch.startswith(_ARCH_FAMILIES):
+            raise TargetError(f"target triple {triple!r}: this LLVM has no backend for {arch!r} "
+                              f"(it knows {', '.join(sorted(known))})")
 
 
 def jetpack_of(target: tvm.target.Target) -> str | None:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
+from gmorph_tvm.tuning.shipped import target_arch
+
 LAYOUT_REWRITE = "meta_schedule.layout_rewrite_preproc"
 # Below this many output elements a kernel runs on one core: waking the pool costs more.
 PARALLEL_MIN_ELEMENTS = 4096
@@ -38,6 +40,9 @@ def vector_bits(target: Target) -> int:
     AVX-512, 256 with AVX / AVX2, else 128 (SSE, NEON, generic x86-64 without ``mcpu``).
     (``llvm_get_vector_width`` answers for the host CPU: 512 for a haswell target here.)"""
     from tvm.target.codegen import target_has_features
+
+    if target_arch(target) not in ("x86_64", "aarch64"):
+        return 128  # LLVM is asked only about CPUs it knows: a bad triple crashes it (no exception)
 
     def has(feature: str) -> bool:
         try:
