@@ -589,7 +589,8 @@ def _import_onnx(
     for pos, inp in enumerate(graph_inputs):
         tensor_type = inp.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+        # dim_value 0: an empty dimension (refused below); negative (PaddleOCR writes -1) or absent: symbolic
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in tensor_type.shape.dim]
         if inp.name in task_shapes:
             used.update((f"{task}/{inp.name}", inp.name))
             dims = _override_shape(task, inp.name, dims, task_shapes[inp.name], tensor_type.HasField("shape"))

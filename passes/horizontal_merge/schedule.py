@@ -67,6 +67,18 @@ def decide(planner: BlockPlanner, mode: str, cost_model: MergeCostModel) -> Bloc
         )
         if merged:
             accepted.append(region)
+    # A group whose inputs are another group's wide result needs that group merged too: drop regions
+    # that read a region left unmerged (by the cost rule), until none does.
+    while True:
+        active = {gid for r in accepted for gid in planner.regions[r]}
+        orphaned = [r for r in accepted
+                    if any(d not in active for gid in planner.regions[r] for d in planner.groups[gid].match.wide_deps)]
+        if not orphaned:
+            break
+        for region in orphaned:
+            index = report_index[region]
+            reports[index] = dataclasses.replace(reports[index], merged=False)
+        accepted = [r for r in accepted if r not in orphaned]
     order = None
     while accepted:
         order = schedule(planner, accepted)

@@ -21,7 +21,7 @@ from gmorph_tvm import import_models
 from gmorph_tvm.core.targets import target_dict
 from gmorph_tvm.data import fashion_mnist
 from gmorph_tvm.pipeline import fuse_lossless
-from gmorph_tvm.tuning import allocate, extract, lower, prepare, shipped, tune
+from gmorph_tvm.tuning import allocate, extract, lower, lower_tuned, prepare, shipped, tune
 from gmorph_tvm.tuning.pipeline import ShippedRecordsNote
 from gmorph_tvm.tuning.report import SHIPPED
 from gmorph_tvm.zoo import benchsets, pretrained
@@ -126,9 +126,12 @@ def test_packaging_keeps_the_best_record_and_the_trial_count(records):
 @pytest.mark.slow
 def test_lower_applies_shipped_records_unless_told_not_to(shipped_root):
     x = np.random.default_rng(1).standard_normal((1, 4, 12, 12)).astype("float32")
-    with_records = lower(_conv_module(), TARGET)
-    without = lower(_conv_module(), TARGET, shipped_records=False)
-    assert _scheduled(_conv_kernel(with_records)) and not _scheduled(_conv_kernel(without))
+    with_records, applied = lower_tuned(_conv_module(), TARGET)
+    without, none = lower_tuned(_conv_module(), TARGET, shipped_records=False)
+    # Every kernel is scheduled either way (default CPU schedules); only the first ran a record.
+    assert _scheduled(_conv_kernel(with_records)) and _scheduled(_conv_kernel(without))
+    conv = next(gv.name_hint for gv, f in prepare(_conv_module(), TARGET).functions_items() if "conv2d" in gv.name_hint)
+    assert applied is not None and applied.applied == [conv] and none is None
     np.testing.assert_allclose(_run(with_records, x), _run(without, x), rtol=1e-4, atol=1e-4)
 
 
@@ -168,8 +171,8 @@ def test_records_for_another_tvm_version_are_ignored_with_a_note(records, tmp_pa
     assert found.directory is None and "TVM 0.0.1" in found.note and VERSION in found.note
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        lowered = lower(_conv_module(), TARGET)
-    assert not _scheduled(_conv_kernel(lowered))
+        _, applied = lower_tuned(_conv_module(), TARGET)
+    assert applied is None  # no record applied: the kernels run default schedules
     assert [str(w.message) for w in caught if w.category is ShippedRecordsNote] == [found.note]
 
 

@@ -141,8 +141,8 @@ def test_tuning_measures_on_every_board_and_keeps_results(fleet, tmp_path):
 def test_cli_build_passes_tracker_and_keys_the_database_by_target(monkeypatch, tmp_path, onnx_model):
     calls = {}
 
-    def fake_tune(mod, target, **kwargs):
-        calls.update(kwargs, target=target)
+    def fake_tune(mod, target, config, **kwargs):
+        calls.update(kwargs, target=target, tracker=config.tracker, key=config.key, trials=config.trials)
         Path(kwargs["work_dir"]).mkdir(parents=True)
         for name in DATABASE_FILES:  # an empty database: build applies nothing
             (Path(kwargs["work_dir"]) / name).touch()
@@ -158,7 +158,7 @@ def test_cli_build_passes_tracker_and_keys_the_database_by_target(monkeypatch, t
 
 def test_cli_tracker_needs_key_and_trials(capsys, onnx_model, tmp_path):
     assert cli.main(["build", str(onnx_model), "--tracker", "h:1", "--key", "k", "-o", str(tmp_path / "a.so")]) == 1
-    assert "give --tune-trials N too" in capsys.readouterr().err
+    assert "give --tune-trials N or --tune-minutes M too" in capsys.readouterr().err
     assert cli.main(["build", str(onnx_model), "--tune-trials", "2", "--tracker", "h:1", "-o", str(tmp_path / "a.so")]) == 1
     assert "--tracker needs --key" in capsys.readouterr().err
 

@@ -195,6 +195,12 @@ def _one_epilogue_chain(sch: s_tir.Schedule, blocks: Blocks, outputs: set) -> bo
     return sum(1 for w in written if _member(w, outputs)) == 1
 
 
+def _same_extents(a, b) -> bool:
+    """Whether buffers ``a`` and ``b`` have the same static shape."""
+    ea, eb = [_int(d) for d in a.shape], [_int(d) for d in b.shape]
+    return None not in ea and ea == eb
+
+
 def _member(node, nodes) -> bool:
     """``node in nodes`` by identity (``==`` on TIR variables builds an expression)."""
     return any(node.same_as(n) for n in nodes)
@@ -305,6 +311,10 @@ def tile_reduction(sch: s_tir.Schedule, target: Target, *, allow_relayout: bool 
     producers, epilogue = inline_around(sch, blocks, outputs)
     if len(epilogue) != 1 and (epilogue or not _member(sch.get(anchor).writes[0].source, outputs)):
         raise ValueError("epilogue did not inline into one block")
+    if epilogue and not _same_extents(sch.get(epilogue[0]).writes[0].source, sch.get(anchor).writes[0].source):
+        # An epilogue that writes another shape (a zero pad the next conv could not absorb: the model's
+        # output) cannot be computed per accumulator tile: its border is no tile's. Not this rule's.
+        return False
     # Re-read after inlining: block statements are replaced by it.
     stmt = sch.get(anchor)
     vi = vector_tile(extents[v], lanes)
