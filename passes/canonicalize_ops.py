@@ -7,6 +7,13 @@ rewrites each Relax function of the module to one canonical form:
 * exporters' decompositions (``x * sigmoid(x)``, GELU, hardswish, layer norm, softmax, ...
   written as chains of elementwise ops) become the op PyTorch's importer emits
   (:class:`~gmorph_tvm.passes.recompose_ops.RecomposeOps`, run first);
+* index lookups are written one way: embedding lookups ``take(w, ids, mode="wrap")`` (ONNX's
+  negative-index ``where`` and torch's int32 cast + flatten folded in), gathers of compile-time
+  indices that read every element once, in order, become ``reshape``, ``and`` with all-true a ``broadcast_to``
+  (:class:`~gmorph_tvm.passes.canonicalize_gathers.CanonicalizeGathers`, run second);
+* chains of layout ops become the one op they amount to: ``torch.export``'s ``broadcast_to`` +
+  ``reshape`` + 3-D ``matmul`` becomes ONNX's 4-D ``matmul``, ``reshape``/``permute_dims`` pairs
+  one op (:class:`~gmorph_tvm.passes.collapse_layout_chains.CollapseLayoutChains`, run third);
 * ``out_dtype`` left unset (ONNX) is filled in with the call's result dtype (PyTorch's spelling);
 * negative axes become positive, and axis lists whose order does not matter are sorted
   (reductions, ``squeeze``, ``expand_dims``, ``strided_slice`` with its begin/end/strides);
@@ -27,8 +34,11 @@ rewrites each Relax function of the module to one canonical form:
   where it would break sharing: when convs using the same weight content are followed by different
   batch-norm statistics (frozen backbone, fine-tuned BN), or one of them is not followed by BN.
 
-What is preserved: every rewrite except the recomposition and the BN fold is exact (the same arithmetic in the same
-order: operand swaps only for ``add``/``multiply``, which are commutative in IEEE arithmetic). The
+What is preserved: every rewrite except the recomposition and the BN fold is exact. The index
+lookups become ``mode="wrap"`` takes: every in-range read keeps its value and the out-of-bounds
+reads of ``mode="fast"`` become defined (see CanonicalizeGathers); the others do the same
+arithmetic in the same order (operand swaps only for ``add``/``multiply``, which are commutative
+in IEEE arithmetic). The
 recomposed ops compute the chains' function in their own order (float rounding; see RecomposeOps). The
 BN fold changes rounding only: ``conv(x, W*s) + B'`` differs from ``(conv(x, W) + b - mean) * s +
 beta`` by float32 rounding (about 1e-7 relative). Weight parameters are kept as parameters (folded
@@ -57,6 +67,8 @@ from gmorph_tvm.passes._util import (
     rebuild_function,
     weight_params,
 )
+from gmorph_tvm.passes.canonicalize_gathers import CanonicalizeGathers
+from gmorph_tvm.passes.collapse_layout_chains import CollapseLayoutChains
 from gmorph_tvm.passes.recompose_ops import RecomposeOps
 
 _CONV_OPS = ("relax.nn.conv1d", "relax.nn.conv2d", "relax.nn.conv3d")
@@ -113,6 +125,8 @@ class CanonicalizeOps:
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         mod = cast(tvm.transform.Pass, RecomposeOps())(mod)  # exporters' decompositions -> torch's ops first
+        mod = cast(tvm.transform.Pass, CanonicalizeGathers())(mod)  # index lookups, one spelling
+        mod = cast(tvm.transform.Pass, CollapseLayoutChains())(mod)  # torch.export's layout glue -> one op
         out = mod.clone()
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):

@@ -22,6 +22,8 @@ chain (any operand order; ``/ c`` or ``* (1/c)``)       becomes
 ``x * rsqrt(mean(x^2) + eps) * gamma`` (or ``/ sqrt``)  ``R.nn.rms_norm(x, gamma, axes, eps)``
 ``exp(x - max(x, a)) / sum(exp(x - max(x, a)), a)``     ``R.nn.softmax(x, a)`` (also without max)
 ``max/min/sum/mean(stack([broadcast_to(x_i)]), 0)``     a chain of ``maximum``/``minimum``/``add``
+``power(abs(x), 2)`` (torch's ``norm(p=2)``)            ``x * x`` (ONNX's ReduceL2)
+``power(sum(<square>), 0.5)``                           ``sqrt(sum(<square>))`` (ONNX's ReduceL2)
 =====================================================  =======================================
 
 Constants are read from ``relax.Constant`` s and from weight parameters (ONNX initialisers become
@@ -248,7 +250,7 @@ class _Graph:
         if not _is_float_tensor(call):
             return None
         for matcher in (self._layer_norm, self._softmax, self._gelu, self._hardswish, self._hardsigmoid,
-                        self._silu, self._clip, self._stacked_reduction):
+                        self._silu, self._clip, self._stacked_reduction, self._square, self._root_of_squares):
             build = matcher(call)
             if build is not None:
                 return build
@@ -265,6 +267,35 @@ class _Graph:
             if sig is not None and sig.args[0].same_as(x) and _same_type(call, x):
                 return functools.partial(_unary, relax.op.nn.silu, x)
         return None
+
+    def _square(self, call: relax.Call) -> Build | None:
+        """``power(abs(x), 2)`` (torch's ``norm(p=2)``) -> ``x * x`` (ONNX's ReduceL2)."""
+        if op_name(call) != "relax.power" or self.scalar(call.args[1]) != 2.0:
+            return None
+        absolute = self.call(call.args[0], "relax.abs")
+        if absolute is None or not _same_type(call, absolute.args[0]):
+            return None
+        x = absolute.args[0]
+        return lambda remap: relax.op.multiply(remap(x), remap(x))
+
+    def _is_square(self, expr: relax.Expr) -> bool:
+        """``x * x``, ``power(x, 2)`` or ``power(abs(x), 2)``: never negative, never -0."""
+        mul = self.call(expr, "relax.multiply")
+        if mul is not None:
+            return mul.args[0].same_as(mul.args[1])
+        power = self.call(expr, "relax.power")
+        return power is not None and self.scalar(power.args[1]) == 2.0
+
+    def _root_of_squares(self, call: relax.Call) -> Build | None:
+        """``power(sum(squares), 0.5)`` (torch's ``norm(p=2)``) -> ``sqrt(sum(squares))`` (ONNX's
+        ReduceL2). The sum is +0 or more (or NaN), where the two agree."""
+        if op_name(call) != "relax.power" or self.scalar(call.args[1]) != 0.5:
+            return None
+        total = self.call(call.args[0], "relax.sum")
+        if total is None or not self._is_square(total.args[0]) or not _same_type(call, call.args[0]):
+            return None
+        s = call.args[0]
+        return lambda remap: relax.op.sqrt(remap(s))
 
     def _gelu(self, call: relax.Call) -> Build | None:
         if op_name(call) not in ("relax.multiply", "relax.divide"):

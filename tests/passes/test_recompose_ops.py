@@ -403,3 +403,55 @@ def test_torch_export_hardswish_decomposition_becomes_torchs_hardswish():
             return y
 
     _check(Before, Expected)
+
+
+def test_l2_norm_torch_spelling_becomes_onnx_reduce_l2():
+    """torch's ``norm(p=2)`` (``power(sum(power(abs(x), 2)), 0.5)``, F.normalize) is ONNX ReduceL2's
+    ``sqrt(sum(x * x))``: the same values bit for bit (LLVM writes ``pow(a, 2)`` as ``a * a``, and the
+    sum of squares is never -0, where ``pow(., 0.5)`` and ``sqrt`` differ)."""
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((2, 384), "float32")) -> R.Tensor((2, 1), "float32"):
+            with R.dataflow():
+                a = R.abs(x)
+                p = R.power(a, R.const(2.0, "float32"))
+                s = R.sum(p, axis=[1], keepdims=True)
+                y = R.power(s, R.const(0.5, "float32"))
+                R.output(y)
+            return y
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((2, 384), "float32")) -> R.Tensor((2, 1), "float32"):
+            with R.dataflow():
+                p = R.multiply(x, x)
+                s = R.sum(p, axis=[1], keepdims=True)
+                y = R.sqrt(s)
+                R.output(y)
+            return y
+
+    _check(Before, Expected, rtol=0, atol=0)
+    x = np.random.default_rng(1).standard_normal((2, 384)).astype("float32") * 10
+    x[1] = 0.0
+    x[1, 0] = -0.0
+    np.testing.assert_array_equal(_run(RecomposeOps()(Before), [x]), _run(Before, [x]))
+
+
+def test_powers_that_are_not_an_l2_norm_are_kept():
+    """``power(abs(x), 3)`` is no square, and the square root of a sum that may be negative (or -0)
+    stays a ``power``."""
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((2, 8), "float32")):
+            with R.dataflow():
+                a = R.abs(x)
+                c = R.power(a, R.const(3.0, "float32"))
+                s = R.sum(x, axis=[1], keepdims=True)
+                r = R.power(s, R.const(0.5, "float32"))
+                R.output(c, r)
+            return (c, r)
+
+    assert RecomposeOps()(Before).same_as(Before)
