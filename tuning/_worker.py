@@ -166,11 +166,12 @@ def _progress_callback(state: _RunState, cost_model: Any, save_model: Callable[[
     class _Progress(PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
             before = state.best_s[task_id]
-            batch_best, batch_best_i = None, None
+            batch_best, batch_best_i, valid = None, None, 0
             for i, (build, run) in enumerate(zip(builder_results, runner_results)):
                 if build.error_msg is not None or run.error_msg is not None or not run.run_secs:
                     state.failed[task_id] += 1
                     continue
+                valid += 1
                 secs = sum(float(s) for s in run.run_secs) / len(run.run_secs)
                 if batch_best is None or secs < batch_best:
                     batch_best, batch_best_i = secs, i
@@ -192,6 +193,7 @@ def _progress_callback(state: _RunState, cost_model: Any, save_model: Callable[[
                 "measured",
                 task=state.names[task_id],
                 count=len(measure_candidates),
+                valid=valid,
                 best_us=None if best is None else best * 1e6,
                 improved=improved,
                 at_s=time.time() - state.clock_zero,
@@ -202,14 +204,15 @@ def _progress_callback(state: _RunState, cost_model: Any, save_model: Callable[[
     return _Progress()
 
 
-def _scheduler(state: _RunState):
+def _scheduler(state: _RunState, seed: Callable[[int], None] | None = None):
     """MetaSchedule's gradient task scheduler (Ansor's), plus per-task caps and a deadline.
 
     First every task gets one batch (round robin), then the task whose best latency x calls is
     expected to drop most per trial (alpha x recent slope + (1 - alpha) x best / batches): time
     goes to the kernels where it pays. Each pick is reported to the parent (``start``), so a
     crash in the search is charged to the task being searched. Past the deadline no task is
-    picked: the batches in flight are measured and the run ends with what it found.
+    picked: the batches in flight are measured and the run ends with what it found. ``seed``
+    runs on a task when it is first picked, before its first batch (the default schedule).
     """
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.task_scheduler import PyTaskScheduler, TaskScheduler
@@ -255,10 +258,14 @@ def _scheduler(state: _RunState):
                 return -1
             fresh = [i for i in alive if i not in self.tried]
             chosen = fresh[0] if fresh else max(alive, key=lambda i: (self._gradient(i), -i))
+            first = chosen not in self.tried
             self.tried.add(chosen)
             self.pending.add(chosen)
             state.batch_started = time.time()
             state.emit("start", task=state.names[chosen])
+            if first and seed is not None:
+                seed(chosen)
+                state.batch_started = time.time()
             return chosen
 
     return _GradientWithDeadline()
@@ -293,6 +300,45 @@ def _load_cost_model(spec: dict[str, Any], num_threads: Any):
     return model
 
 
+def _measure_seed(state, index, sch, context, database, builder, runner, model, target, save_model,
+                  **fields: Any) -> float | None:
+    """Build and run one schedule of task ``index`` outside its search (a transferred record, the
+    default CPU schedule), commit it as a record and teach the cost model; returns its seconds
+    (None when it did not build or run). Not a trial of the task's budget: the evolutionary
+    search starts from the database's best, so the search starts from it."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from gmorph_tvm.tuning.verify import FAILED_RUN_SECS
+
+    workload = context.mod
+    candidate = ms.MeasureCandidate(sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True))
+    (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
+    if built.error_msg is not None:
+        return None
+    # The runner wants a device name ("cpu"), as MetaSchedule's task scheduler gives it, not the
+    # target kind ("llvm": the runner raised "Unknown device" and every seed measured as failed).
+    device = str(tvm.runtime.Device(target.get_target_device_type(), 0)).split(":")[0]
+    (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, candidate.args_info)])
+    result = future.result()
+    ms.utils.remove_build_dir(built.artifact_path)
+    secs = [float(s) for s in result.run_secs] if result.run_secs else [FAILED_RUN_SECS]
+    database.commit_tuning_record(ms.database.TuningRecord(
+        sch.trace, database.commit_workload(workload), secs, target, candidate.args_info))
+    model.update(context, [candidate], [result])
+    mean = sum(secs) / len(secs)
+    state.seconds[index] += time.time() - state.batch_started
+    ran = result.error_msg is None and mean < FAILED_RUN_SECS
+    improved = ran and (state.best_s[index] is None or mean < state.best_s[index])
+    if improved:
+        state.best_s[index] = mean
+        state.history[index].append(mean)
+    state.emit("measured", task=state.names[index], count=0, best_us=state.best_s[index] and state.best_s[index] * 1e6,
+               improved=improved, at_s=time.time() - state.clock_zero, failed=state.failed[index], **fields)
+    save_model()
+    return mean if ran else None
+
+
 def _seed_with_transfers(spec, state, contexts, database, builder, runner, model, target, save_model) -> None:
     """Measure, for each task marked ``transfer``, the nearest structurally equal record's
     schedule remapped to its extents (:mod:`gmorph_tvm.tuning.transfer`, verified there) and
@@ -300,7 +346,6 @@ def _seed_with_transfers(spec, state, contexts, database, builder, runner, model
     from tvm.s_tir import meta_schedule as ms
 
     from gmorph_tvm.tuning import transfer
-    from gmorph_tvm.tuning.verify import FAILED_RUN_SECS
 
     databases = []
     for directory in spec["transfer_from"]:
@@ -318,33 +363,38 @@ def _seed_with_transfers(spec, state, contexts, database, builder, runner, model
             continue
         state.batch_started = time.time()
         state.emit("seed", task=state.names[index])  # a crash here is this task's
-        workload = contexts[index].mod
-        found = transfer.transfer_record(state.names[index], workload, target, sources)
+        found = transfer.transfer_record(state.names[index], contexts[index].mod, target, sources)
+        if found is not None:
+            _measure_seed(state, index, found.schedule, contexts[index], database, builder, runner, model, target,
+                          save_model, transferred=str(found.source.record.workload.as_json()[0]))
+
+
+def _default_seeder(state, contexts, database, builder, runner, model, target, save_model):
+    """``seed(index)``, called when the scheduler first picks a task: measure the kernel's
+    default CPU schedule (:mod:`gmorph_tvm.tuning.default_schedules`, what a build without a
+    record runs) and commit it as a record, unless the database already has one for it. The best
+    record is then never slower, as measured, than what the kernel runs untuned (a short search
+    often is: the tuning test's 8 trials lost 1.7x to it), the cost model learns it, and the
+    report shows the default's time beside the best."""
+    from gmorph_tvm.tuning.default_schedules import record_schedule
+
+    def seed(index: int) -> None:
+        context = contexts[index]
+        workload = context.mod
+        if database.has_workload(workload) and database.get_top_k(database.commit_workload(workload), 1):
+            return
+        state.batch_started = time.time()
+        state.emit("seed", task=state.names[index])  # a crash here is this task's
+        found = record_schedule(workload, target)
         if found is None:
-            continue
-        sch = found.schedule
-        candidate = ms.MeasureCandidate(sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True))
-        (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
-        if built.error_msg is not None:
-            continue
-        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, target.kind.name, candidate.args_info)])
-        result = future.result()
-        ms.utils.remove_build_dir(built.artifact_path)
-        secs = [float(s) for s in result.run_secs] if result.run_secs else [FAILED_RUN_SECS]
-        database.commit_tuning_record(ms.database.TuningRecord(
-            sch.trace, database.commit_workload(workload), secs, target, candidate.args_info))
-        model.update(contexts[index], [candidate], [result])
-        best = sum(secs) / len(secs)
-        # Not a trial of the task's budget (like a reused record): the search starts from it.
-        state.seconds[index] += time.time() - state.batch_started
-        improved = result.error_msg is None and best < FAILED_RUN_SECS
-        if improved:
-            state.best_s[index] = best
-            state.history[index].append(best)
-        state.emit("measured", task=state.names[index], count=0, best_us=state.best_s[index] and state.best_s[index] * 1e6,
-                   improved=improved, at_s=time.time() - state.clock_zero, failed=state.failed[index],
-                   transferred=str(found.source.record.workload.as_json()[0]))
-        save_model()
+            return
+        sch, rule = found
+        secs = _measure_seed(state, index, sch, context, database, builder, runner, model, target, save_model,
+                             default_rule=rule)
+        if secs is not None:
+            state.emit("default", task=state.names[index], us=secs * 1e6, rule=rule)
+
+    return seed
 
 
 def run(spec: dict[str, Any], emit: Callable[..., None]) -> None:
@@ -412,7 +462,10 @@ def run(spec: dict[str, Any], emit: Callable[..., None]) -> None:
         if model.data_size:
             cm.save(model, state_path)
 
-    scheduler = _scheduler(state)
+    seeder = None
+    if target.kind.name == "llvm" and spec.get("seed_default", True):
+        seeder = _default_seeder(state, contexts, database, builder, runner, model, target, save_model)
+    scheduler = _scheduler(state, seeder)
     if crash_task in state.names:  # fault injection: die when the scheduler first picks it
         crash_index = state.names.index(crash_task)
         emit_plain = state.emit

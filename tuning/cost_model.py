@@ -26,7 +26,7 @@ import numpy as np
 
 # In a tuning work dir: the run's cost model (loaded by the next run there).
 STATE_FILE = "cost_model.npz"
-# The pre-trained model shipped with gmorph-tvm (see scripts/train_cost_model.py).
+# The pre-trained model shipped with gmorph-tvm (made by ``python -m gmorph_tvm.tuning.pretrain``).
 SHIPPED_FILE = Path(__file__).resolve().parent / "records" / "cost_model.npz"
 # Measurements before the model's predictions are used (MetaSchedule's default is 100, which no
 # kernel of a short run ever reached when each kernel had its own model: every search was random).

@@ -52,6 +52,10 @@ class TaskReport:
     # Workload hash of the record whose schedule was transferred (remapped to this kernel's
     # extents) and measured first: the search started from it.
     transferred_from: str = ""
+    # Measured latency of one call of the kernel's default CPU schedule (what it runs untuned),
+    # committed as its first record before its search: ``best_us`` is never above it.
+    default_us: float | None = None
+    valid_trials: int = 0  # trials of the search that built, ran and were stored
 
 
 @dataclass
@@ -87,12 +91,13 @@ class TuningReport:
     def table(self) -> str:
         """Markdown table of the tasks, largest FLOPs share first."""
         lines = [
-            "| task | calls | MFLOP/call | share | trials (run/planned) | best us | status "
+            "| task | calls | MFLOP/call | share | trials (run/planned) | default us | best us | status "
             "| improvements (s: us) | gain predicted / measured |",
-            "|---|---:|---:|---:|---:|---:|---|---|---:|",
+            "|---|---:|---:|---:|---:|---:|---:|---|---|---:|",
         ]
         for t in sorted(self.tasks, key=lambda t: -t.share):
             best = f"{t.best_us:.1f}" if t.best_us is not None else "-"
+            default = f"{t.default_us:.1f}" if t.default_us is not None else "-"
             steps = ", ".join(f"{at:.0f}: {us:.1f}" for at, us in t.improvements) or "-"
             if t.transferred_from:
                 steps = f"transferred, {steps}"
@@ -101,7 +106,7 @@ class TuningReport:
             gain = f"{predicted} / {measured}" if t.measured_gain is not None else "-"
             lines.append(
                 f"| {t.name} | {t.calls} | {t.flops / 1e6:.2f} | {t.share:.1%} | "
-                f"{t.trials_run}/{t.trials_planned} | {best} | {t.status} | {steps} | {gain} |"
+                f"{t.trials_run}/{t.trials_planned} | {default} | {best} | {t.status} | {steps} | {gain} |"
             )
         lines.append(
             f"\n{len(self.tuned)} of {len(self.tasks)} tasks tuned, {self.trials_run} trials in "

@@ -31,6 +31,7 @@ from typing import Any
 import tvm
 
 from gmorph_tvm.errors import one_line
+from gmorph_tvm.tuning.default_schedules import is_default_record
 
 EXACT = "exact"
 TRANSFERRED = "transferred"
@@ -144,8 +145,8 @@ def collect_sources(databases: Iterable[Any]) -> dict[str, list[Source]]:
         for record in records:
             secs = [float(s) for s in (record.run_secs or [])]
             mean = sum(secs) / len(secs) if secs else float("inf")
-            if not mean < 1e9:
-                continue  # failed to build or run
+            if not mean < 1e9 or is_default_record(record):
+                continue  # failed to build or run; a default schedule (no decisions to remap)
             workload_key = str(record.workload.as_json()[0])
             if workload_key not in best or mean < best[workload_key][1]:
                 best[workload_key] = (record, mean)

@@ -454,12 +454,15 @@ def _run_workers(
                     elif kind == "measured" and name in reports:
                         task = reports[name]
                         task.trials_run += int(event["count"])
+                        task.valid_trials += int(event.get("valid", 0))
                         task.best_us = event.get("best_us")
                         if event.get("transferred"):
                             task.transferred_from = event["transferred"]
                         if event.get("improved") and task.best_us is not None:
                             task.improvements.append((round(float(event.get("at_s", 0.0)), 2), task.best_us))
                         bar.update(int(event["count"]))
+                    elif kind == "default" and name in reports:
+                        reports[name].default_us = float(event["us"])
                     elif kind == "rejected" and name in reports:
                         reports[name].records_rejected += 1
                         reports[name].message = f"rejected schedule: {event.get('message', '')}"
@@ -517,9 +520,9 @@ def _finish(task: TaskReport, event: dict[str, Any], log_hint: Path) -> None:
     gain = event.get("gain")
     if gain:
         task.predicted_gain, task.measured_gain = gain.get("predicted"), gain.get("measured")
-    if event.get("best_us") is not None:
-        task.status, task.best_us = rpt.TUNED, event["best_us"]
-    elif task.best_us is not None:  # found in an earlier worker of this run
+    if event.get("best_us") is not None:  # the search's best, or the default schedule measured first
+        task.best_us = event["best_us"]
+    if task.valid_trials:  # this worker's search, or an earlier worker's of this run, ran schedules
         task.status = rpt.TUNED
     elif event.get("exhausted") and not event.get("trials") and not task.trials_run:
         task.status = rpt.NO_SCHEDULE
@@ -534,7 +537,7 @@ def _finish(task: TaskReport, event: dict[str, Any], log_hint: Path) -> None:
 
 def _out_of_budget(task: TaskReport, out_of_time: bool) -> None:
     """A task the run ended before (the clock or the trial budget): what it found, or nothing."""
-    if task.best_us is not None:
+    if task.valid_trials:
         task.status = rpt.TUNED
         if out_of_time:
             task.message = "stopped at the time budget"

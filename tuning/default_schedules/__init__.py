@@ -31,7 +31,7 @@ from gmorph_tvm.tuning.default_schedules.pooling import Pooling
 from gmorph_tvm.tuning.default_schedules.reduction import Reduction
 
 __all__ = ["CPURule", "Conv2D", "DefaultCPUSchedules", "Elementwise", "Fallback", "Matmul", "Pooling",
-           "Reduction", "default_cpu_rules", "default_rules"]
+           "Reduction", "default_cpu_rules", "default_rules", "is_default_record", "record_schedule"]
 
 SCHEDULED = "tirx.is_scheduled"
 
@@ -91,3 +91,32 @@ def default_cpu_rules(mod: tvm.IRModule, target: tvm.target.Target) -> dict[str,
     schedules = DefaultCPUSchedules(target)
     schedules(mod)
     return schedules.chosen
+
+
+def record_schedule(workload: tvm.IRModule, target: tvm.target.Target):
+    """The default CPU schedule of a tuning workload as MetaSchedule can store it:
+    ``(schedule, rule name)``, or None (not llvm, or no rule takes it). The whole trace is its
+    postproc part (it starts with ``EnterPostproc``): the evolutionary search replays database
+    records without that part and then runs its own postprocessors, which fail on a weight
+    layout the rule already rewrote (and abort the run); a build replays all of it."""
+    from tvm import s_tir
+
+    with target:
+        for rule in default_rules():
+            if not rule.is_target_available(target):
+                continue
+            sch = s_tir.Schedule(workload)
+            sch.enter_postproc()
+            try:
+                if rule.schedule(sch, target):
+                    return sch, rule.name
+            except Exception:  # noqa: BLE001 - as CPURule.apply: the next rule gets the kernel
+                continue
+    return None
+
+
+def is_default_record(record) -> bool:
+    """Whether a tuning record is a default CPU schedule stored by :func:`record_schedule` (no
+    sampled decisions: nothing in it transfers to other extents)."""
+    insts = record.trace.insts
+    return len(insts) > 0 and insts[0].kind.name == "EnterPostproc"
