@@ -44,7 +44,7 @@ from gmorph_tvm.errors import TuningError
 from gmorph_tvm.frontend.multimodel import MultiModel, bind_weights
 from gmorph_tvm.tuning import cost_model
 from gmorph_tvm.tuning import report as rpt
-from gmorph_tvm.tuning.config import TuneConfig
+from gmorph_tvm.tuning.config import DEFAULT_TRIALS_PER_ROUND, MINUTES_TRIALS_PER_ROUND, TuneConfig
 from gmorph_tvm.tuning.ffi_guard import ensure_ir_json_works
 from gmorph_tvm.tuning.pipeline import DATABASE_FILES, has_database, open_database, prepare
 from gmorph_tvm.tuning.remote import export_spec, runner_spec
@@ -295,6 +295,9 @@ def tune(
     # One worker run for all tasks: one cost model, and the task scheduler gives the trials to
     # the kernels where they pay (caps: trials_per_task's exact count, else the whole budget).
     budget = sum(n for _, n in to_run)
+    per_round = _trials_per_round(
+        cfg.trials_per_round or (MINUTES_TRIALS_PER_ROUND if only_minutes else DEFAULT_TRIALS_PER_ROUND),
+        [n for _, n in to_run], trials_per_task)
     base_spec = {
         "target": _target_spec(target),
         "work_dir": str(work_dir),
@@ -302,7 +305,7 @@ def tune(
         "builder": _pickled(cfg.builder, "builder"),
         "rpc": rpc,
         "board_export": board_export,
-        "trials_per_round": _trials_per_round(cfg.trials_per_round, [n for _, n in to_run], trials_per_task),
+        "trials_per_round": per_round,
         "deadline": deadline,
         "clock_zero": clock_zero,
         "cost_model_from": _cost_models(work_dir, cfg.shipped_records),
@@ -316,7 +319,7 @@ def tune(
             "weight": float(plan.calls),
             "seed": (cfg.seed + zlib.crc32(plan.name.encode()) + existing.get(plan.name, 0)) % (2**31 - 1),
             "workload": tvm.ir.save_json(plan.workload),
-            "population_size": cfg.population_size or min(512, max(64, 8 * min(n, 64 if only_minutes else n))),
+            "population_size": cfg.population_size or min(512, max(64, 8 * min(n, per_round if only_minutes else n))),
             "transfer": cfg.transfer and target.kind.name == "llvm" and not existing.get(plan.name, 0),
         }
         for plan, n in to_run

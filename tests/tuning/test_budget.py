@@ -54,3 +54,26 @@ def test_minutes_alone_is_a_budget_and_must_be_positive(tmp_path):
 
     with pytest.raises(TuningError, match="minutes must be a number > 0"):
         tune(_conv_module(), TARGET, minutes=-1, work_dir=tmp_path)
+
+
+@pytest.mark.parametrize("budget, per_round, population", [
+    ({"minutes": 5}, 16, 128),  # on the clock: small rounds, so the time reaches more kernels
+    ({"trials": 256}, 64, 512),  # a trial budget: MetaSchedule-sized rounds
+    ({"minutes": 5, "trials_per_round": 32, "population_size": 96}, 32, 96),  # the caller's choice wins
+])
+def test_a_budget_in_minutes_searches_in_small_rounds(tmp_path, monkeypatch, budget, per_round, population):
+    """A round of 64 with a population of 512 took 92 s per kernel on 2 cores: 3 minutes searched one
+    kernel of EfficientNet-Lite0. On the clock alone the rounds are 16 (population 128)."""
+    from gmorph_tvm.tuning import tuner
+
+    seen = {}
+
+    def capture(task_specs, base_spec, *args, **kwargs):
+        seen.update(base=base_spec, tasks=task_specs)
+        return set()
+
+    monkeypatch.setattr(tuner, "_run_workers", capture)
+    tune(_conv_module(), TARGET, work_dir=tmp_path, op_names=["conv2d"], progress=False, shipped_records=False,
+         **budget)
+    assert seen["base"]["trials_per_round"] == per_round
+    assert {spec["population_size"] for spec in seen["tasks"].values()} == {population}
