@@ -202,6 +202,17 @@ def test_the_default_schedule_is_the_first_record_so_tuning_never_loses_to_it(se
     assert min(measured) * 1e6 == pytest.approx(task.best_us, rel=1e-6)
 
 
+def test_a_pretrained_cost_model_ships_and_predicts():
+    """The model beside the records (python -m gmorph_tvm.tuning.pretrain on zoo models that
+    bench/time_to_fast.py does not use, plus the shipped records) loads without pickle and ranks
+    candidates from the first batch of a run (a fresh XGBModel predicts at random)."""
+    path = cost_model.shipped_model_path()
+    assert path is not None and path.stat().st_size < 2_000_000
+    model = cost_model.new_model(2)
+    assert cost_model.load(model, path) >= 300 and model.booster is not None
+    assert len(model.data) >= 50  # workloads (kernels) it was trained on
+
+
 def _lower_with(prepared: tvm.IRModule, database) -> tvm.IRModule:
     """What lower_tuned does with a database: verify, apply, pre-pack the weights."""
     from gmorph_tvm.tuning.verify import verified_database
