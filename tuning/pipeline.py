@@ -71,6 +71,7 @@ from gmorph_tvm.passes import (
     StitchSharedWeights,
 )
 from gmorph_tvm.passes.horizontal_merge.transform import MergeMode
+from gmorph_tvm.passes.legalize_fast_math import LegalizeFastMath
 from gmorph_tvm.tuning.default_schedules import DefaultCPUSchedules
 from gmorph_tvm.tuning.ffi_guard import ensure_ir_json_works
 from gmorph_tvm.tuning.shipped import lookup as lookup_shipped
@@ -217,6 +218,9 @@ class Pipeline:
                 *([Conv2dToGemm()] if not cpu else []),
                 relax.transform.DecomposeOpsForInference(),
                 relax.transform.CanonicalizeBindings(),
+                # CPU: exp/erf/tanh/sigmoid (and the GELU, SiLU, softmax on them) as vectorisable
+                # polynomials; LLVM calls libm once per element for them.
+                *([LegalizeFastMath()] if cpu else []),
                 LegalizeNaNSafe(),  # before LegalizeOps, which then has no relu/clip/max/min left
                 # TVM's "zero" pipeline, spelled out (no database is current here).
                 relax.transform.LegalizeOps(),
