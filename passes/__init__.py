@@ -13,6 +13,7 @@ from gmorph_tvm.passes.cost_model import MergeCost, MergeCostModel, MergeOptionE
 from gmorph_tvm.passes.group_models import GroupingError, TaskCost, group_tasks, split_into_groups, task_costs  # noqa: E402
 from gmorph_tvm.passes.horizontal_merge import HorizontalMerge, RegionReport, horizontal_merge  # noqa: E402
 from gmorph_tvm.passes.index_bounds import index_bounds  # noqa: E402
+from gmorph_tvm.passes.legalize_fast_math import LegalizeFastMath  # noqa: E402
 from gmorph_tvm.passes.legalize_nan_safe import LegalizeNaNSafe  # noqa: E402
 from gmorph_tvm.passes.lift_weights import LiftWeights, content_names  # noqa: E402
 from gmorph_tvm.passes.recompose_ops import RecomposeOps  # noqa: E402
@@ -20,5 +21,5 @@ from gmorph_tvm.passes.recompose_ops import RecomposeOps  # noqa: E402
 __all__ += [
     "MergeCost", "MergeCostModel", "MergeOptionError", "HorizontalMerge", "RegionReport", "horizontal_merge",
     "GroupingError", "TaskCost", "group_tasks", "split_into_groups", "task_costs", "index_bounds",
-    "LegalizeNaNSafe", "RecomposeOps", "LiftWeights", "content_names", "AttachSignature",
+    "LegalizeFastMath", "LegalizeNaNSafe", "RecomposeOps", "LiftWeights", "content_names", "AttachSignature",
 ]

@@ -9,13 +9,16 @@ optional IR dump after every phase, and the same object behind :func:`gmorph_tvm
 phase                    passes
 =======================  ================================================================
 import_cleanup           CanonicalizeOps: exporters' decompositions recomposed into the ops the
-                         torch importer emits (RecomposeOps), one spelling per op, batch norm
-                         folded into convs
+                         torch importer emits (RecomposeOps), gathers and layout chains in
+                         one spelling (CanonicalizeGathers, CollapseLayoutChains), one spelling
+                         per op, batch norm folded into convs
 lossless_fusion          StitchSharedWeights, HorizontalMerge (``fuse=True`` only: ``build``
                          takes what :func:`gmorph_tvm.fuse` returned and leaves it as is)
 target_lowering          FoldPadIntoConv; CPU: ChannelsLast (NHWC activations, OHWI weights);
                          GPU: Conv2dToGemm (dlight has no conv2d rule); decompose for
-                         inference; LegalizeNaNSafe (NaN in -> NaN out for relu/clip/max/min);
+                         inference; CPU: LegalizeFastMath (float32 exp/erf/tanh/sigmoid and the
+                         GELU, SiLU, softmax on them as vectorisable polynomials); LegalizeNaNSafe
+                         (NaN in -> NaN out for relu/clip/max/min);
                          LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR;
                          CPU: weights layout-free (tuned schedules may re-lay them out)
 apply_tuning             records (the user's database, then the shipped ones for the target's
@@ -66,12 +69,12 @@ from gmorph_tvm.passes import (
     Conv2dToGemm,
     FoldPadIntoConv,
     HorizontalMerge,
+    LegalizeFastMath,
     LegalizeNaNSafe,
     LiftWeights,
     StitchSharedWeights,
 )
 from gmorph_tvm.passes.horizontal_merge.transform import MergeMode
-from gmorph_tvm.passes.legalize_fast_math import LegalizeFastMath
 from gmorph_tvm.tuning.default_schedules import DefaultCPUSchedules
 from gmorph_tvm.tuning.ffi_guard import ensure_ir_json_works
 from gmorph_tvm.tuning.shipped import lookup as lookup_shipped
