@@ -173,7 +173,9 @@ def _row(label, source, members, work: Path, args, fused: bool) -> dict:
         from gmorph_tvm.tuning import tune
 
         db = work / f"tune_{label.replace(' ', '_')}"
-        tune(mm.bound_module(), "llvm", trials=args.tune_trials, work_dir=db, progress=False)
+        # Shipped records and transfers off here too: the build below ignores them (a new model).
+        tune(mm.bound_module(), "llvm", trials=args.tune_trials, work_dir=db, progress=False, shipped_records=False,
+             transfer=False)
         tuned = build(mm, "llvm", tuning_db=db, shipped_records=False)
         terr = _errors(tuned.run(dict(zip(shared, arrays))), members)
         samplers["TVM tuned"] = _artifact_sampler(tuned, arrays)
