@@ -202,6 +202,24 @@ def test_the_default_schedule_is_the_first_record_so_tuning_never_loses_to_it(se
     assert min(measured) * 1e6 == pytest.approx(task.best_us, rel=1e-6)
 
 
+@pytest.mark.slow  # shares the tuning session; ~1 min of tuning
+def test_a_transferred_seed_is_measured_beside_the_default_schedule(session, tmp_path):
+    """A kernel without records starts from a transferred schedule, measured when the scheduler
+    first picks it, and from its default schedule: a transferred schedule is often slower than the
+    default rules (EfficientNet-Lite0 at 96x96: 5.6 vs 2.9 ms), and the build takes the fastest."""
+    import shutil
+
+    _, _, _, _, work_dir = session
+    for name in ("database_workload.json", "database_tuning_record.json", "target.json"):
+        shutil.copy(work_dir / name, tmp_path / name)  # the 12x12 records lend to the 20x20 kernels
+    report = tune(_two_conv_module(20), TARGET, trials_per_task=TRIALS_PER_TASK, work_dir=tmp_path,
+                  op_names=["conv2d"], progress=False, shipped_records=False)
+    convs = [t for t in report.tasks if "conv2d" in t.name]
+    assert len(convs) == 2 and all(t.transferred_from for t in convs), report.table()
+    for task in convs:
+        assert task.default_us is not None and 0 < task.best_us <= task.default_us, report.table()
+
+
 def test_a_pretrained_cost_model_ships_and_predicts():
     """The model beside the records (python -m gmorph_tvm.tuning.pretrain on zoo models that
     bench/time_to_fast.py does not use, plus the shipped records) loads without pickle and ranks
