@@ -170,3 +170,42 @@ def count_ops(mod: tvm.IRModule, func_name: str = "main") -> Counter:
 def weight_bytes(mod: tvm.IRModule, func_name: str = "main") -> int:
     """Bytes of the weight parameters of ``func_name`` (attrs ``params``), without merging."""
     return sum(tensor_nbytes(value) for _, value in weight_params(mod[func_name]))
+
+
+def map_relax_functions(mod: tvm.IRModule, rewrite) -> tvm.IRModule:
+    """``mod`` with ``rewrite(func)`` in place of each Relax function; ``mod`` itself when
+    ``rewrite`` returned every function unchanged (the same object)."""
+    changed = {}
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            new = rewrite(func)
+            if new is not func:
+                changed[gvar] = new
+    if not changed:
+        return mod
+    out = mod.clone()
+    for gvar, func in changed.items():
+        out[gvar] = func
+    return out
+
+
+def with_new_body(func: relax.Function, body: relax.Expr) -> relax.Function:
+    """``func`` with a rewritten ``body``: bindings canonicalised, unused ones dropped, weight
+    parameters and provenance kept as :func:`rebuild_function` keeps them."""
+    scratch = relax.Function(list(func.params), body, func.ret_ty, func.is_pure, func.attrs)
+    cleaned = relax.analysis.remove_all_unused(
+        relax.transform.CanonicalizeBindings()(tvm.IRModule({"f": scratch}))["f"])
+    weights = weight_params(func)
+    if not weights:
+        return cleaned
+    provenance = raw_provenance(func) if func.attrs is not None and PROVENANCE_ATTR in func.attrs else None
+    return rebuild_function(func, cleaned.body, weights, provenance)
+
+
+def mutate_body(func: relax.Function, mutator) -> relax.Function:
+    """``func`` with its body rewritten by ``mutator`` (a ``PyExprMutator`` that sets
+    ``changed``), cleaned as :func:`with_new_body` does; ``func`` itself when nothing changed."""
+    if not isinstance(func.body, relax.SeqExpr):
+        return func
+    body = mutator.visit_expr(func.body)
+    return with_new_body(func, body) if mutator.changed else func

@@ -44,7 +44,10 @@ import tvm
 from tvm import relax
 
 from gmorph_tvm.core.ir import dtype_str, op_name, static_shape
-from gmorph_tvm.passes._util import PROVENANCE_ATTR, raw_provenance, rebuild_function, weight_params
+from gmorph_tvm.passes._util import (
+    map_relax_functions,
+    mutate_body,
+)
 
 # Compile-time index tensors and probed data tensors: small ones only.
 _MAX_ELEMENTS = 1 << 16
@@ -63,36 +66,12 @@ class CanonicalizeGathers:
     """Write index lookups one way (see the module docstring)."""
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        changed = {}
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                new = canonicalize_gathers(func)
-                if new is not func:
-                    changed[gvar] = new
-        if not changed:
-            return mod
-        out = mod.clone()
-        for gvar, func in changed.items():
-            out[gvar] = func
-        return out
+        return map_relax_functions(mod, canonicalize_gathers)
 
 
 def canonicalize_gathers(func: relax.Function) -> relax.Function:
     """``func`` with its index lookups rewritten (``func`` itself when there is none)."""
-    if not isinstance(func.body, relax.SeqExpr):
-        return func
-    rewriter = _Gathers()
-    body = rewriter.visit_expr(func.body)
-    if not rewriter.changed:
-        return func
-    scratch = relax.Function(list(func.params), body, func.ret_ty, func.is_pure, func.attrs)
-    cleaned = relax.analysis.remove_all_unused(
-        relax.transform.CanonicalizeBindings()(tvm.IRModule({"f": scratch}))["f"])
-    weights = weight_params(func)
-    if not weights:
-        return cleaned
-    provenance = raw_provenance(func) if func.attrs is not None and PROVENANCE_ATTR in func.attrs else None
-    return rebuild_function(func, cleaned.body, weights, provenance)
+    return mutate_body(func, _Gathers())
 
 
 @relax.expr_functor.mutator

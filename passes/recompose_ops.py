@@ -52,7 +52,13 @@ import tvm_ffi
 from tvm import relax
 
 from gmorph_tvm.core.ir import dtype_str, normalize_axis, op_name, static_shape
-from gmorph_tvm.passes._util import PROVENANCE_ATTR, raw_provenance, rebuild_function, weight_params
+from gmorph_tvm.passes._util import (
+    PROVENANCE_ATTR,
+    map_relax_functions,
+    raw_provenance,
+    rebuild_function,
+    weight_params,
+)
 
 _RTOL = 1e-5
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
@@ -70,18 +76,7 @@ class RecomposeOps:
     """Rewrite recognised decompositions to PyTorch's single ops (see the module docstring)."""
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        changed = {}
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                new = recompose_function(func)
-                if new is not func:
-                    changed[gvar] = new
-        if not changed:
-            return mod
-        out = mod.clone()
-        for gvar, func in changed.items():
-            out[gvar] = func
-        return out
+        return map_relax_functions(mod, recompose_function)
 
 
 def recompose_function(func: relax.Function) -> relax.Function:
