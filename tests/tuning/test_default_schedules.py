@@ -17,6 +17,7 @@ from gmorph_tvm.tuning.default_schedules import (
     DefaultCPUSchedules,
     default_cpu_rules,
     default_rules,
+    record_schedule,
 )
 from gmorph_tvm.tuning.default_schedules._tiling import vector_lanes, vector_tile
 
@@ -126,6 +127,29 @@ def test_every_rule_matches_unscheduled_kernels_on_odd_shapes():
     convs = [k for k in chosen if "conv2d" in k]
     assert len(convs) == 5 and all(chosen[k] == "Conv2D" for k in convs), chosen
     assert default_cpu_rules(prepared, target) == chosen
+
+
+def test_the_default_schedule_stored_as_a_record_is_what_the_build_runs():
+    """Tuning stores each kernel's default schedule as a record (record_schedule) so that the
+    search never loses to it; replayed as a build replays records it must give the kernel
+    DefaultCPUSchedules gives, for every rule: the row reductions (softmax, layer norm) that the
+    Reduction rule leaves to dlight's included (a record made by calling the rules' ``schedule``
+    directly skipped that fallback and stored another schedule)."""
+    target = _host_target()
+    prepared = prepare(_odd_module()[0], target)
+    scheduled = DefaultCPUSchedules(target)(prepared)
+    rules = set()
+    for gvar, func in prepared.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        workload = tvm.IRModule({"main": func})
+        record, rule = record_schedule(workload, target)
+        assert record.trace.insts[0].kind.name == "EnterPostproc"
+        replay = s_tir.Schedule(workload)
+        record.trace.apply_to_schedule(replay, remove_postproc=False)
+        tvm.ir.assert_structural_equal(replay.mod["main"].with_attr("tirx.is_scheduled", True), scheduled[gvar])
+        rules.add(rule)
+    assert {"Conv2D", "Matmul", "Reduction", "Elementwise"} <= rules, rules
 
 
 @pytest.mark.parametrize("target", [AVX512, AVX2], ids=["avx512", "avx2"])

@@ -31,7 +31,7 @@ from gmorph_tvm.tuning.default_schedules.pooling import Pooling
 from gmorph_tvm.tuning.default_schedules.reduction import Reduction
 
 __all__ = ["CPURule", "Conv2D", "DefaultCPUSchedules", "Elementwise", "Fallback", "Matmul", "Pooling",
-           "Reduction", "default_cpu_rules", "default_rules", "is_default_record", "record_schedule"]
+           "Reduction", "default_cpu_rules", "default_rules", "first_rule", "is_default_record", "record_schedule"]
 
 SCHEDULED = "tirx.is_scheduled"
 
@@ -70,12 +70,10 @@ class DefaultCPUSchedules:
             for gvar, func in mod.functions_items():
                 if not isinstance(func, tvm.tirx.PrimFunc) or _is_scheduled(func):
                     continue
-                for rule in rules:
-                    sch = rule.apply(func, self.target, False)
-                    if sch is not None:
-                        updated[gvar] = sch.mod["main"].with_attr(SCHEDULED, True)
-                        self.chosen[gvar.name_hint] = rule.name
-                        break
+                found = first_rule(func, self.target, rules)
+                if found is not None:
+                    sch, self.chosen[gvar.name_hint] = found
+                    updated[gvar] = sch.mod["main"].with_attr(SCHEDULED, True)
         if not updated:
             return mod
         mod = mod.clone()  # IRModule item assignment writes through to the caller's module
@@ -93,26 +91,35 @@ def default_cpu_rules(mod: tvm.IRModule, target: tvm.target.Target) -> dict[str,
     return schedules.chosen
 
 
+def first_rule(func: tvm.tirx.PrimFunc, target: tvm.target.Target, rules: list[CPURule] | None = None):
+    """``(schedule, rule name)`` from the first of ``rules`` (default: :func:`default_rules`) that
+    takes ``func``, as :class:`DefaultCPUSchedules` schedules it (call it inside ``with target``);
+    None when no rule does or the target is not llvm."""
+    for rule in default_rules() if rules is None else rules:
+        sch = rule.apply(func, target, False)
+        if sch is not None:
+            return sch, rule.name
+    return None
+
+
 def record_schedule(workload: tvm.IRModule, target: tvm.target.Target):
-    """The default CPU schedule of a tuning workload as MetaSchedule can store it:
-    ``(schedule, rule name)``, or None (not llvm, or no rule takes it). The whole trace is its
-    postproc part (it starts with ``EnterPostproc``): the evolutionary search replays database
-    records without that part and then runs its own postprocessors, which fail on a weight
-    layout the rule already rewrote (and abort the run); a build replays all of it."""
+    """The default CPU schedule of a tuning workload (:func:`first_rule`: what a build without a
+    record runs) as MetaSchedule can store it: ``(schedule, rule name)``, or None. Its trace is
+    replayed after ``EnterPostproc``, so the whole trace is its postproc part: the evolutionary
+    search replays database records without that part and then runs its own postprocessors,
+    which fail on a weight layout the rule already rewrote (and abort the run); a build replays
+    all of it."""
     from tvm import s_tir
 
     with target:
-        for rule in default_rules():
-            if not rule.is_target_available(target):
-                continue
-            sch = s_tir.Schedule(workload)
-            sch.enter_postproc()
-            try:
-                if rule.schedule(sch, target):
-                    return sch, rule.name
-            except Exception:  # noqa: BLE001 - as CPURule.apply: the next rule gets the kernel
-                continue
-    return None
+        found = first_rule(workload["main"], target)
+    if found is None:
+        return None
+    sch, name = found
+    record = s_tir.Schedule(workload)
+    record.enter_postproc()
+    sch.trace.apply_to_schedule(record, remove_postproc=False)
+    return record, name
 
 
 def is_default_record(record) -> bool:
